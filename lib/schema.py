@@ -73,8 +73,14 @@ class ModelConfig:
     norm: str = opt("adaptive", "normalisation layer", choices=("adaptive", "batch", "group", "none"))
     activation: str = opt("relu", "activation", choices=("relu", "leaky_relu", "gelu", "silu", "swish", "mish"))
     dropout: float = opt(0.1, "Dropout2d probability in the decoder / bottleneck", min=0.0, max=1.0)
-    drop_path: float = opt(0.0, "maximum DropPath rate (rises linearly with depth)", min=0.0, max=1.0)
-    extra: dict = opt({}, "architecture-specific keyword arguments")
+    drop_path: float = opt(0.0, "maximum DropPath rate (rises linearly with depth; residual models)",
+                           min=0.0, max=1.0)
+    positional: bool = opt(False, "append x, y and distance-to-centre channels (the model adds them itself)")
+    attention_gates: bool = opt(False, "additive attention gates on the U-Net skips (U-Net family)")
+    spectral_norm: bool = opt(False, "spectral normalisation of every conv and linear weight except FiLM's")
+    blocks_per_stage: int = opt(2, "cnn_dilated: conv-norm-act blocks per stage", min=1)
+    dilation_stage3: int = opt(2, "cnn_dilated: dilation (= padding) of the 3x3 convs of stage 3, pixels", min=1)
+    extra: dict = opt({}, "architecture-specific keyword arguments (an unknown key lists the valid ones)")
 
 
 @dataclass
@@ -189,14 +195,26 @@ class EvalConfig:
     split: str = opt("test", "split to evaluate", choices=("train", "val", "test"))
     tta: bool = opt(False, "average the D4 transforms at test time")
     batch_size: int = opt(16, "evaluation batch size", min=1)
+    classical_window_m: float = opt(51.0, "classical DSM-only baseline: side of the grey-opening window, "
+                                          "metres (wider than the largest gap)", min=0.0)
+    size_bounds_m2: list[float] = opt([25.0, 400.0], "gap-size classes for recall, m²: small < first, "
+                                                      "medium up to second, large above")
+    panels: int = opt(4, "example tiles drawn as TensorBoard panels (each at every threshold)", min=0)
+
+    def __post_init__(self):
+        if len(self.size_bounds_m2) != 2 or not 0 <= self.size_bounds_m2[0] <= self.size_bounds_m2[1]:
+            raise ConfigError(f"eval.size_bounds_m2 must be two increasing areas in m², found {self.size_bounds_m2}")
 
 
 @dataclass
 class PredictConfig:
     window_px: int = opt(256, "window side in pixels", min=16)
     overlap: float = opt(0.25, "fraction of the window shared with its neighbours", min=0.0, max=0.9)
-    batch_size: int = opt(8, "windows per forward pass", min=1)
+    batch_size: int = opt(8, "windows per forward pass (each runs at every threshold)", min=1)
     tta: bool = opt(False, "average the D4 transforms at test time")
+    prob_threshold: float = opt(0.5, "probability above which a pixel is mapped as gap", min=0.0, max=1.0)
+    write_prob: bool = opt(False, "also write prob_<T>.tif (float32 probabilities, NaN nodata)")
+    compile: bool = opt(False, "torch.compile the model (pays off on large scenes)")
 
 
 @dataclass
@@ -222,7 +240,8 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self):
-        if self.data.tile_px % 2 ** self.model.depth:
+        stride = 4 if self.model.name == "cnn_dilated" else 2 ** self.model.depth  # = lib.models.stride_of
+        if self.data.tile_px % stride:
             raise ConfigError(f"data.tile_px ({self.data.tile_px}) must be divisible by the model stride "
-                              f"2**model.depth = {2 ** self.model.depth}")
+                              f"{stride} (2**model.depth)")
 

@@ -17,3 +17,40 @@ def real_data() -> Path:
     if not (REAL_DATA / "ALS_CHM_DUC.tif").exists():
         pytest.skip(f"real rasters not found at {REAL_DATA}")
     return REAL_DATA
+
+
+TINY = {
+    "run": {"name": "tiny", "seed": 0},
+    "data": {"synthetic_sites": 6, "synthetic_size_px": 96, "tile_px": 32, "stride_px": 32,
+             "shard_mb": 1, "workers": 0},
+    "model": {"name": "unet_film_cbam", "base_channels": 4, "depth": 2, "dropout": 0.1},
+    "optim": {"lr": 0.003},
+    "schedule": {"warmup_steps": 2},
+    "train": {"epochs": 2, "batch_size": 4, "early_stopping_patience": 0},
+    "eval": {"batch_size": 8},
+    "predict": {"window_px": 32, "batch_size": 4},
+    "log": {"images_every_epochs": 1, "progress_every_steps": 2},
+}
+
+
+def tiny_config(tmp_path, **sections):
+    """The tiny test config with its data and runs under tmp_path; `sections` override whole keys."""
+    import copy
+    from lib.config import build_config
+    data = copy.deepcopy(TINY)
+    data["data"]["root"] = str(tmp_path / "data")
+    data["run"]["output_root"] = str(tmp_path / "runs")
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return build_config(data)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A prepared tiny synthetic dataset (6 sites of 96 px, 32 px tiles), built once per session."""
+    from lib.builder import build_dataset
+    from lib.sources import sources_from_config
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = tiny_config(root)
+    build_dataset(cfg, sources_from_config(cfg.data, cfg.run.seed), cfg.data.root)
+    return root

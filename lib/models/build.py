@@ -1,0 +1,96 @@
+"""build_model(cfg.model, ...) and rebuild_model(cfg.model, state_dict): the only way models are made."""
+import dataclasses
+import difflib
+
+from lib.errors import ModelError
+from lib.models.blocks import apply_spectral_norm, resolve_norm
+from lib.models.classify import EncoderClassifier
+from lib.models.registry import MODELS, ForestModel, ModelSpec
+
+TASKS = ("segmentation", "regression", "classification")
+# ModelConfig fields that only some architectures read: setting one elsewhere is an error, not a no-op
+OPTIONAL_FIELDS = ("attention_gates", "drop_path", "blocks_per_stage", "dilation_stage3")
+
+
+def _spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        near = difflib.get_close_matches(name, list(MODELS), n=1)
+        raise ModelError(f"unknown model.name {name!r}; valid names: {', '.join(sorted(MODELS))}",
+                         hint=f"did you mean {near[0]!r}?" if near else None)
+    return MODELS[name]
+
+
+def stride_of(cfg) -> int:
+    """Total downsampling of the model `cfg` (a ModelConfig) would build: tile sides must divide by it."""
+    return _spec(cfg.name).stride(cfg)
+
+
+def _check_fields(cfg, spec: ModelSpec) -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for name in OPTIONAL_FIELDS:
+        if name not in spec.uses and getattr(cfg, name) != defaults[name]:
+            users = sorted(m for m, s in MODELS.items() if name in s.uses)
+            raise ModelError(f"model.{name}={getattr(cfg, name)!r} has no effect on model {cfg.name!r} "
+                             f"(default {defaults[name]!r}); it is read by: {', '.join(users)}")
+
+
+def _extra_options(cfg, spec: ModelSpec) -> dict:
+    """spec.extra defaults updated by cfg.extra; unknown keys and wrong types fail."""
+    options = dict(spec.extra)
+    for key, value in cfg.extra.items():
+        if key not in options:
+            valid = ", ".join(options) or "none"
+            raise ModelError(f"model.extra.{key} is not an option of model {cfg.name!r}; valid keys: {valid}")
+        default = options[key]
+        if isinstance(value, bool) or not isinstance(value, type(default)) and not (
+                isinstance(default, float) and isinstance(value, int)):
+            raise ModelError(f"model.extra.{key} must be a {type(default).__name__} like {default!r}, "
+                             f"found {value!r}")
+        options[key] = value
+    return options
+
+
+def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: str) -> ForestModel:
+    spec = _spec(cfg.name)
+    if task not in TASKS:
+        raise ModelError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+    if task == "classification" and not num_classes:
+        raise ModelError("task 'classification' needs num_classes (the number of tile classes)")
+    if spec.classifier_only and task != "classification":
+        raise ModelError(f"model {cfg.name!r} is a tile classifier; task {task!r} needs a segmentation model")
+    _check_fields(cfg, spec)
+    options = _extra_options(cfg, spec)
+    if task != "classification":
+        model = spec.build(cfg, in_channels, 1, norm, **options)
+    elif spec.classifier_only:
+        model = spec.build(cfg, in_channels, num_classes, norm, **options)
+    else:
+        dense = spec.build(cfg, in_channels, 1, norm, **options)
+        model = EncoderClassifier(dense.encoder, num_classes, cfg.dropout, dense.stride)
+    if cfg.spectral_norm:
+        apply_spectral_norm(model)
+    model.build_kwargs = {"name": cfg.name, "task": task, "in_channels": in_channels,
+                          "num_classes": num_classes if task == "classification" else None, "norm": norm}
+    return model
+
+
+def build_model(cfg, task: str = "segmentation", in_channels: int = 1, num_classes: int | None = None,
+                batch_size: int | None = None) -> ForestModel:
+    """A fresh model for `cfg` (a ModelConfig). in_channels: data channels only (positional ones are added
+    by the model). batch_size: per-device batch, which decides model.norm='adaptive' (None: large enough).
+    Output: (B, 1, H, W) logits for segmentation/regression, (B, num_classes) for classification.
+    """
+    return _construct(cfg, task, in_channels, num_classes, resolve_norm(cfg.norm, batch_size))
+
+
+def rebuild_model(cfg, state_dict: dict) -> ForestModel:
+    """The model a checkpoint's state dict was saved from, with its weights loaded (same norm layers)."""
+    record = state_dict.get("_extra_state")
+    if not isinstance(record, dict) or "norm" not in record:
+        raise ModelError("state dict has no build record ('_extra_state'): it was not saved from a lib.models "
+                         "model (or was saved from a wrapper: save raw_model.state_dict())")
+    if record["name"] != cfg.name:
+        raise ModelError(f"checkpoint holds model {record['name']!r} but model.name is {cfg.name!r}")
+    model = _construct(cfg, record["task"], record["in_channels"], record["num_classes"], record["norm"])
+    model.load_state_dict(state_dict)
+    return model

@@ -1,0 +1,184 @@
+"""MonitoringSystem: one place that writes TensorBoard events and `metrics.jsonl` with the same keys."""
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from lib.callbacks import Callback
+
+
+def process_memory_mb() -> dict[str, float]:
+    """Peak RSS of this process and current GPU memory, in MB."""
+    out = {"sys/rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["sys/gpu_mem_mb"] = torch.cuda.memory_allocated() / 2 ** 20
+        out["sys/gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return out
+
+
+def _unit_range(x: torch.Tensor) -> torch.Tensor:
+    """Stretch finite values to [0, 1] (NaN -> 0) for display."""
+    finite = torch.isfinite(x)
+    if not finite.any():
+        return torch.zeros_like(x)
+    lo, hi = x[finite].min(), x[finite].max()
+    return torch.where(finite, (x - lo) / (hi - lo).clamp_min(1e-6), torch.zeros_like(x))
+
+
+def prediction_panel(dsm: torch.Tensor, target: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+    """(H, W) DSM, target (0/1/255), probability -> (3, H, 3W) RGB: DSM | target | prediction.
+
+    Ignored pixels are shown in red so nodata is visible.
+    """
+    grey = _unit_range(dsm.float().cpu())
+    t = target.cpu()
+    ignore = t == 255
+    tgt = torch.where(ignore, torch.zeros_like(grey), t.float())
+    pred = prob.float().cpu().clamp(0, 1)
+    rgb = []
+    for img in (grey, tgt, pred):
+        r = torch.where(ignore, torch.ones_like(img), img)
+        rgb.append(torch.stack([r, img, img]))
+    return torch.cat(rgb, dim=2)
+
+
+class MonitoringSystem:
+    """TensorBoard (optional) + append-only metrics.jsonl in the run directory; rank 0 only."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = self.run_dir / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop jsonl lines logged after the checkpoint's step (they will be logged again)."""
+        if not self.jsonl.exists():
+            return
+        lines = [ln for ln in self.jsonl.read_text().splitlines()
+                 if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        tmp = self.jsonl.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in lines))
+        os.replace(tmp, self.jsonl)
+
+    def log_scalars(self, values: dict[str, float], step: int, epoch: int | None = None) -> None:
+        record = {"step": step, **({"epoch": epoch} if epoch is not None else {})}
+        for key, value in values.items():
+            value = float(value)
+            record[key] = value
+            if self.writer:
+                self.writer.add_scalar(key, value, step)
+        with open(self.jsonl, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def log_text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.writer:
+            self.writer.add_text(tag, text.replace("\n", "  \n"), step)
+
+    def log_config(self, cfg_dict: dict) -> None:
+        self.log_text("config", "```\n" + json.dumps(cfg_dict, indent=2) + "\n```")
+
+    def log_image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        """image (3, H, W) float in [0, 1]."""
+        if self.writer:
+            self.writer.add_image(tag, image.clamp(0, 1), step)
+
+    def log_histograms(self, model: torch.nn.Module, step: int) -> None:
+        if not self.writer:
+            return
+        for name, p in model.named_parameters():
+            self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
+            if p.grad is not None:
+                self.writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), step)
+
+    def log_graph(self, model: torch.nn.Module, inputs) -> None:
+        if not self.writer:
+            return
+        try:
+            self.writer.add_graph(model, inputs)
+        except Exception as exc:  # tracing can fail on data-dependent control flow; the graph is optional
+            self.log_text("graph_error", f"model graph not logged: {exc}")
+
+    def log_hparams(self, hparams: dict, metrics: dict) -> None:
+        if self.writer:
+            clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+            self.writer.add_hparams(clean, {f"hparam/{k}": float(v) for k, v in metrics.items()},
+                                    run_name="hparams")
+
+    def flush(self) -> None:
+        if self.writer:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+            self.writer = None
+
+
+class MonitorCallback(Callback):
+    """Train scalars every N steps, validation metrics, prediction panels, histograms and HParams."""
+
+    order = 80
+
+    def __init__(self, monitor: MonitoringSystem, every_steps: int = 20, images_every_epochs: int = 5):
+        self.monitor, self.every_steps, self.images_every = monitor, every_steps, images_every_epochs
+        self.panel_batch, self.t_last, self.samples = None, None, 0
+
+    def on_train_begin(self, trainer):
+        from lib.config import config_to_dict
+        self.monitor.log_config(config_to_dict(trainer.cfg))
+        self.monitor.truncate_after(trainer.step)
+        self.t_last = time.perf_counter()
+        if self.images_every:
+            self.panel_batch = next(iter(trainer.val_loader), None)
+
+    def on_batch_end(self, trainer, logs):
+        self.samples += logs.get("batch_size", 0)
+        if not logs.get("optimizer_step") or trainer.step % self.every_steps:
+            return
+        now = time.perf_counter()
+        values = {f"train/{k}": logs[k] for k in ("loss", "lr", "grad_norm", "data_wait_fraction") if k in logs}
+        values["train/samples_per_s"] = self.samples / max(now - self.t_last, 1e-9)
+        values.update(process_memory_mb())
+        self.monitor.log_scalars(values, trainer.step, trainer.epoch)
+        self.t_last, self.samples = now, 0
+
+    def on_validation_end(self, trainer, metrics):
+        self.monitor.log_scalars(metrics, trainer.step, trainer.epoch)
+        if self.images_every and (trainer.epoch + 1) % self.images_every == 0 and self.panel_batch is not None:
+            self._log_panels(trainer)
+            self.monitor.log_histograms(trainer.raw_model, trainer.step)
+        self.monitor.flush()
+
+    @torch.no_grad()
+    def _log_panels(self, trainer, max_tiles: int = 4):
+        batch = {k: v[:max_tiles].to(trainer.device) if torch.is_tensor(v) else v
+                 for k, v in self.panel_batch.items()}
+        model = trainer.ema.module if trainer.ema else trainer.raw_model
+        model.eval()
+        x, t, target, t_idx = trainer.task.eval_inputs(batch)
+        prob = torch.sigmoid(model(x, t).float())
+        k = len(trainer.task.thresholds_m)
+        from lib.gaps import threshold_tag
+        for row in range(x.shape[0]):
+            tile, ti = divmod(row, k)
+            tag = threshold_tag(trainer.task.thresholds_m[ti])
+            panel = prediction_panel(batch["dsm"][tile, 0], target[row, 0], prob[row, 0])
+            self.monitor.log_image(f"val_panel/tile{tile}_{tag}", panel, trainer.step)
+        for name, amap in (getattr(model, "attention_maps", None) or {}).items():
+            self.monitor.log_image(f"attention/{name}", _unit_range(amap[0, :1].float().cpu()).expand(3, -1, -1),
+                                   trainer.step)
+        trainer.model.train()
+
+    def on_train_end(self, trainer):
+        hp = {"model": trainer.cfg.model.name, "lr": trainer.cfg.optim.lr,
+              "batch_size": trainer.cfg.train.batch_size, "optimizer": trainer.cfg.optim.name}
+        final = {k: v for k, v in trainer.last_metrics.items() if k.endswith("_mean") or k == "val/loss"}
+        self.monitor.log_hparams(hp, final)
+        self.monitor.close()

@@ -1,0 +1,487 @@
+"""GeoTIFF I/O on numpy + tifffile: georeferencing, windowed reads, streaming tiled writes.
+
+tifffile parses the tags; strips and tiles are read and decoded here (lib/lzw.py), so LZW files
+read without imagecodecs and a window touches only the blocks it needs. Writes are tiled
+(256 x 256), deflate with a predictor, one IFD at the end, atomic via a temp file + os.replace.
+"""
+import math
+import os
+import secrets
+import struct
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import tifffile
+
+from lib import lzw
+from lib.errors import RasterError
+
+PIXEL_SCALE, TIEPOINT, TRANSFORM = 33550, 33922, 34264  # GeoTIFF tags
+GEOKEYS, GEODOUBLE, GEOASCII, GDAL_NODATA = 34735, 34736, 34737, 42113
+_RASTER_TYPE, _PIXEL_IS_POINT = 1025, 2  # GTRasterTypeGeoKey: tiepoint at the pixel centre
+_FILL_VALUES = 9999.0  # +-9999 without a nodata tag is almost always an undeclared fill value
+_TILE = 256
+_BIGTIFF_BYTES = 2**32 - 2**26  # rasters larger than this get 64-bit offsets (BigTIFF)
+
+
+@dataclass(frozen=True)
+class GeoInfo:
+    """Grid of a north-up raster: shape, pixel size and corner origin in CRS units (metres)."""
+
+    height: int
+    width: int
+    pixel_size: tuple[float, float]  # (x, y), both positive
+    origin: tuple[float, float]  # (x, y) of the top-left corner of the top-left pixel
+    nodata: float | None = None  # GDAL_NODATA of the file; None when absent
+    geokeys: tuple[int, ...] | None = None  # raw GeoKeyDirectoryTag
+    geo_double: tuple[float, ...] | None = None  # GeoDoubleParamsTag
+    geo_ascii: str | None = None  # GeoAsciiParamsTag
+
+    def geokey(self, key_id: int) -> int | None:
+        """Value of an inline (short) GeoKey, or None when absent or stored in another tag."""
+        keys = self.geokeys or ()
+        for i in range(4, len(keys) - 3, 4):  # after the 4-short header: (id, location, count, value)
+            if keys[i] == key_id and keys[i + 1] == 0:
+                return keys[i + 3]
+        return None
+
+    @property
+    def epsg(self) -> int | None:
+        """EPSG code of the projected (or else geographic) CRS; None when unknown or user-defined."""
+        code = self.geokey(3072) or self.geokey(2048)
+        return code if code and code != 32767 else None
+
+    @property
+    def pixel_area(self) -> float:
+        """Area of one pixel in CRS units squared (m²)."""
+        return self.pixel_size[0] * self.pixel_size[1]
+
+    def xy_of(self, rows, cols) -> tuple[np.ndarray, np.ndarray]:
+        """CRS coordinates (x, y) of the centres of pixels (rows, cols); any broadcastable shapes."""
+        x = self.origin[0] + (np.asarray(cols) + 0.5) * self.pixel_size[0]
+        y = self.origin[1] - (np.asarray(rows) + 0.5) * self.pixel_size[1]
+        return x, y
+
+    def window(self, row0: int, col0: int, height: int, width: int) -> "GeoInfo":
+        """GeoInfo of the sub-grid whose top-left pixel is (row0, col0)."""
+        x = self.origin[0] + col0 * self.pixel_size[0]
+        y = self.origin[1] - row0 * self.pixel_size[1]
+        return replace(self, height=int(height), width=int(width), origin=(x, y))
+
+    def with_shape(self, height: int, width: int) -> "GeoInfo":
+        """Same origin and pixel size, another shape (e.g. a cropped or padded output)."""
+        return replace(self, height=int(height), width=int(width))
+
+
+# ----------------------------------------------------------------------------- reading
+def _open(path) -> tifffile.TiffFile:
+    if not Path(path).is_file():
+        raise RasterError(f"{path}: no such file")
+    try:
+        return tifffile.TiffFile(path)
+    except (tifffile.TiffFileError, ValueError, OSError, struct.error) as exc:
+        raise RasterError(f"{path}: not a readable TIFF ({exc})") from None
+
+
+def _georef(tags: dict, point: bool, path) -> tuple[tuple, tuple]:
+    """(pixel_size, origin) from ModelPixelScale + ModelTiepoint or ModelTransformation."""
+    if PIXEL_SCALE in tags and TIEPOINT in tags and len(tags[TIEPOINT]) == 6:
+        sx, sy = tags[PIXEL_SCALE][:2]
+        i, j, _, x, y, _ = tags[TIEPOINT]
+        x, y = x - i * sx, y + j * sy
+    elif TRANSFORM in tags:
+        m = tags[TRANSFORM]
+        if m[1] or m[4]:
+            raise RasterError(f"{path}: rotated rasters are not supported (ModelTransformation {m[:8]})")
+        sx, sy, x, y = m[0], -m[5], m[3], m[7]
+    else:
+        warnings.warn(f"{path}: no georeferencing; assuming 1 m pixels at origin (0, 0)", stacklevel=4)
+        return (1.0, 1.0), (0.0, 0.0)
+    if not (sx > 0 and sy > 0):
+        raise RasterError(f"{path}: pixel size ({sx}, {-sy}) is not north-up; expected x > 0, y < 0")
+    if point:  # the tiepoint names a pixel centre; GeoInfo keeps corners (as GDAL does)
+        x, y = x - 0.5 * sx, y + 0.5 * sy
+    return (float(sx), float(sy)), (float(x), float(y))
+
+
+def _parse_nodata(text, path) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(str(text).strip().rstrip("\0"))
+    except ValueError:
+        raise RasterError(f"{path}: GDAL_NODATA tag {text!r} is not a number") from None
+
+
+def _geoinfo(page, path) -> GeoInfo:
+    tags = {tag.code: tag.value for tag in page.tags.values()}
+    keys = tuple(int(k) for k in tags[GEOKEYS]) if GEOKEYS in tags else None
+    info = GeoInfo(
+        height=int(page.imagelength), width=int(page.imagewidth), pixel_size=(1.0, 1.0),
+        origin=(0.0, 0.0), nodata=_parse_nodata(tags.get(GDAL_NODATA), path), geokeys=keys,
+        geo_double=tuple(float(v) for v in tags[GEODOUBLE]) if GEODOUBLE in tags else None,
+        geo_ascii=str(tags[GEOASCII]) if GEOASCII in tags else None)
+    pixel_size, origin = _georef(tags, info.geokey(_RASTER_TYPE) == _PIXEL_IS_POINT, path)
+    return replace(info, pixel_size=pixel_size, origin=origin)
+
+
+def read_info(path) -> GeoInfo:
+    """Grid and georeferencing of a GeoTIFF without reading its pixels."""
+    with _open(path) as tif:
+        return _geoinfo(tif.pages[0], path)
+
+
+class _Blocks:
+    """One band of a TIFF's first page: decodes only the strips/tiles a window touches."""
+
+    def __init__(self, path, band: int | None = None):
+        self.path = str(path)
+        self._tif = _open(path)
+        try:
+            self._setup(self._tif.pages[0], band)
+        except Exception:
+            self._tif.close()
+            raise
+
+    def _setup(self, page, band):
+        self.info = _geoinfo(page, self.path)
+        spp = int(page.samplesperpixel)
+        if band is None and spp != 1:
+            raise RasterError(f"{self.path}: expected one band, found {spp}", hint=f"pass band=1..{spp}")
+        if band is not None and not 1 <= band <= spp:
+            raise RasterError(f"{self.path}: band {band} requested, the file has bands 1..{spp}")
+        self._compression, self._predictor = int(page.compression), int(page.predictor)
+        if self._compression not in lzw.COMPRESSIONS:
+            name = getattr(page.compression, "name", str(self._compression))
+            raise RasterError(f"{self.path}: compression {name} ({self._compression}) is not supported;"
+                              f" supported: none, LZW, deflate",
+                              hint="convert it: gdal_translate -co COMPRESS=DEFLATE in.tif out.tif")
+        dtype = np.dtype(page.dtype) if page.dtype is not None else None
+        if dtype is None or dtype.kind not in "uif" or page.bitspersample != 8 * dtype.itemsize:
+            raise RasterError(f"{self.path}: {page.bitspersample}-bit {page.dtype} samples are not"
+                              f" supported; expected 8/16/32/64-bit integers or floats")
+        self.dtype = dtype.newbyteorder(self._tif.byteorder)
+        self._tiled = bool(page.is_tiled)
+        if self._tiled:
+            self._block = (int(page.tilelength), int(page.tilewidth))
+        else:
+            self._block = (min(int(page.rowsperstrip or self.info.height), self.info.height),
+                           self.info.width)
+        separate = spp > 1 and int(page.planarconfig) == 2
+        grid = [-(-n // b) for n, b in zip((self.info.height, self.info.width), self._block)]
+        self._grid_cols = grid[1]
+        self._first = ((band or 1) - 1) * grid[0] * grid[1] if separate else 0  # plane start
+        self._spp, self._sample = (1, 0) if separate else (spp, (band or 1) - 1)
+        self._offsets, self._counts = page.dataoffsets, page.databytecounts
+        self._cache = {}
+
+    def _raw(self, index: int) -> bytes:
+        offset, count = int(self._offsets[index]), int(self._counts[index])
+        if count == 0:
+            raise RasterError(f"{self.path}: block {index} was never written (sparse TIFF)")
+        if offset + count > self._tif.filehandle.size:
+            raise RasterError(f"{self.path}: truncated: block {index} ends at byte {offset + count},"
+                              f" the file has {self._tif.filehandle.size} bytes")
+        self._tif.filehandle.seek(offset)
+        return self._tif.filehandle.read(count)
+
+    def _decode(self, keys: list) -> list[np.ndarray]:
+        """Decode blocks (row, col) of the block grid together: [(rows, width)], native order."""
+        th, tw = self._block
+        shapes = [(th if self._tiled else min(th, self.info.height - r * th), tw, self._spp)
+                  for r, _ in keys]  # the last strip is short; edge tiles are padded
+        index = [self._first + r * self._grid_cols + c for r, c in keys]
+        try:
+            blocks = lzw.decode_segments([self._raw(i) for i in index], self._compression,
+                                         self._predictor, shapes, self.dtype)
+        except ValueError as exc:
+            if len(keys) > 1:  # find the broken one to name it
+                for key in keys:
+                    self._decode([key])
+            raise RasterError(f"{self.path}: cannot decode block {index[0]}: {exc}") from None
+        return [block[:, :, self._sample] for block in blocks]
+
+    def read(self, row0: int, col0: int, height: int, width: int) -> np.ndarray:
+        """(height, width) samples in the file's dtype; keeps the blocks it used for the next call."""
+        th, tw = self._block
+        keys = [(br, bc) for br in range(row0 // th, (row0 + height - 1) // th + 1)
+                for bc in range(col0 // tw, (col0 + width - 1) // tw + 1)]
+        missing = [key for key in keys if key not in self._cache]
+        self._cache = {key: self._cache.get(key) for key in keys if key in self._cache}
+        self._cache.update(zip(missing, self._decode(missing)))  # one window's blocks: bounded
+        out = np.empty((height, width), self.dtype.newbyteorder("="))
+        for (br, bc), block in self._cache.items():
+            r0, r1 = max(row0, br * th), min(row0 + height, (br + 1) * th)
+            c0, c1 = max(col0, bc * tw), min(col0 + width, (bc + 1) * tw)
+            out[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = \
+                block[r0 - br * th : r1 - br * th, c0 - bc * tw : c1 - bc * tw]
+        return out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._tif.close()
+
+
+def _to_float32(raw: np.ndarray, nodata: float | None) -> np.ndarray:
+    """float32 copy with the nodata value and non-finite values as NaN."""
+    with np.errstate(over="ignore"):  # float64 beyond float32 range -> inf -> NaN below
+        out = raw.astype(np.float32)
+    if nodata is not None and not math.isnan(nodata):
+        if raw.dtype.kind == "f":
+            out[raw == raw.dtype.type(nodata)] = np.nan
+        elif nodata.is_integer() and np.iinfo(raw.dtype).min <= nodata <= np.iinfo(raw.dtype).max:
+            out[raw == int(nodata)] = np.nan
+    out[np.isinf(out)] = np.nan
+    return out
+
+
+def _warn_fill(path, n_fill: int, n_total: int) -> None:
+    if n_fill:
+        warnings.warn(f"{path}: {n_fill / n_total:.2%} of pixels are +-9999 and the file has no"
+                      f" nodata tag; values kept (set GDAL_NODATA if they are fill values)",
+                      stacklevel=3)
+
+
+def _window(window, info: GeoInfo, path) -> tuple[int, int, int, int]:
+    row0, col0, h, w = (0, 0, info.height, info.width) if window is None else map(int, window)
+    if h <= 0 or w <= 0 or row0 < 0 or col0 < 0 or row0 + h > info.height or col0 + w > info.width:
+        raise RasterError(f"{path}: window (row0, col0, h, w) = {tuple(window)} is not inside the"
+                          f" {info.height}x{info.width} raster")
+    return row0, col0, h, w
+
+
+def read_raster(path, window=None, band: int | None = None) -> tuple[np.ndarray, GeoInfo]:
+    """float32 (H, W) with nodata as NaN, and its GeoInfo; window=(row0, col0, h, w) reads a part.
+
+    band is 1-based (as in GDAL) and needed only for multi-band files.
+    """
+    with _Blocks(path, band) as blocks:
+        row0, col0, h, w = _window(window, blocks.info, path)
+        values = _to_float32(blocks.read(row0, col0, h, w), blocks.info.nodata)
+    if blocks.info.nodata is None:
+        _warn_fill(path, int(np.count_nonzero(np.abs(values) == _FILL_VALUES)), values.size)
+    return values, blocks.info.window(row0, col0, h, w)
+
+
+def iter_strips(path, rows: int, band: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (row0, float32 (<=rows, W)) top to bottom; memory stays one strip of blocks."""
+    if rows < 1:
+        raise RasterError(f"{path}: iter_strips needs rows >= 1, got {rows}")
+    with _Blocks(path, band) as blocks:
+        info, n_fill = blocks.info, 0
+        for row0 in range(0, info.height, rows):
+            h = min(rows, info.height - row0)
+            block = _to_float32(blocks.read(row0, 0, h, info.width), info.nodata)
+            if info.nodata is None:
+                n_fill += int(np.count_nonzero(np.abs(block) == _FILL_VALUES))
+            yield row0, block
+    _warn_fill(path, n_fill, info.height * info.width)
+
+
+# ----------------------------------------------------------------------------- writing
+_TYPES = {2: "s", 3: "H", 4: "I", 12: "d", 16: "Q"}  # TIFF field type -> struct code
+_SAMPLE_FORMAT = {"u": 1, "i": 2, "f": 3}
+
+
+def _ifd(tags: list, at: int, big: bool) -> bytes:
+    """One IFD written at file offset `at`; values too long to sit inline follow it."""
+    count_fmt, entry_fmt, slot = ("<Q", "<HHQ", 8) if big else ("<H", "<HHI", 4)
+    size = struct.calcsize(count_fmt) + len(tags) * (struct.calcsize(entry_fmt) + slot) + slot
+    entries, extra = [], b""
+    for code, typ, values in sorted(tags):
+        if typ == 2:
+            data = values.encode("ascii") + b"\0"
+        else:
+            data = struct.pack(f"<{len(values)}{_TYPES[typ]}", *values)
+        count = len(data) if typ == 2 else len(values)
+        if len(data) <= slot:
+            field = data.ljust(slot, b"\0")
+        else:
+            field = struct.pack("<Q" if big else "<I", at + size + len(extra))
+            extra += data + b"\0" * (len(data) % 2)  # keep values word-aligned
+        entries.append(struct.pack(entry_fmt, code, typ, count) + field)
+    return struct.pack(count_fmt, len(tags)) + b"".join(entries) + bytes(slot) + extra
+
+
+def _geotags(info: GeoInfo, nodata) -> list:
+    """GeoTIFF + GDAL_NODATA tags that reproduce `info` (tiepoint at a centre for PixelIsPoint)."""
+    (sx, sy), (x, y) = info.pixel_size, info.origin
+    if info.geokey(_RASTER_TYPE) == _PIXEL_IS_POINT:
+        x, y = x + 0.5 * sx, y - 0.5 * sy
+    tags = [(PIXEL_SCALE, 12, (sx, sy, 0.0)), (TIEPOINT, 12, (0.0, 0.0, 0.0, x, y, 0.0))]
+    if info.geokeys:
+        tags.append((GEOKEYS, 3, info.geokeys))
+    if info.geo_double:
+        tags.append((GEODOUBLE, 12, info.geo_double))
+    if info.geo_ascii:
+        tags.append((GEOASCII, 2, info.geo_ascii))
+    if nodata is not None:
+        value = float(nodata)
+        tags.append((GDAL_NODATA, 2, str(int(value)) if value.is_integer() else repr(value)))
+    return tags
+
+
+def _check_cast(block: np.ndarray, dtype: np.dtype, path) -> None:
+    """Floats never go silently into integer rasters; integers must fit the target type."""
+    fits = block.dtype.kind in "uib" and dtype.kind in "ui" and (block.size == 0 or (
+        np.iinfo(dtype).min <= block.min() and block.max() <= np.iinfo(dtype).max))
+    if not (fits or np.can_cast(block.dtype, dtype, "same_kind")):
+        raise RasterError(f"{path}: cannot store {block.dtype} values as {dtype.name}")
+
+
+class RasterWriter:
+    """Stream a GeoTIFF top to bottom in bounded memory (one row of 256 x 256 tiles).
+
+    with RasterWriter(path, info, np.float32) as out:
+        for row0, block in blocks: out.write(row0, block)   # renamed into place on success
+    """
+
+    def __init__(self, path, info: GeoInfo, dtype, nodata=None, compress: bool = True):
+        self.path, self.info, self.compress = Path(path), info, compress
+        dtype = np.dtype(np.uint8 if np.dtype(dtype) == bool else dtype)
+        if dtype.kind not in _SAMPLE_FORMAT:
+            raise RasterError(f"{path}: cannot write {dtype} rasters; expected integers or floats")
+        if nodata is not None and dtype.kind in "ui" and not (
+                float(nodata).is_integer() and np.iinfo(dtype).min <= nodata <= np.iinfo(dtype).max):
+            raise RasterError(f"{path}: nodata {nodata} does not fit {dtype}")
+        self.dtype, self.nodata, self._row = dtype.newbyteorder("<"), nodata, 0
+        self._cols = -(-info.width // _TILE)  # tiles per row
+        self._buf = np.zeros((_TILE, self._cols * _TILE), self.dtype)  # one tile row
+        self._big = info.height * info.width * dtype.itemsize > _BIGTIFF_BYTES
+        self._offsets, self._counts = [], []
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            self._fh = open(self._tmp, "xb")  # beside the target, so os.replace is atomic
+        except OSError as exc:
+            raise RasterError(f"{path}: cannot create the output ({exc})") from None
+        self._fh.write(bytes(16 if self._big else 8))  # header, patched in close()
+
+    def write(self, row0: int, block) -> None:
+        """Append rows [row0, row0 + len(block)); blocks must come in order, top to bottom."""
+        block = np.asarray(block)
+        if row0 != self._row:
+            raise RasterError(f"{self.path}: blocks must arrive top to bottom: expected row0="
+                              f"{self._row}, got {row0}")
+        if block.ndim != 2 or block.shape[1] != self.info.width or row0 + len(block) > self.info.height:
+            raise RasterError(f"{self.path}: block {block.shape} at row {row0} does not fit the"
+                              f" {self.info.height}x{self.info.width} raster")
+        _check_cast(block, self.dtype, self.path)
+        done = 0
+        while done < len(block):  # fill the tile row; encode it when full
+            fill = self._row % _TILE
+            n = min(_TILE - fill, len(block) - done)
+            self._buf[fill : fill + n, : self.info.width] = block[done : done + n]
+            self._row, done = self._row + n, done + n
+            if self._row % _TILE == 0:
+                self._flush_tiles()
+
+    def _flush_tiles(self) -> None:
+        tiles = self._buf.reshape(_TILE, self._cols, _TILE).transpose(1, 0, 2)  # (cols, T, T)
+        for data in lzw.encode_tiles(np.ascontiguousarray(tiles), self.compress):
+            self._offsets.append(self._fh.tell())
+            self._counts.append(len(data))
+            self._fh.write(data)
+        self._buf[:] = 0  # edge tiles are zero-padded
+
+    def close(self) -> None:
+        """Write the IFD and move the file into place; fails if rows are missing."""
+        if self._row != self.info.height:
+            raise RasterError(f"{self.path}: only {self._row} of {self.info.height} rows were written")
+        if self._row % _TILE:
+            self._flush_tiles()
+        offset_type, kind = (16 if self._big else 4), self.dtype.kind
+        tags = [(256, 4, (self.info.width,)), (257, 4, (self.info.height,)),
+                (258, 3, (8 * self.dtype.itemsize,)), (259, 3, (8 if self.compress else 1,)),
+                (262, 3, (1,)), (277, 3, (1,)), (284, 3, (1,)),
+                (317, 3, (lzw.predictor_for(self.dtype) if self.compress else 1,)),
+                (322, 3, (_TILE,)), (323, 3, (_TILE,)), (324, offset_type, self._offsets),
+                (325, offset_type, self._counts), (339, 3, (_SAMPLE_FORMAT[kind],)),
+                *_geotags(self.info, self.nodata)]
+        at = self._fh.seek(0, os.SEEK_END)
+        at += self._fh.write(bytes(at % 2))  # IFDs start on a word boundary
+        self._fh.write(_ifd(tags, at, self._big))
+        self._fh.seek(0)
+        self._fh.write(b"II+\0" + struct.pack("<HHQ", 8, 0, at) if self._big
+                       else b"II*\0" + struct.pack("<I", at))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop the temp file; the destination is left untouched."""
+        self._fh.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
+
+
+def write_raster(path, array, info: GeoInfo, nodata=None, compress: bool = True) -> None:
+    """Write a 2-D array as a tiled GeoTIFF on `info`'s grid (info.nodata is ignored: NaN is NaN).
+
+    nodata, when given, is written as GDAL_NODATA (e.g. 255 for a uint8 mask).
+    """
+    array = np.asarray(array)
+    if array.shape != (info.height, info.width):
+        raise RasterError(f"{path}: array shape {array.shape} does not match the grid"
+                          f" {info.height}x{info.width}")
+    with RasterWriter(path, info, array.dtype, nodata=nodata, compress=compress) as out:
+        out.write(0, array)
+
+
+# ----------------------------------------------------------------------------- grids
+def check_same_grid(infos: dict[str, GeoInfo]) -> None:
+    """RasterError listing every raster whose shape, pixel size, origin or CRS differs."""
+    (ref_name, ref), *others = infos.items()
+    problems = []
+    for name, info in others:
+        if (info.height, info.width) != (ref.height, ref.width):
+            problems.append(f"shape: {ref_name} is {ref.height}x{ref.width}, {name} is"
+                            f" {info.height}x{info.width}")
+        if not np.allclose(info.pixel_size, ref.pixel_size, rtol=1e-6, atol=0):
+            problems.append(f"pixel size: {ref_name} has {ref.pixel_size}, {name} has {info.pixel_size}")
+        shift = np.subtract(info.origin, ref.origin)
+        if np.any(np.abs(shift) > 1e-3 * np.asarray(ref.pixel_size)):
+            (dx, dy), (px, py) = shift, ref.pixel_size
+            problems.append(f"origin: {ref_name} at {ref.origin}, {name} at {info.origin}: off by"
+                            f" {dx:+.3f} m in x ({dx / px + 0:+.2f} px), {dy:+.3f} m in y"
+                            f" ({dy / py + 0:+.2f} px)")
+        if ref.epsg is not None and info.epsg is not None and ref.epsg != info.epsg:
+            problems.append(f"CRS: {ref_name} is EPSG:{ref.epsg}, {name} is EPSG:{info.epsg}")
+    if problems:
+        raise RasterError("rasters are not on the same grid:\n  " + "\n  ".join(problems),
+                          hint="resample them onto one grid, e.g. gdalwarp -tr/-te or -tap")
+
+
+def read_pair(dsm, chm=None, dtm=None, window=None) -> tuple[np.ndarray, np.ndarray, GeoInfo]:
+    """(dsm, chm, info) on one checked grid; chm = dsm - dtm when a DTM is given.
+
+    A pixel that is nodata in either input is NaN in both outputs.
+    """
+    if (chm is None) == (dtm is None):
+        raise RasterError(f"read_pair needs exactly one of chm= or dtm=, got chm={chm}, dtm={dtm}")
+    other = chm if chm is not None else dtm
+    check_same_grid({str(dsm): read_info(dsm), str(other): read_info(other)})
+    surface, info = read_raster(dsm, window)
+    second, _ = read_raster(other, window)
+    height = second if chm is not None else surface - second
+    invalid = np.isnan(surface) | np.isnan(height)
+    surface[invalid] = np.nan
+    height[invalid] = np.nan
+    return surface, height, info

@@ -1,0 +1,111 @@
+"""Where a dataset's sites come from: the synthetic generator, a config list, a folder, or CLI paths.
+
+A source is loaded lazily, one site at a time, so preparing many large rasters never holds them all.
+"""
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from lib.errors import DataError
+
+
+@dataclass
+class SiteData:
+    name: str
+    dsm: np.ndarray       # (H, W) float32 metres, NaN = nodata
+    chm: np.ndarray       # (H, W) float32 metres, NaN = nodata
+    info: object          # lib.raster.GeoInfo of the grid
+    provenance: dict = field(default_factory=dict)
+
+
+@dataclass
+class SiteSource:
+    name: str
+    load: Callable[[], SiteData]
+
+
+def safe_site_name(name: str) -> str:
+    """Site names end up in shard keys: letters, digits, '-' and '_' only (no dots)."""
+    clean = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")
+    if not clean:
+        raise DataError(f"site name {name!r} has no usable characters")
+    return clean
+
+
+def synthetic_sources(count: int, size_px: int, pixel_size_m: float, seed: int) -> list[SiteSource]:
+    """`count` varied synthetic sites, each reproducible from (seed, index)."""
+    def loader(index: int) -> Callable[[], SiteData]:
+        def load() -> SiteData:
+            from lib.raster import GeoInfo
+            from lib.synthetic import generate_site, random_site_params
+            site_seed = seed * 100_003 + index
+            params = random_site_params(np.random.default_rng(site_seed), size_px, pixel_size_m)
+            site = generate_site(site_seed, params)
+            info = GeoInfo(height=size_px, width=size_px, pixel_size=(pixel_size_m, pixel_size_m),
+                           origin=(0.0, float(size_px * pixel_size_m)), nodata=None,
+                           geokeys=None, geo_double=None, geo_ascii=None)
+            return SiteData(f"syn{index:03d}", site.dsm, site.chm, info,
+                            {"source": "synthetic", "seed": site_seed,
+                             "forest": getattr(params, "forest", None)})
+        return load
+    return [SiteSource(f"syn{i:03d}", loader(i)) for i in range(count)]
+
+
+def raster_source(name: str, dsm: str, chm: str | None = None, dtm: str | None = None) -> SiteSource:
+    """A real site from a DSM with its CHM, or with its DTM (then CHM = DSM - DTM)."""
+    if (chm is None) == (dtm is None):
+        raise DataError(f"site {name!r}: give exactly one of chm or dtm beside dsm {dsm!r}")
+    name = safe_site_name(name)
+
+    def load() -> SiteData:
+        from lib.raster import read_pair
+        dsm_arr, chm_arr, info = read_pair(dsm, chm=chm, dtm=dtm)
+        files = {"dsm": str(dsm), **({"chm": str(chm)} if chm else {"dtm": str(dtm)})}
+        return SiteData(name, dsm_arr, chm_arr, info, {"source": "raster", "files": files})
+    return SiteSource(name, load)
+
+
+def folder_sources(folder: str | Path) -> list[SiteSource]:
+    """Pairs `<site>_DSM.tif` + `<site>_CHM.tif` (or `_DTM.tif`) found in a folder (case-insensitive)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data.raster_folder {str(folder)!r} is not a folder")
+    by_kind: dict[str, dict[str, Path]] = {}
+    for path in sorted(folder.iterdir()):
+        match = re.match(r"(.+)_(dsm|chm|dtm)\.tiff?$", path.name, re.IGNORECASE)
+        if match:
+            by_kind.setdefault(match.group(1), {})[match.group(2).lower()] = path
+    sources = []
+    for site, kinds in sorted(by_kind.items()):
+        if "dsm" not in kinds:
+            continue
+        if "chm" in kinds:
+            sources.append(raster_source(site, str(kinds["dsm"]), chm=str(kinds["chm"])))
+        elif "dtm" in kinds:
+            sources.append(raster_source(site, str(kinds["dsm"]), dtm=str(kinds["dtm"])))
+    if not sources:
+        raise DataError(f"no <site>_DSM.tif with a matching _CHM.tif or _DTM.tif in {folder}")
+    return sources
+
+
+def sources_from_config(data_cfg, seed: int) -> list[SiteSource]:
+    """Real sites when the config lists any (sites, raster_folder), synthetic ones otherwise."""
+    sources = []
+    for i, site in enumerate(data_cfg.sites):
+        unknown = set(site) - {"name", "dsm", "chm", "dtm"}
+        if "dsm" not in site or unknown:
+            raise DataError(f"data.sites[{i}] needs keys name, dsm and chm or dtm; found {sorted(site)}")
+        sources.append(raster_source(site.get("name", Path(site["dsm"]).stem), site["dsm"],
+                                     site.get("chm"), site.get("dtm")))
+    if data_cfg.raster_folder:
+        sources += folder_sources(data_cfg.raster_folder)
+    if not sources:
+        sources = synthetic_sources(data_cfg.synthetic_sites, data_cfg.synthetic_size_px,
+                                    data_cfg.pixel_size_m, seed)
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise DataError(f"site names must be unique, found {names}")
+    return sources

@@ -1,0 +1,116 @@
+"""Normalizer: shift invariance, NaN handling, state round-trips; streaming stats against numpy."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lib.errors import DataError
+from lib.normalize import HIST_BIN_M, Normalizer, compute_height_stats, tile_reference
+
+
+def quantised_dsm(rng, shape=(3, 1, 24, 20), base=40.0) -> torch.Tensor:
+    """Heights on a 1/256 m grid: adding whole metres is exact in float32, so outputs can match bitwise."""
+    x = base + np.round(rng.uniform(0, 35, shape) * 256) / 256
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def test_shift_invariance_bitwise():
+    rng = np.random.default_rng(0)
+    dsm = quantised_dsm(rng)
+    dsm[0, 0, :5, :7] = float("nan")
+    norm = Normalizer(scale=7.5, ref_quantile=0.05)
+    ref = norm(dsm)
+    for shift in (500.0, -30.0, 2000.0):
+        assert torch.equal(norm(dsm + shift), ref)
+
+
+def test_shift_invariance_arbitrary_floats():
+    rng = np.random.default_rng(1)
+    dsm = torch.tensor(rng.uniform(0, 35, (2, 1, 32, 32)), dtype=torch.float32)
+    norm = Normalizer(scale=6.0)
+    # float32 rounding of dsm + 500 is at most ~3e-5 m per value
+    torch.testing.assert_close(norm(dsm + 500), norm(dsm), atol=1e-4 / 6.0, rtol=0)
+
+
+def test_reference_matches_numpy_nearest_rank():
+    rng = np.random.default_rng(2)
+    dsm = torch.tensor(rng.normal(100, 20, (4, 1, 9, 11)), dtype=torch.float32)
+    dsm[1, 0, ::2] = float("nan")
+    dsm[2, 0, 3, 3] = float("inf")
+    for q in (0.0, 0.05, 0.5, 1.0):
+        ref = tile_reference(dsm, q).flatten()
+        for b in range(4):
+            v = dsm[b].flatten().numpy()
+            v = np.sort(v[np.isfinite(v)])
+            assert ref[b].item() == v[int(np.floor(q * (v.size - 1)))]
+
+
+def test_nan_handling_and_validity_channel():
+    rng = np.random.default_rng(3)
+    dsm = quantised_dsm(rng, (2, 1, 8, 8))
+    dsm[0, 0, 2:4, 2:4] = float("nan")
+    dsm[1] = float("nan")  # all invalid: zeros, no NaN leaks out
+    out = Normalizer(scale=5.0, validity=True)(dsm)
+    assert out.shape == (2, 2, 8, 8) and torch.isfinite(out).all()
+    valid = torch.isfinite(dsm)
+    assert torch.equal(out[:, 1:] == 1, valid)
+    assert (out[:, :1][~valid] == 0).all()
+    ref = tile_reference(dsm[:1], 0.05)
+    torch.testing.assert_close(out[:1, :1][valid[:1]], ((dsm[:1] - ref) / 5.0)[valid[:1]])
+    assert Normalizer().out_channels == 1 and Normalizer(validity=True).out_channels == 2
+
+
+def test_state_dict_and_stats_round_trip():
+    rng = np.random.default_rng(4)
+    dsm = quantised_dsm(rng)
+    a = Normalizer(scale=3.25, ref_quantile=0.1)
+    b = Normalizer()
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a(dsm), b(dsm))
+    c = Normalizer.from_stats(json.loads(json.dumps(a.stats())))
+    assert torch.equal(a(dsm), c(dsm))
+    assert c.normalise_threshold(6.5).item() == pytest.approx(2.0)
+    with pytest.raises(DataError, match="scale"):
+        Normalizer.from_stats({"ref_quantile": 0.05})
+    with pytest.raises(DataError, match="> 0"):
+        Normalizer(scale=0.0)
+
+
+def test_export_keeps_stats():
+    rng = np.random.default_rng(5)
+    dsm = quantised_dsm(rng)
+    norm = Normalizer(scale=4.0, validity=True)
+    exported = torch.export.export(norm, (dsm,))
+    assert torch.equal(exported.module()(dsm + 100), norm(dsm))
+
+
+def test_compute_height_stats_matches_numpy():
+    rng = np.random.default_rng(6)
+    tiles = []
+    for i in range(5):
+        dsm = rng.normal(200 + 100 * i, 8, (30, 40)).astype(np.float32)  # elevations differ per tile
+        dsm[i, :] = np.nan
+        chm = rng.uniform(0, 30, (30, 40)).astype(np.float32)
+        tiles.append((dsm, chm if i else None))
+    stats = compute_height_stats(iter(tiles), ref_quantile=0.05)
+    rel = np.concatenate([
+        (d - tile_reference(torch.tensor(d)[None, None], 0.05).item())[np.isfinite(d)] for d, _ in tiles])
+    chm = np.concatenate([c.ravel() for _, c in tiles if c is not None])
+    for got, want in ((stats["dsm_rel"], rel.astype(np.float64)), (stats["chm"], chm.astype(np.float64))):
+        assert got["count"] == want.size
+        assert got["mean"] == pytest.approx(want.mean(), rel=1e-9)
+        assert got["std"] == pytest.approx(want.std(), rel=1e-9)
+        assert (got["min"], got["max"]) == (want.min(), want.max())
+        for p in (1, 5, 50, 95, 99):  # the bin centre of the sorted value at numpy's lower rank
+            exact = np.sort(want)[int(np.floor(p / 100 * (want.size - 1)))]
+            assert abs(got[f"p{p}"] - exact) <= 0.51 * HIST_BIN_M
+    assert stats["scale"] == stats["dsm_rel"]["std"]
+    json.dumps(stats, allow_nan=False)
+    norm = Normalizer.from_stats(stats)
+    assert float(norm.scale) == pytest.approx(rel.std())
+
+
+def test_compute_height_stats_empty_split():
+    with pytest.raises(DataError, match="scale"):
+        compute_height_stats([(np.full((4, 4), np.nan, np.float32), None)])

@@ -1,0 +1,91 @@
+"""The training loop end to end on a tiny dataset: outputs, TensorBoard tags, exact resume, guards."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from lib import runner
+from lib.callbacks import Callback
+from lib.checkpoint import load_checkpoint
+from lib.errors import TrainingError
+
+
+class Crash(Callback):
+    """Simulates a kill right after optimiser step `at` (and after any checkpoint of that step)."""
+    order = 99
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_batch_end(self, trainer, logs):
+        if logs.get("optimizer_step") and trainer.step == self.at:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def _train(cfg, monkeypatch=None, crash_at=None, resume=None):
+    if crash_at is not None:
+        build = runner.build_callbacks
+        monkeypatch.setattr(runner, "build_callbacks", lambda *a: build(*a) + [Crash(crash_at)])
+    try:
+        return runner.train_model(cfg, resume=resume)
+    except KeyboardInterrupt:
+        return None
+    finally:
+        if monkeypatch is not None:
+            monkeypatch.undo()
+
+
+def _weights(run_dir):
+    return load_checkpoint(run_dir / "last.ckpt")["model"]
+
+
+def test_train_writes_run_directory_and_tensorboard_tags(tiny_dataset):
+    cfg = tiny_config(tiny_dataset, run={"name": "outputs"})
+    run_dir = runner.train_model(cfg)
+    for name in ("best.ckpt", "last.ckpt", "config.json", "metrics.jsonl"):
+        assert (run_dir / name).is_file(), name
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("val/iou_mean" in r for r in records) and any("train/loss" in r for r in records)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"train/loss", "train/lr", "val/iou_mean", "val/iou_2m", "val/iou_15m"} <= set(tags["scalars"])
+    assert any(t.startswith("val_panel/") for t in tags["images"])
+    ckpt = load_checkpoint(run_dir / "best.ckpt")
+    assert {"model", "optimizer", "config", "normalization", "rng", "callbacks", "version"} <= set(ckpt)
+
+
+@pytest.mark.parametrize("crash_at, every", [(10, 0), (5, 3)], ids=["epoch_end", "mid_epoch"])
+def test_resume_is_bitwise_identical(tiny_dataset, monkeypatch, crash_at, every):
+    """Uninterrupted vs killed-and-resumed (from an epoch-end or a mid-epoch last.ckpt) runs."""
+    cfg = tiny_config(tiny_dataset, run={"name": f"full_{crash_at}"}, train={"checkpoint_every_steps": every})
+    full = runner.train_model(cfg)
+    cfg2 = tiny_config(tiny_dataset, run={"name": f"killed_{crash_at}"}, train={"checkpoint_every_steps": every})
+    assert _train(cfg2, monkeypatch, crash_at=crash_at) is None
+    ckpt = load_checkpoint(runner.run_dir_of(cfg2) / "last.ckpt")
+    assert ckpt["step"] < crash_at  # the kill lost work that resume must redo
+    resumed = _train(cfg2, resume="auto")
+    a, b = _weights(full), _weights(resumed)
+    assert a.keys() == b.keys()
+    differ = [k for k in a if (not torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] != b[k])]
+    assert not differ, f"resumed weights differ from the uninterrupted run: {differ[:5]}"
+
+
+def test_nonfinite_guard_stops_and_keeps_last_good_checkpoint(tiny_dataset):
+    cfg = tiny_config(tiny_dataset, run={"name": "nan"}, optim={"lr": 1e30, "grad_clip": 0.0},
+                      train={"epochs": 3})
+    with pytest.raises(TrainingError, match="non-finite"):
+        runner.train_model(cfg)
+    last = runner.run_dir_of(cfg) / "last.ckpt"
+    if last.exists():
+        assert all(torch.isfinite(v).all() for v in load_checkpoint(last)["model"].values() if v.is_floating_point())
+
+
+def test_resume_auto_without_checkpoint_starts_fresh(tiny_dataset):
+    cfg = tiny_config(tiny_dataset, run={"name": "fresh"}, train={"epochs": 1})
+    shutil.rmtree(runner.run_dir_of(cfg), ignore_errors=True)
+    run_dir = runner.train_model(cfg, resume="auto")
+    assert load_checkpoint(run_dir / "last.ckpt")["epoch"] == 1

@@ -1,0 +1,42 @@
+"""Train a threshold-conditioned gap segmentation model on prepared shards.
+
+    python train.py --config configs/quick.json
+    python train.py --config configs/config.json --run.name=exp1 --optim.lr=3e-4 --resume auto
+    torchrun --nproc_per_node=2 train.py --config configs/config.json
+"""
+import argparse
+import sys
+
+from lib.cli import handle_errors, setup_logging
+from lib.config import add_config_args, config_from_args
+from lib.env import distributed_info
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Outputs: runs/<run.name>/ with best.ckpt, last.ckpt, config.json, "
+                                            "metrics.jsonl, train.log and TensorBoard events (tb/).")
+    add_config_args(parser, default="configs/config.json")
+    parser.add_argument("--resume", metavar="CKPT|auto",
+                        help="continue a run exactly: a checkpoint path, or 'auto' for the run's last.ckpt "
+                             "when it exists (a fresh start otherwise)")
+    parser.add_argument("--init-from", metavar="CKPT", help="start from another run's weights (transfer learning)")
+    return parser.parse_known_args(argv)
+
+
+@handle_errors
+def main(argv=None) -> int:
+    args, extra = parse_args(argv)
+    cfg = config_from_args(args, extra)
+    from lib.runner import run_dir_of, train_model
+
+    rank = distributed_info()[0]
+    setup_logging(run_dir_of(cfg) / "train.log", rank=rank)
+    run_dir = train_model(cfg, resume=args.resume, init_from=args.init_from)
+    if rank == 0:
+        print(f"run directory: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
