@@ -3,6 +3,7 @@
     python prepare_data.py --config configs/quick.json
     python prepare_data.py --config configs/config.json --dsm site_DSM.tif --chm site_CHM.tif
     python prepare_data.py --config configs/config.json --data.raster_folder=rasters/ --data.root=data/real
+    python prepare_data.py --config configs/quick.json --export-scene scenes/   # a synthetic test scene
 """
 import argparse
 import logging
@@ -25,6 +26,10 @@ def parse_args(argv):
     parser.add_argument("--dtm", help="or its terrain model (CHM = DSM - DTM)")
     parser.add_argument("--name", help="site name for --dsm (default: the file name)")
     parser.add_argument("--out", help="dataset folder (default: data.root from the config)")
+    parser.add_argument("--export-scene", metavar="DIR",
+                        help="only write one synthetic scene as <name>_DSM/_DTM/_CHM.tif GeoTIFFs into DIR "
+                             "(to try gaps.py / predict.py without data), then exit")
+    parser.add_argument("--scene-size", type=int, default=512, help="side in pixels of --export-scene")
     return parser.parse_known_args(argv)
 
 
@@ -49,6 +54,11 @@ def main(argv=None) -> int:
     from lib.sources import raster_source, sources_from_config
 
     setup_logging()
+    if args.export_scene:
+        from lib.sources import write_synthetic_scene
+        paths = write_synthetic_scene(args.export_scene, 999, args.scene_size, cfg.data.pixel_size_m, cfg.run.seed)
+        print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
+        return 0
     out = args.out or cfg.data.root
     if args.dsm:
         if not (args.chm or args.dtm):

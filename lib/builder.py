@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 
 from lib.errors import DataError
-from lib.gaps import gap_masks, threshold_tag, IGNORE
-from lib.shards import ShardWriter, write_manifest
+from lib.gaps import IGNORE, gap_masks, threshold_tag
+from lib.shards import ShardWriter, mask_member, write_manifest
 from lib.tiling import SPLITS, assign_sites, assign_tiles_by_block, block_split_map, tile_origins, valid_fractions
 
 log = logging.getLogger(__name__)
@@ -73,76 +73,88 @@ def _site_tiles(site, data_cfg, split_rule, site_split, seed):
     return [(o, s) for o, s in zip(origins, splits) if s is not None], masks
 
 
+class _Build:
+    """The state of one dataset build: split rule and assignment, open shard writers, running tallies."""
+
+    def __init__(self, cfg, sources, out: Path):
+        self.data, self.seed, self.out = cfg.data, cfg.run.seed, out
+        self.rule = choose_split_rule(self.data.split, len(sources), self.data.test_sites)
+        self.site_splits = assign_sites([s.name for s in sources], self.data.split_fractions, self.seed,
+                                        self.data.test_sites) if self.rule == "site" else {}
+        self.tally = _SplitTally(len(self.data.thresholds_m))
+        self.members = [mask_member(t) for t in self.data.thresholds_m]
+        self.site_meta, self.crs = {}, None
+
+    def write_sites(self, sources, writers):
+        """Write every site's tiles; yield the train ones so the statistics stream (nothing held)."""
+        start = time.time()
+        for n, source in enumerate(sources, start=1):
+            yield from self.write_site(source, n, writers)
+            log.info("[%d/%d] %s: %d tiles (%.1f s)", n, len(sources), source.name,
+                     self.site_meta[source.name]["tiles"], time.time() - start)
+
+    def write_site(self, source, n: int, writers):
+        """Load one site, write its kept tiles to their split's shards; yield (dsm, chm) of train tiles."""
+        site = source.load()
+        _check_pixel_size(site, self.data.pixel_size_m)
+        self.crs = self.crs or _crs_of(site.info)
+        kept, masks = _site_tiles(site, self.data, self.rule, self.site_splits.get(site.name), self.seed + n)
+        px = self.data.tile_px
+        for (r, c), split in kept:
+            window = (slice(r, r + px), slice(c, c + px))
+            tile_masks = masks[(slice(None),) + window]
+            sample = {"__key__": f"{site.name}_r{r:05d}_c{c:05d}",
+                      "dsm.npy": np.ascontiguousarray(site.dsm[window], dtype=np.float32),
+                      "chm.npy": np.ascontiguousarray(site.chm[window], dtype=np.float32),
+                      "json": {"site": site.name, "window": [int(r), int(c), px, px], "split": split,
+                               "thresholds_m": list(self.data.thresholds_m),
+                               "min_area_m2": self.data.min_area_m2, "max_area_m2": self.data.max_area_m2,
+                               **site.provenance}}
+            for member, mask in zip(self.members, tile_masks):
+                sample[member] = np.ascontiguousarray(mask)
+            writers[split].write(sample)
+            self.tally.add(split, site.name, tile_masks)
+            if split == "train":
+                yield sample["dsm.npy"], sample["chm.npy"]
+        self.site_meta[site.name] = {"split": self.site_splits.get(site.name, "block"), "tiles": len(kept),
+                                     "shape": list(site.dsm.shape), **site.provenance}
+
+    def manifest(self, shards: dict, normalization: dict) -> dict:
+        d = self.data
+        return {
+            "format_version": FORMAT_VERSION, "task": d.task,
+            "thresholds_m": list(d.thresholds_m), "mask_members": [m[:-len(".npy")] for m in self.members],
+            "tile_px": d.tile_px, "pixel_size_m": d.pixel_size_m, "crs": self.crs,
+            "min_area_m2": d.min_area_m2, "max_area_m2": d.max_area_m2,
+            "split_rule": _describe_rule(self.rule, d),
+            "splits": {s: {"shards": shards[s], "samples": self.tally.tiles[s]} for s in SPLITS},
+            "summary": self.tally.summary(d.thresholds_m), "sites": self.site_meta,
+            "normalization": normalization,
+        }
+
+
 def build_dataset(cfg, sources, out: str | Path) -> dict:
     """Write shards for every split and the manifest into `out`; returns the manifest."""
     from lib.normalize import compute_height_stats
 
-    data_cfg, seed = cfg.data, cfg.run.seed
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rule = choose_split_rule(data_cfg.split, len(sources), data_cfg.test_sites)
-    site_splits = assign_sites([s.name for s in sources], data_cfg.split_fractions, seed,
-                               data_cfg.test_sites) if rule == "site" else {}
-    max_bytes = int(data_cfg.shard_mb * 2 ** 20)
+    build = _Build(cfg, sources, out)
+    max_bytes = int(cfg.data.shard_mb * 2 ** 20)
     writers = {s: ShardWriter(out, s, max_bytes=max_bytes) for s in SPLITS}
-    tally = _SplitTally(len(data_cfg.thresholds_m))
-    tags = [threshold_tag(t) for t in data_cfg.thresholds_m]
-    site_meta, crs = {}, {}
-
-    def write_sites():
-        """Write every site's tiles; yield the train ones so the statistics stream (nothing held)."""
-        start = time.time()
-        for n, source in enumerate(sources, start=1):
-            yield from _write_site(source, n, data_cfg, rule, site_splits, seed, writers, tally, tags,
-                                   site_meta, crs)
-            log.info("[%d/%d] %s: %d tiles (%.1f s)", n, len(sources), source.name,
-                     site_meta[source.name]["tiles"], time.time() - start)
-
-    normalization = compute_height_stats(write_sites())
+    try:
+        normalization = compute_height_stats(build.write_sites(sources, writers))
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
     shards = {s: w.close() for s, w in writers.items()}
-    if not tally.tiles["train"]:
+    if not build.tally.tiles["train"]:
         raise DataError("no training tile survived tiling and the valid-fraction filter",
                         hint="lower data.tile_px or data.min_valid_fraction, or add sites")
-    manifest = {
-        "format_version": FORMAT_VERSION, "task": data_cfg.task,
-        "thresholds_m": list(data_cfg.thresholds_m), "mask_members": [f"mask_{t}" for t in tags],
-        "tile_px": data_cfg.tile_px, "pixel_size_m": data_cfg.pixel_size_m, "crs": crs or None,
-        "min_area_m2": data_cfg.min_area_m2, "max_area_m2": data_cfg.max_area_m2,
-        "split_rule": _describe_rule(rule, data_cfg),
-        "splits": {s: {"shards": shards[s], "samples": tally.tiles[s]} for s in SPLITS},
-        "summary": tally.summary(data_cfg.thresholds_m), "sites": site_meta,
-        "normalization": normalization,
-    }
+    manifest = build.manifest(shards, normalization)
     write_manifest(out, manifest)
     return manifest
-
-
-def _write_site(source, n, data_cfg, rule, site_splits, seed, writers, tally, tags, site_meta, crs):
-    """Load one site, write its kept tiles to their split's shards; yield (dsm, chm) of train tiles."""
-    site = source.load()
-    _check_pixel_size(site, data_cfg.pixel_size_m)
-    if not crs and _crs_of(site.info):
-        crs.update(_crs_of(site.info))
-    kept, masks = _site_tiles(site, data_cfg, rule, site_splits.get(site.name), seed + n)
-    px = data_cfg.tile_px
-    for (r, c), split in kept:
-        window = (slice(r, r + px), slice(c, c + px))
-        tile_masks = masks[(slice(None),) + window]
-        sample = {"__key__": f"{site.name}_r{r:05d}_c{c:05d}",
-                  "dsm.npy": np.ascontiguousarray(site.dsm[window], dtype=np.float32),
-                  "chm.npy": np.ascontiguousarray(site.chm[window], dtype=np.float32),
-                  "json": {"site": site.name, "window": [int(r), int(c), px, px], "split": split,
-                           "thresholds_m": list(data_cfg.thresholds_m),
-                           "min_area_m2": data_cfg.min_area_m2, "max_area_m2": data_cfg.max_area_m2,
-                           **site.provenance}}
-        for k, tag in enumerate(tags):
-            sample[f"mask_{tag}.npy"] = np.ascontiguousarray(tile_masks[k])
-        writers[split].write(sample)
-        tally.add(split, site.name, tile_masks)
-        if split == "train":
-            yield sample["dsm.npy"], sample["chm.npy"]
-    site_meta[site.name] = {"split": site_splits.get(site.name, "block"), "tiles": len(kept),
-                            "shape": list(site.dsm.shape), **site.provenance}
 
 
 def _check_pixel_size(site, expected: float) -> None:

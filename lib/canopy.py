@@ -13,6 +13,8 @@ N_LOBES = 4                  # outline harmonics k = 2..5: elongation, then lobe
 MAX_LOBE_SUM = 0.35          # sum of |harmonic amplitudes|: outlines stay within 0.65..1.35 radii
 EDGE_RISE_M = 60.0           # height a gap's cap climbs across its soft edge
 MIN_GAP_M2 = 5.0             # smallest gap footprint
+CROWN_ROUGHNESS = 0.06       # pixel-scale crenellation of crown outlines, in units of the radius
+GAP_ROUGHNESS = 0.15         # the same for gap outlines
 
 
 @dataclass
@@ -101,7 +103,7 @@ def render_crowns(trees: Trees, stem_ground: np.ndarray, jitter: np.ndarray) -> 
 
     def surface(owner, u):
         return top[owner] - trees.depth[owner] * u ** trees.power[owner]
-    return _paint(trees, jitter, 0.06, [(-np.inf, np.maximum, surface)])[0]
+    return _paint(trees, jitter, CROWN_ROUGHNESS, [(-np.inf, np.maximum, surface)])[0]
 
 
 def render_gaps(gaps: Gaps, jitter: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -122,7 +124,8 @@ def render_gaps(gaps: Gaps, jitter: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     def regrowth(owner, u):
         return gaps.regrowth[owner] * (0.8 + 0.4 * np.minimum(u / opening[owner], 1) ** 2)
     rims = Outlines(gaps.y, gaps.x, outer, gaps.lobes)
-    cap_raster, regrowth_raster = _paint(rims, jitter, 0.15, [(np.inf, np.minimum, cap), (0.0, np.maximum, regrowth)])
+    cap_raster, regrowth_raster = _paint(rims, jitter, GAP_ROUGHNESS,
+                                         [(np.inf, np.minimum, cap), (0.0, np.maximum, regrowth)])
     return cap_raster, regrowth_raster
 
 

@@ -106,7 +106,7 @@ def model_card(loaded, fmt: str, path: Path, difference: float) -> dict:
     return {"format": fmt, "file": path.name, "torch": torch.__version__,
             "inputs": {"dsm": "(B, 1, H, W) float32 metres, NaN = nodata; H, W multiples of stride",
                        "thresholds_m": "(B,) float32 CHM thresholds in metres"},
-            "output": "(B, 1, H, W) float32 gap probability (0 on nodata pixels)",
+            "output": "(B, 1, H, W) float32 gap probability; nodata pixels get a value too: mask them",
             "thresholds_m": list(loaded.thresholds_m), "tile_px": loaded.tile_px, "stride": loaded.stride,
             "pixel_size_m": loaded.pixel_size_m, "normalization": loaded.meta.get("normalization"),
             "metrics": loaded.meta.get("metrics", {}), "version": loaded.meta.get("version", {}),

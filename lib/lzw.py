@@ -216,6 +216,13 @@ def encode_tiles(tiles: np.ndarray, compress: bool) -> list[bytes]:
     return [zlib.compress(tile.tobytes(), 6) for tile in coded.reshape(n, -1)]
 
 
+def _lzw_c(data: bytes) -> bytes:
+    try:
+        return _lzw_decode_c(data)
+    except Exception as exc:  # imagecodecs raises its own ImcdError
+        raise ValueError(f"corrupt LZW stream ({exc})") from None
+
+
 def _inflate(data: bytes) -> bytes:
     try:
         return zlib.decompress(data)
@@ -248,7 +255,7 @@ def decode_segments(segments: list[bytes], compression: int, predictor: int, sha
                     dtype: np.dtype) -> list[np.ndarray]:
     """Decode strips/tiles to native-order arrays of their shapes (rows, width, samples)."""
     if compression == 5:
-        raws = ([_lzw_decode_c(s) for s in segments] if _lzw_decode_c is not None
+        raws = ([_lzw_c(s) for s in segments] if _lzw_decode_c is not None
                 else lzw_decode_many(segments))
     elif compression in (8, 32946):
         raws = [_inflate(s) for s in segments]

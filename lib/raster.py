@@ -1,4 +1,4 @@
-"""GeoTIFF I/O on numpy + tifffile: georeferencing, windowed reads, streaming tiled writes.
+"""GeoTIFF I/O on numpy + tifffile: windowed reads, streaming tiled writes (the grid: lib/geoinfo.py).
 
 tifffile parses the tags; strips and tiles are read and decoded here (lib/lzw.py), so LZW files
 read without imagecodecs and a window touches only the blocks it needs. Writes are tiled
@@ -9,7 +9,6 @@ import os
 import secrets
 import struct
 import warnings
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -18,62 +17,13 @@ import tifffile
 
 from lib import lzw
 from lib.errors import RasterError
+from lib.geoinfo import GeoInfo, check_same_grid, geotiff_tags, parse_geoinfo
 
-PIXEL_SCALE, TIEPOINT, TRANSFORM = 33550, 33922, 34264  # GeoTIFF tags
-GEOKEYS, GEODOUBLE, GEOASCII, GDAL_NODATA = 34735, 34736, 34737, 42113
-_RASTER_TYPE, _PIXEL_IS_POINT = 1025, 2  # GTRasterTypeGeoKey: tiepoint at the pixel centre
+__all__ = ["GeoInfo", "RasterWriter", "check_same_grid", "iter_strips", "read_info", "read_pair",
+           "read_raster", "write_raster"]  # GeoInfo and check_same_grid live in lib/geoinfo.py
 _FILL_VALUES = 9999.0  # +-9999 without a nodata tag is almost always an undeclared fill value
 _TILE = 256
 _BIGTIFF_BYTES = 2**32 - 2**26  # rasters larger than this get 64-bit offsets (BigTIFF)
-
-
-@dataclass(frozen=True)
-class GeoInfo:
-    """Grid of a north-up raster: shape, pixel size and corner origin in CRS units (metres)."""
-
-    height: int
-    width: int
-    pixel_size: tuple[float, float]  # (x, y), both positive
-    origin: tuple[float, float]  # (x, y) of the top-left corner of the top-left pixel
-    nodata: float | None = None  # GDAL_NODATA of the file; None when absent
-    geokeys: tuple[int, ...] | None = None  # raw GeoKeyDirectoryTag
-    geo_double: tuple[float, ...] | None = None  # GeoDoubleParamsTag
-    geo_ascii: str | None = None  # GeoAsciiParamsTag
-
-    def geokey(self, key_id: int) -> int | None:
-        """Value of an inline (short) GeoKey, or None when absent or stored in another tag."""
-        keys = self.geokeys or ()
-        for i in range(4, len(keys) - 3, 4):  # after the 4-short header: (id, location, count, value)
-            if keys[i] == key_id and keys[i + 1] == 0:
-                return keys[i + 3]
-        return None
-
-    @property
-    def epsg(self) -> int | None:
-        """EPSG code of the projected (or else geographic) CRS; None when unknown or user-defined."""
-        code = self.geokey(3072) or self.geokey(2048)
-        return code if code and code != 32767 else None
-
-    @property
-    def pixel_area(self) -> float:
-        """Area of one pixel in CRS units squared (m²)."""
-        return self.pixel_size[0] * self.pixel_size[1]
-
-    def xy_of(self, rows, cols) -> tuple[np.ndarray, np.ndarray]:
-        """CRS coordinates (x, y) of the centres of pixels (rows, cols); any broadcastable shapes."""
-        x = self.origin[0] + (np.asarray(cols) + 0.5) * self.pixel_size[0]
-        y = self.origin[1] - (np.asarray(rows) + 0.5) * self.pixel_size[1]
-        return x, y
-
-    def window(self, row0: int, col0: int, height: int, width: int) -> "GeoInfo":
-        """GeoInfo of the sub-grid whose top-left pixel is (row0, col0)."""
-        x = self.origin[0] + col0 * self.pixel_size[0]
-        y = self.origin[1] - row0 * self.pixel_size[1]
-        return replace(self, height=int(height), width=int(width), origin=(x, y))
-
-    def with_shape(self, height: int, width: int) -> "GeoInfo":
-        """Same origin and pixel size, another shape (e.g. a cropped or padded output)."""
-        return replace(self, height=int(height), width=int(width))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -86,52 +36,15 @@ def _open(path) -> tifffile.TiffFile:
         raise RasterError(f"{path}: not a readable TIFF ({exc})") from None
 
 
-def _georef(tags: dict, point: bool, path) -> tuple[tuple, tuple]:
-    """(pixel_size, origin) from ModelPixelScale + ModelTiepoint or ModelTransformation."""
-    if PIXEL_SCALE in tags and TIEPOINT in tags and len(tags[TIEPOINT]) == 6:
-        sx, sy = tags[PIXEL_SCALE][:2]
-        i, j, _, x, y, _ = tags[TIEPOINT]
-        x, y = x - i * sx, y + j * sy
-    elif TRANSFORM in tags:
-        m = tags[TRANSFORM]
-        if m[1] or m[4]:
-            raise RasterError(f"{path}: rotated rasters are not supported (ModelTransformation {m[:8]})")
-        sx, sy, x, y = m[0], -m[5], m[3], m[7]
-    else:
-        warnings.warn(f"{path}: no georeferencing; assuming 1 m pixels at origin (0, 0)", stacklevel=4)
-        return (1.0, 1.0), (0.0, 0.0)
-    if not (sx > 0 and sy > 0):
-        raise RasterError(f"{path}: pixel size ({sx}, {-sy}) is not north-up; expected x > 0, y < 0")
-    if point:  # the tiepoint names a pixel centre; GeoInfo keeps corners (as GDAL does)
-        x, y = x - 0.5 * sx, y + 0.5 * sy
-    return (float(sx), float(sy)), (float(x), float(y))
-
-
-def _parse_nodata(text, path) -> float | None:
-    if text is None:
-        return None
-    try:
-        return float(str(text).strip().rstrip("\0"))
-    except ValueError:
-        raise RasterError(f"{path}: GDAL_NODATA tag {text!r} is not a number") from None
-
-
-def _geoinfo(page, path) -> GeoInfo:
+def _page_info(page, path) -> GeoInfo:
     tags = {tag.code: tag.value for tag in page.tags.values()}
-    keys = tuple(int(k) for k in tags[GEOKEYS]) if GEOKEYS in tags else None
-    info = GeoInfo(
-        height=int(page.imagelength), width=int(page.imagewidth), pixel_size=(1.0, 1.0),
-        origin=(0.0, 0.0), nodata=_parse_nodata(tags.get(GDAL_NODATA), path), geokeys=keys,
-        geo_double=tuple(float(v) for v in tags[GEODOUBLE]) if GEODOUBLE in tags else None,
-        geo_ascii=str(tags[GEOASCII]) if GEOASCII in tags else None)
-    pixel_size, origin = _georef(tags, info.geokey(_RASTER_TYPE) == _PIXEL_IS_POINT, path)
-    return replace(info, pixel_size=pixel_size, origin=origin)
+    return parse_geoinfo(tags, page.imagelength, page.imagewidth, path)
 
 
 def read_info(path) -> GeoInfo:
     """Grid and georeferencing of a GeoTIFF without reading its pixels."""
     with _open(path) as tif:
-        return _geoinfo(tif.pages[0], path)
+        return _page_info(tif.pages[0], path)
 
 
 class _Blocks:
@@ -147,7 +60,7 @@ class _Blocks:
             raise
 
     def _setup(self, page, band):
-        self.info = _geoinfo(page, self.path)
+        self.info = _page_info(page, self.path)
         spp = int(page.samplesperpixel)
         if band is None and spp != 1:
             raise RasterError(f"{self.path}: expected one band, found {spp}", hint=f"pass band=1..{spp}")
@@ -308,24 +221,6 @@ def _ifd(tags: list, at: int, big: bool) -> bytes:
     return struct.pack(count_fmt, len(tags)) + b"".join(entries) + bytes(slot) + extra
 
 
-def _geotags(info: GeoInfo, nodata) -> list:
-    """GeoTIFF + GDAL_NODATA tags that reproduce `info` (tiepoint at a centre for PixelIsPoint)."""
-    (sx, sy), (x, y) = info.pixel_size, info.origin
-    if info.geokey(_RASTER_TYPE) == _PIXEL_IS_POINT:
-        x, y = x + 0.5 * sx, y - 0.5 * sy
-    tags = [(PIXEL_SCALE, 12, (sx, sy, 0.0)), (TIEPOINT, 12, (0.0, 0.0, 0.0, x, y, 0.0))]
-    if info.geokeys:
-        tags.append((GEOKEYS, 3, info.geokeys))
-    if info.geo_double:
-        tags.append((GEODOUBLE, 12, info.geo_double))
-    if info.geo_ascii:
-        tags.append((GEOASCII, 2, info.geo_ascii))
-    if nodata is not None:
-        value = float(nodata)
-        tags.append((GDAL_NODATA, 2, str(int(value)) if value.is_integer() else repr(value)))
-    return tags
-
-
 def _check_cast(block: np.ndarray, dtype: np.dtype, path) -> None:
     """Floats never go silently into integer rasters; integers must fit the target type."""
     fits = block.dtype.kind in "uib" and dtype.kind in "ui" and (block.size == 0 or (
@@ -401,7 +296,7 @@ class RasterWriter:
                 (317, 3, (lzw.predictor_for(self.dtype) if self.compress else 1,)),
                 (322, 3, (_TILE,)), (323, 3, (_TILE,)), (324, offset_type, self._offsets),
                 (325, offset_type, self._counts), (339, 3, (_SAMPLE_FORMAT[kind],)),
-                *_geotags(self.info, self.nodata)]
+                *geotiff_tags(self.info, self.nodata)]
         at = self._fh.seek(0, os.SEEK_END)
         at += self._fh.write(bytes(at % 2))  # IFDs start on a word boundary
         self._fh.write(_ifd(tags, at, self._big))
@@ -445,30 +340,7 @@ def write_raster(path, array, info: GeoInfo, nodata=None, compress: bool = True)
         out.write(0, array)
 
 
-# ----------------------------------------------------------------------------- grids
-def check_same_grid(infos: dict[str, GeoInfo]) -> None:
-    """RasterError listing every raster whose shape, pixel size, origin or CRS differs."""
-    (ref_name, ref), *others = infos.items()
-    problems = []
-    for name, info in others:
-        if (info.height, info.width) != (ref.height, ref.width):
-            problems.append(f"shape: {ref_name} is {ref.height}x{ref.width}, {name} is"
-                            f" {info.height}x{info.width}")
-        if not np.allclose(info.pixel_size, ref.pixel_size, rtol=1e-6, atol=0):
-            problems.append(f"pixel size: {ref_name} has {ref.pixel_size}, {name} has {info.pixel_size}")
-        shift = np.subtract(info.origin, ref.origin)
-        if np.any(np.abs(shift) > 1e-3 * np.asarray(ref.pixel_size)):
-            (dx, dy), (px, py) = shift, ref.pixel_size
-            problems.append(f"origin: {ref_name} at {ref.origin}, {name} at {info.origin}: off by"
-                            f" {dx:+.3f} m in x ({dx / px + 0:+.2f} px), {dy:+.3f} m in y"
-                            f" ({dy / py + 0:+.2f} px)")
-        if ref.epsg is not None and info.epsg is not None and ref.epsg != info.epsg:
-            problems.append(f"CRS: {ref_name} is EPSG:{ref.epsg}, {name} is EPSG:{info.epsg}")
-    if problems:
-        raise RasterError("rasters are not on the same grid:\n  " + "\n  ".join(problems),
-                          hint="resample them onto one grid, e.g. gdalwarp -tr/-te or -tap")
-
-
+# ----------------------------------------------------------------------------- pairs
 def read_pair(dsm, chm=None, dtm=None, window=None) -> tuple[np.ndarray, np.ndarray, GeoInfo]:
     """(dsm, chm, info) on one checked grid; chm = dsm - dtm when a DTM is given.
 

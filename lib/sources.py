@@ -39,19 +39,37 @@ def synthetic_sources(count: int, size_px: int, pixel_size_m: float, seed: int) 
     """`count` varied synthetic sites, each reproducible from (seed, index)."""
     def loader(index: int) -> Callable[[], SiteData]:
         def load() -> SiteData:
-            from lib.raster import GeoInfo
-            from lib.synthetic import generate_site, random_site_params
-            site_seed = seed * 100_003 + index
-            params = random_site_params(np.random.default_rng(site_seed), size_px, pixel_size_m)
-            site = generate_site(site_seed, params)
-            info = GeoInfo(height=size_px, width=size_px, pixel_size=(pixel_size_m, pixel_size_m),
-                           origin=(0.0, float(size_px * pixel_size_m)), nodata=None,
-                           geokeys=None, geo_double=None, geo_ascii=None)
-            return SiteData(f"syn{index:03d}", site.dsm, site.chm, info,
-                            {"source": "synthetic", "seed": site_seed,
-                             "forest": getattr(params, "forest", None)})
+            site = synthetic_site(index, size_px, pixel_size_m, seed)
+            site.provenance.pop("dtm")
+            return site
         return load
     return [SiteSource(f"syn{i:03d}", loader(i)) for i in range(count)]
+
+
+def synthetic_site(index: int, size_px: int, pixel_size_m: float, seed: int) -> SiteData:
+    """One varied synthetic site, reproducible from (seed, index), on a local metric grid."""
+    from lib.raster import GeoInfo
+    from lib.synthetic import generate_site, random_site_params
+    site_seed = seed * 100_003 + index
+    params = random_site_params(np.random.default_rng(site_seed), size_px, pixel_size_m)
+    site = generate_site(site_seed, params)
+    info = GeoInfo(height=size_px, width=size_px, pixel_size=(pixel_size_m, pixel_size_m),
+                   origin=(0.0, float(size_px * pixel_size_m)))
+    return SiteData(f"syn{index:03d}", site.dsm, site.chm, info,
+                    {"source": "synthetic", "seed": site_seed, "forest": params.forest, "dtm": site.dtm})
+
+
+def write_synthetic_scene(folder: str | Path, index: int, size_px: int, pixel_size_m: float, seed: int) -> dict:
+    """Write a synthetic site as `<name>_DSM.tif`, `_DTM.tif`, `_CHM.tif` (to try gaps/predict without data)."""
+    from lib.raster import write_raster
+    site = synthetic_site(index, size_px, pixel_size_m, seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for kind, array in (("DSM", site.dsm), ("DTM", site.provenance["dtm"]), ("CHM", site.chm)):
+        paths[kind] = folder / f"{site.name}_{kind}.tif"
+        write_raster(paths[kind], array.astype(np.float32), site.info, nodata=float("nan"))
+    return paths
 
 
 def raster_source(name: str, dsm: str, chm: str | None = None, dtm: str | None = None) -> SiteSource:

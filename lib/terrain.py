@@ -10,13 +10,13 @@ def fractal_noise(rng: np.random.Generator, shape: tuple[int, int], beta: float,
                   corr_px: float | None = None) -> np.ndarray:
     """(H, W) float32 periodic noise, zero mean and unit std, power spectrum ~ (f^2 + f0^2)^(-beta/2).
 
-    beta 2 is rough, 4 is smooth hills; corr_px (f0 = 1/corr_px) flattens the spectrum above that
-    wavelength, so no structure much larger than corr_px appears.
+    beta 2 is rough, 4 is smooth hills. corr_px is the correlation length (a Matern field,
+    f0 = 1 / (2 pi corr_px)): blobs about corr_px across, uncorrelated beyond a few corr_px.
     """
     height, width = shape
     fy = np.fft.fftfreq(height).astype(np.float32)[:, None]
     fx = np.fft.rfftfreq(width).astype(np.float32)[None, :]
-    f0 = 1.0 / (corr_px if corr_px else max(shape))
+    f0 = 1.0 / (2 * np.pi * corr_px) if corr_px else 1.0 / max(shape)
     amplitude = (fy * fy + fx * fx + f0 * f0) ** np.float32(-beta / 4)   # (H, W//2+1)
     amplitude[0, 0] = 0.0
     spectrum = np.empty(amplitude.shape, np.complex64)

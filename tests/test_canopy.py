@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from lib.canopy import (FORESTS, N_LOBES, Gaps, Trees, make_trees, open_gaps, random_lobes, render_crowns,
-                        render_gaps, sample_gaps, stand_trees, truncated_pareto)
+from lib.canopy import (CROWN_ROUGHNESS, FORESTS, N_LOBES, Gaps, Trees, make_trees, open_gaps, random_lobes,
+                        render_crowns, render_gaps, sample_gaps, stand_trees, truncated_pareto)
 
 
 def _trees(y, x, radius, height=20.0, depth=8.0, power=2.0, lobes=None):
@@ -28,6 +28,30 @@ def test_crown_footprint_area_matches_the_lobed_outline_and_is_not_a_disc():
     ys, xs = np.nonzero(covered)
     reach = np.hypot(ys - 60, xs - 60).max()
     assert covered.sum() < 0.9 * np.pi * reach**2                       # lobed, not round
+
+
+def test_crowns_match_a_brute_force_per_pixel_evaluation():
+    rng = np.random.default_rng(7)
+    n, size = 12, 48
+    trees = _trees(rng.uniform(-4, size + 4, n), rng.uniform(-4, size + 4, n), rng.uniform(1.5, 9.0, n),
+                   height=rng.uniform(5, 30, n), depth=rng.uniform(1, 10, n), power=rng.uniform(1, 4, n),
+                   lobes=random_lobes(rng, n, 0.4))
+    ground = rng.uniform(0, 3, n).astype(np.float32)
+    jitter = rng.standard_normal((size, size)).astype(np.float32)
+    expected = np.full((size, size), -np.inf)
+    yy, xx = np.mgrid[:size, :size]
+    k = np.arange(2, 2 + N_LOBES)
+    for i in range(n):
+        cy, cx = np.rint(trees.y[i]), np.rint(trees.x[i])
+        theta = np.arctan2(yy - cy, xx - cx)[..., None]            # angles from the rounded centre
+        outline = trees.radius[i] * (1 + np.concatenate([np.cos(k * theta), np.sin(k * theta)], -1) @ trees.lobes[i])
+        u = np.hypot(yy - trees.y[i], xx - trees.x[i]) / outline
+        u = np.where(u <= 1, np.maximum(u + CROWN_ROUGHNESS * jitter, 0), np.inf)
+        top = ground[i] + trees.height[i] - trees.depth[i] * np.minimum(u, 1) ** trees.power[i]
+        expected = np.maximum(expected, np.where(u <= 1, top, -np.inf))
+    got = render_crowns(trees, ground, jitter)
+    assert np.array_equal(np.isinf(got), np.isinf(expected))
+    assert np.allclose(got[np.isfinite(got)], expected[np.isfinite(expected)], atol=1e-3)
 
 
 def test_crown_profile_peaks_at_the_stem_and_falls_to_the_rim():

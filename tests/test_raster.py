@@ -1,4 +1,7 @@
-"""GeoTIFF I/O: LZW against a reference encoder, georeferencing round trips, windows, errors."""
+"""GeoTIFF I/O: reading stripped/tiled/LZW files, georeferencing round trips, windows, grids, errors.
+
+The LZW codec itself is tested in tests/test_lzw.py; its reference encoder builds the LZW files here.
+"""
 import json
 import shutil
 import struct
@@ -10,10 +13,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from lib import lzw
 from lib.errors import RasterError
 from lib.raster import (GeoInfo, RasterWriter, check_same_grid, iter_strips, read_info,
                         read_pair, read_raster, write_raster)
+from tests.test_lzw import float_predict, lzw_encode, pack_codes
 
 try:
     import imagecodecs
@@ -25,37 +28,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*no georeferencing:UserWarning"
 NZTM_KEYS = (1, 1, 0, 4, 1024, 0, 1, 1, 1025, 0, 1, 1, 1026, 34737, 12, 0, 3072, 0, 1, 2193)
 INFO = GeoInfo(height=70, width=300, pixel_size=(0.5, 0.5), origin=(1802139.25, 5467490.5),
                geokeys=NZTM_KEYS, geo_double=(0.0, 6378137.0), geo_ascii="NZTM2000 2|")
-
-
-def pack_codes(codes: list) -> bytes:
-    """MSB-first bit packing with the TIFF width schedule: code k after a clear is
-    min(bit_length(258 + k), 12) bits wide ("early change")."""
-    out, acc, n_bits, k = bytearray(), 0, 0, 0
-    for code in codes:
-        width = min((258 + k).bit_length(), 12)
-        acc, n_bits, k = (acc << width) | code, n_bits + width, 0 if code == 256 else k + 1
-        while n_bits >= 8:
-            n_bits -= 8
-            out.append((acc >> n_bits) & 0xFF)
-        acc &= (1 << n_bits) - 1
-    return bytes(out + (bytes([(acc << (8 - n_bits)) & 0xFF]) if n_bits else b""))
-
-
-def lzw_encode(data: bytes) -> bytes:
-    """Reference TIFF LZW encoder in plain Python: a clear first and whenever the table is full."""
-    codes, table, prefix = [256], {}, None  # table: (prefix code, next byte) -> code
-    for byte in data:
-        if prefix is None:
-            prefix = byte
-        elif (prefix, byte) in table:
-            prefix = table[prefix, byte]
-        else:
-            codes.append(prefix)
-            table[prefix, byte], prefix = 258 + len(table), byte  # 256, 257: clear and EOI
-            if 258 + len(table) == 4094:
-                codes.append(256)
-                table = {}
-    return pack_codes(codes + ([] if prefix is None else [prefix]) + [257])
 
 
 def tiff_bytes(strips: list, shape, dtype, compression=1, predictor=1, rows_per_strip=None,
@@ -85,63 +57,12 @@ def tiff_bytes(strips: list, shape, dtype, compression=1, predictor=1, rows_per_
             + struct.pack(byteorder + "H", len(tags)) + entries + bytes(4) + extra)
 
 
-def float_predict(rows: np.ndarray) -> np.ndarray:
-    """Reference predictor 3, one row at a time: big-endian byte planes, then byte differences."""
-    out = []
-    for row in rows.astype(rows.dtype.newbyteorder(">")):
-        planes = np.frombuffer(row.tobytes(), np.uint8).reshape(len(row), -1).T.ravel()
-        out.append(np.diff(planes, prepend=np.uint8(0)))
-    return np.array(out, np.uint8)
-
-
 def surface(shape, dtype=np.float32, seed=0) -> np.ndarray:
     """A smooth DSM-like surface in metres with some exact repeats (flat roofs)."""
     rng = np.random.default_rng(seed)
     z = 300 + np.cumsum(rng.normal(0, 0.4, shape), axis=1) + np.cumsum(rng.normal(0, 0.4, shape), axis=0)
     z[: shape[0] // 3, : shape[1] // 4] = 312.5
     return z.astype(dtype)
-
-
-# ----------------------------------------------------------------------------- LZW codec
-@pytest.mark.parametrize("kind", ["empty", "one", "random", "runs", "alphabet4", "floats", "long"])
-def test_lzw_decode_inverts_reference_encoder(kind):
-    rng = np.random.default_rng(1)
-    data = {"empty": b"", "one": b"x", "random": rng.integers(0, 256, 20000, np.uint8).tobytes(),
-            "runs": bytes(30000) + b"\1" * 5000 + bytes(100),
-            "alphabet4": rng.integers(0, 4, 30000, np.uint8).tobytes(),
-            "floats": surface((40, 100)).tobytes(),
-            "long": np.repeat(rng.integers(0, 256, 300, np.uint8), rng.integers(1, 400, 300)).tobytes(),
-            }[kind]
-    encoded = lzw_encode(data)
-    assert lzw.lzw_decode(encoded) == data
-    if imagecodecs is not None:
-        assert imagecodecs.lzw_decode(encoded) == data
-        assert lzw.lzw_decode(imagecodecs.lzw_encode(data)) == data
-
-
-def test_lzw_stream_without_eoi_and_corrupt_code():
-    data = bytes(range(256)) * 4
-    encoded = lzw_encode(data)
-    assert lzw.lzw_decode(encoded[:-2])[:900] == data[:900]  # truncated: decodes what is there
-    assert lzw.lzw_decode(pack_codes([256, 97, 98, 258, 259, 257])) == b"ababba"
-    assert lzw.lzw_decode(pack_codes([256, 97, 258, 256, 98, 257])) == b"aaab"  # KwKwK, re-clear
-    with pytest.raises(ValueError, match="code 300 used before it is defined"):
-        lzw.lzw_decode(pack_codes([256, 97, 300, 257]))
-    with pytest.raises(ValueError, match="code 258 used before"):
-        lzw.lzw_decode(pack_codes([256, 258, 257]))  # first code after a clear must be a byte
-
-
-def test_predictors_invert_reference():
-    z = surface((5, 33), np.float64)
-    raw = float_predict(z).tobytes()
-    got = lzw.decode_segments([raw], 1, 3, [(5, 33, 1)], np.dtype("<f8"))[0][:, :, 0]
-    np.testing.assert_array_equal(got, z)
-    np.testing.assert_array_equal(lzw.predict_float(z), float_predict(z))
-    ints = np.random.default_rng(2).integers(-30000, 30000, (4, 50)).astype(np.int16)
-    diff = lzw.predict_horizontal(ints)
-    np.testing.assert_array_equal(np.cumsum(diff, axis=1, dtype=np.int16), ints)
-    got = lzw.decode_segments([diff.astype(">i2").tobytes()], 1, 2, [(4, 50, 1)], np.dtype(">i2"))[0]
-    np.testing.assert_array_equal(got[:, :, 0], ints)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -170,22 +91,6 @@ def test_lzw_tiff_reads_like_uncompressed_copy(tmp_path, dtype, predictor, byteo
     np.testing.assert_array_equal(ours, reference)
     if imagecodecs is not None:
         np.testing.assert_array_equal(tifffile.imread(lzw_path), values)
-
-
-def test_real_lzw_strips_decode_like_imagecodecs_and_reencode(real_data):
-    with tifffile.TiffFile(real_data / "ALS_CHM_DUC.tif") as tif:
-        page = tif.pages[0]
-        assert page.compression == 5
-        fh = tif.filehandle
-        for i in (0, len(page.dataoffsets) - 1):
-            fh.seek(page.dataoffsets[i])
-            stream = fh.read(page.databytecounts[i])
-            decoded = lzw.lzw_decode(stream)
-            assert len(decoded) == page.rowsperstrip * page.imagewidth * 4
-            assert lzw.lzw_decode(lzw_encode(decoded)) == decoded
-            if imagecodecs is not None:
-                assert decoded == imagecodecs.lzw_decode(stream)
-
 
 @pytest.mark.parametrize("name", ["ALS_CHM_DUC.tif", "ALS_CHM_CAU_2012.tif", "wellington_DTM.tif"])
 def test_real_windows_and_strips_equal_full_read(real_data, name):
@@ -330,6 +235,8 @@ def test_writer_errors_leave_nothing(tmp_path):
 
 
 # ----------------------------------------------------------------------------- grids and pairs
+
+
 def test_check_same_grid_names_differences():
     check_same_grid({"a": INFO, "b": INFO.window(0, 0, 70, 300)})
     shifted = INFO.window(0, 2, 70, 300)
@@ -338,7 +245,8 @@ def test_check_same_grid_names_differences():
         check_same_grid({"dsm.tif": INFO, "dtm.tif": shifted, "chm.tif": other_crs,
                          "small.tif": INFO.with_shape(60, 300)})
     text = str(err.value)
-    assert "origin: dsm.tif at" in text and "dtm.tif" in text and "+1.000 m in x (+2.00 px), +0.000 m in y (+0.00 px)" in text
+    assert "origin: dsm.tif at (1802139.25, 5467490.5), dtm.tif at (1802140.25, 5467490.5)" in text
+    assert "off by +1.000 m in x (+2.00 px), +0.000 m in y (+0.00 px)" in text
     assert "CRS: dsm.tif is EPSG:2193, chm.tif is EPSG:32760" in text
     assert "shape: dsm.tif is 70x300, small.tif is 60x300" in text
     coarse = GeoInfo(70, 300, (1.0, 1.0), INFO.origin, geokeys=NZTM_KEYS)
@@ -375,6 +283,8 @@ def test_real_pair_matches_dsm_minus_dtm(real_data):
 
 
 # ----------------------------------------------------------------------------- errors
+
+
 def test_broken_inputs_name_the_path(tmp_path):
     with pytest.raises(RasterError, match="missing.tif: no such file"):
         read_raster(tmp_path / "missing.tif")
@@ -463,31 +373,3 @@ def test_gdal_reads_what_we_write(tmp_path, real_data):
     assert report["bands"][0]["noDataValue"] == "NaN"
     assert report["metadata"]["IMAGE_STRUCTURE"] == {"COMPRESSION": "DEFLATE", "INTERLEAVE": "BAND",
                                                      "PREDICTOR": "3"}
-
-
-@pytest.mark.skipif(shutil.which("gdal_translate") is None, reason="gdal_translate not on PATH")
-@pytest.mark.parametrize("options", [["PREDICTOR=2", "TILED=YES"], ["PREDICTOR=3"],
-                                     ["PREDICTOR=1", "BLOCKYSIZE=5"]])
-def test_gdal_lzw_files_read_like_source(tmp_path, real_data, options):
-    source = real_data / "wellington_DTM.tif"
-    dtype = "Int16" if "PREDICTOR=2" in options else "Float32"
-    args = ["gdal_translate", "-q", "-ot", dtype, "-co", "COMPRESS=LZW"]
-    for option in options:
-        args += ["-co", option]
-    subprocess.run(args + [str(source), str(tmp_path / "lzw.tif")], check=True)
-    subprocess.run(["gdal_translate", "-q", "-co", "COMPRESS=NONE", str(tmp_path / "lzw.tif"),
-                    str(tmp_path / "plain.tif")], check=True)
-    got, info = read_raster(tmp_path / "lzw.tif")
-    expected, _ = read_raster(tmp_path / "plain.tif")
-    np.testing.assert_array_equal(got, expected)
-    assert info.origin == read_info(source).origin and info.epsg == 2193
-
-
-@pytest.mark.skipif(shutil.which("gdal_translate") is None, reason="gdal_translate not on PATH")
-@pytest.mark.parametrize("name", ["ALS_CHM_DUC.tif", "ALS_CHM_CAU_2012.tif", "ALS_CHM_CAU_2014.tif"])
-def test_real_lzw_matches_gdal_uncompressed_copy(tmp_path, real_data, name):
-    plain = tmp_path / "plain.tif"
-    subprocess.run(["gdal_translate", "-q", "-co", "COMPRESS=NONE", str(real_data / name),
-                    str(plain)], check=True)
-    ours, _ = read_raster(real_data / name)
-    np.testing.assert_array_equal(ours, tifffile.imread(plain))

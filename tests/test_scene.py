@@ -28,11 +28,17 @@ INFO = GeoInfo(height=0, width=0, pixel_size=(1.0, 1.0), origin=(1802139.25, 546
 
 
 def make_checkpoint(path, **sections) -> str:
-    """An untrained but loadable checkpoint (tiny model) whose embedded config has `sections`."""
+    """An untrained but loadable checkpoint (tiny model) whose embedded config has `sections`.
+
+    The weights are jittered: a fresh FiLM is the identity, and its output would not depend on the threshold.
+    """
     cfg = build_config({"model": {"name": "unet_film_cbam", "base_channels": 4, "depth": 2},
                         "data": {"tile_px": 32}, "train": {"batch_size": 4}, **sections})
     torch.manual_seed(0)
     model = build_model(cfg.model, task="segmentation", in_channels=1, batch_size=cfg.train.batch_size)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     torch.save({"model": model.state_dict(), "config": config_to_dict(cfg), "version": {}, "metrics": {},
                 "normalization": {"scale": 5.0, "ref_quantile": 0.05}}, path)
     return str(path)
@@ -80,8 +86,8 @@ def test_blend_ramp_is_positive_flat_inside_and_fades_neighbours():
     assert torch.allclose(ramp[48:] + ramp[:16], torch.ones(16), atol=2e-3)
 
 
-@pytest.mark.parametrize("shape", [(130, 201), (40, 23), (64, 64)])
-@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.8])
+@pytest.mark.parametrize("shape", [(130, 201), (40, 23)])
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.8])
 def test_windowed_equals_whole_for_a_per_pixel_model(tmp_path, shape, overlap):
     dsm = random_dsm(*shape)
     write_dsm(tmp_path / "dsm.tif", dsm)
