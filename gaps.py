@@ -1,8 +1,8 @@
-"""Find ForestGapR-style canopy gaps in a CHM: a gap-id GeoTIFF and a statistics CSV per threshold.
+"""Find ForestGapR-style canopy gaps in a CHM (or a predicted gap map) and analyse them.
 
-    python gaps.py --chm ../shared/data/real/ALS_CHM_DUC.tif --thresholds 10 --min-area 5 --max-area 1000 --out runs/gaps_duc
-    python gaps.py --chm ../shared/data/real/ALS_CHM_CAU_2012.tif --thresholds 5 10 15 --out runs/gaps_cau
-    python gaps.py --dsm ../shared/data/real/wellington_DSM.tif --dtm ../shared/data/real/wellington_DTM.tif --thresholds 2.5 --out runs/gaps_wel
+    python gaps.py --chm ../shared/data/real/ALS_CHM_DUC.tif --thresholds 10 --min-area 1 --max-area 10000 --out runs/gaps_duc --analysis
+    python gaps.py --chm ../shared/data/real/ALS_CHM_CAU_2012.tif --chm-later ../shared/data/real/ALS_CHM_CAU_2014.tif --thresholds 10 --out runs/gaps_cau
+    python gaps.py --gap-map runs/pred/gaps_10m.tif --out runs/pred_analysis --analysis
 """
 import argparse
 import sys
@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from lib.cli import handle_errors
+from lib.errors import ConfigError
 from lib.gaps import gap_labels, gap_stats, threshold_tag, write_gap_table
-from lib.raster import read_pair, read_raster, write_raster
+from lib.raster import check_heights, check_same_grid, read_info, read_pair, read_raster, write_raster
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -20,45 +21,157 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="A gap is an 8-connected patch where CHM <= threshold whose area (m²) lies within "
                     "[--min-area, --max-area], as in ForestGapR's getForestGaps. Writes "
                     "OUT/gaps_<T>m.tif (int32 gap ids, 0 = no gap, georeferenced like the input) and "
-                    "OUT/gaps_<T>m.csv (one row per gap: area, CHM max/min/mean/sd/gini/range, centroid).",
+                    "OUT/gaps_<T>m.csv (one row per gap: area, CHM max/min/mean/sd/gini/range, centroid). "
+                    "--analysis adds polygons (.gpkg, .geojson), analysis_<T>m.json (gap count, power-law "
+                    "lambda, Clark-Evans R), size-frequency and Ripley tables and plots; --chm-later adds "
+                    "change_<T>m.tif/.json/.csv between the two surveys.",
         epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--chm", type=Path, help="canopy height model GeoTIFF (m)")
     source.add_argument("--dsm", type=Path,
                         help="digital surface model GeoTIFF; needs --dtm (CHM = DSM - DTM)")
+    source.add_argument("--gap-map", type=Path,
+                        help="gap map of predict.py (uint8: 1 gap, 0 not, 255 nodata); outputs are named "
+                             "after it (gaps_10m.tif -> analysis_10m.json)")
     parser.add_argument("--dtm", type=Path, help="digital terrain model GeoTIFF on the DSM's grid")
-    parser.add_argument("--thresholds", type=float, nargs="+", required=True, metavar="M",
-                        help="canopy height thresholds in m, e.g. 5 10 15")
+    parser.add_argument("--chm-later", type=Path, help="CHM of a later survey on the same grid: gap change")
+    parser.add_argument("--thresholds", type=float, nargs="+", metavar="M",
+                        help="canopy height thresholds in m, e.g. 5 10 15 (not with --gap-map)")
     parser.add_argument("--min-area", type=float, default=1.0, metavar="M2",
                         help="smallest gap kept, m² inclusive (default 1, as ForestGapR)")
     parser.add_argument("--max-area", type=float, default=10_000.0, metavar="M2",
                         help="largest gap kept, m² inclusive (default 10000 = 1 ha, as ForestGapR)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
+    parser.add_argument("--analysis", action="store_true",
+                        help="also write polygons, size-frequency, spatial-pattern outputs and a quick-look")
+    parser.add_argument("--simulations", type=int, default=99,
+                        help="CSR simulations of the Ripley envelope (default 99, as ForestGapR); the cost "
+                             "grows with gaps x simulations, 0 skips the envelope")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the CSR simulations")
     args = parser.parse_args(argv)
     if (args.dsm is None) != (args.dtm is None):
         parser.error("--dsm and --dtm go together (or give --chm alone)")
+    if (args.gap_map is None) == (args.thresholds is None):
+        parser.error("--thresholds is needed with --chm or --dsm, and not allowed with --gap-map")
+    if args.chm_later is not None and args.chm is None:
+        parser.error("--chm-later compares two CHMs: give the first survey as --chm")
     return args
+
+
+def read_inputs(args):
+    """(surface for the quick-look or None, heights to threshold, GeoInfo).
+
+    A predicted gap map becomes a pseudo-CHM thresholded at 0.5: 0 gap, 1 not, NaN nodata.
+    """
+    if args.chm is not None:
+        chm, info = read_raster(args.chm)
+        check_heights(chm, args.chm)
+        return chm, chm, info
+    if args.dsm is not None:
+        return read_pair(args.dsm, dtm=args.dtm)
+    mask, info = read_raster(args.gap_map)
+    pseudo = np.where(mask == 1, 0.0, 1.0).astype(np.float32)
+    pseudo[np.isnan(mask) | (mask == 255)] = np.nan
+    return None, pseudo, info
+
+
+def write_polygons(stem: Path, tag: str, polygons, stats: dict, info) -> None:
+    """gaps_<T>.gpkg and .geojson: one MultiPolygon per gap with its statistics."""
+    from lib.geojson import write_geojson
+    from lib.gpkg import write_gpkg
+
+    columns = {"gap_id": stats["gap_id"], "gap_area": polygons.area, "perimeter": polygons.perimeter,
+               "x": polygons.centroid[:, 0], "y": polygons.centroid[:, 1],
+               "label_x": polygons.label_point[:, 0], "label_y": polygons.label_point[:, 1],
+               **{k: v for k, v in stats.items() if k.startswith("chm_")}}
+    crs_name = (info.geo_ascii or "").split("|")[0] or None         # GeoTIFF citation: "name|datum|"
+    write_gpkg(stem.with_name(f"gaps_{tag}.gpkg"), polygons, columns, info.epsg, crs_name)
+    write_geojson(stem.with_name(f"gaps_{tag}.geojson"), polygons, columns, info.epsg)
+
+
+def write_analysis(out: Path, tag: str, labels, n: int, stats: dict, surface, info, args) -> dict:
+    """Polygons, analysis_<T>.json, size-frequency and Ripley CSV + PNG, quick-look PNG -> the summary."""
+    from lib import analysis
+    from lib.geojson import write_json
+    from lib.png import hillshade_quicklook, ripley_plot, size_frequency_plot, write_png
+    from lib.polygons import gap_polygons
+
+    polygons = gap_polygons(labels, n, info)
+    write_polygons(out / f"gaps_{tag}", tag, polygons, stats, info)
+    window = analysis.window_of(info)
+    summary = analysis.gap_summary(polygons.area, polygons.label_point, window)
+    summary["clark_evans_r_centroid"] = analysis.clark_evans(polygons.centroid, window)["r"]
+    sizes, counts = analysis.size_frequency(polygons.area)
+    write_gap_table(out / f"size_freq_{tag}.csv", {"gap_size_m2": sizes, "frequency": counts})
+    write_png(out / f"size_freq_{tag}.png",
+              size_frequency_plot(sizes, counts, summary["lambda_asner"], summary["lambda_hanel"]))
+    envelope = analysis.ripley_envelope(polygons.label_point, window, args.simulations, args.seed)
+    write_gap_table(out / f"ripley_{tag}.csv", envelope)
+    write_png(out / f"ripley_{tag}.png", ripley_plot(envelope))
+    if surface is not None:
+        write_png(out / f"quicklook_{tag}.png", hillshade_quicklook(surface, labels > 0, info.pixel_size[0]))
+    summary.update(points="label points (centroid of each gap's largest outer ring), as ForestGapR",
+                   window=dict(zip(("xmin", "xmax", "ymin", "ymax"), window)), epsg=info.epsg,
+                   min_area_m2=args.min_area, max_area_m2=args.max_area,
+                   ripley={"simulations": args.simulations, "seed": args.seed, "r_max_m": envelope["r"][-1]})
+    write_json(out / f"analysis_{tag}.json", summary)
+    return summary
+
+
+def write_change(out: Path, tag: str, labels, n: int, later, threshold: float, args, info) -> dict:
+    """change_<T>.tif (pixel classes), .json (areas per class) and .csv (class of each gap)."""
+    from lib import analysis
+    from lib.geojson import write_json
+
+    labels2, n2 = gap_labels(later, threshold, args.min_area, args.max_area, info.pixel_area)
+    change = analysis.gap_change(labels, n, labels2, n2)
+    px = info.pixel_area
+    area1 = np.bincount(labels.ravel(), minlength=n + 1)[1:] * px
+    area2 = np.bincount(labels2.ravel(), minlength=n2 + 1)[1:] * px
+    summary = analysis.change_summary(change, area1, area2, px)
+    summary["pixel_classes"] = analysis.PIXEL_CLASSES
+    write_raster(out / f"change_{tag}.tif", change["pixels"], info, nodata=0)
+    write_json(out / f"change_{tag}.json", summary)
+    write_gap_table(out / f"change_{tag}.csv", analysis.change_table(change, area1, area2, px))
+    return summary
 
 
 @handle_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.chm is not None:
-        chm, info = read_raster(args.chm)
-    else:
-        _, chm, info = read_pair(args.dsm, dtm=args.dtm)
-    valid_m2 = np.count_nonzero(~np.isnan(chm)) * info.pixel_area
+    surface, height, info = read_inputs(args)
+    later = None
+    if args.chm_later is not None:
+        check_same_grid({str(args.chm): info, str(args.chm_later): read_info(args.chm_later)})
+        later, _ = read_raster(args.chm_later)
+    from_map = args.gap_map is not None
+    stat_heights = np.full_like(height, np.nan) if from_map else height    # a gap map has no heights
+    valid_m2 = np.count_nonzero(~np.isnan(height)) * info.pixel_area
     args.out.mkdir(parents=True, exist_ok=True)
-    for threshold in dict.fromkeys(args.thresholds):            # unique, in the order given
-        labels, n = gap_labels(chm, threshold, args.min_area, args.max_area, info.pixel_area)
-        stats = gap_stats(labels, n, chm, info)
-        stem = args.out / f"gaps_{threshold_tag(threshold)}"    # not with_suffix: "2.5m" has a dot
+    for threshold in [0.5] if from_map else dict.fromkeys(args.thresholds):   # unique, in order
+        tag = args.gap_map.stem.removeprefix("gaps_") if from_map else threshold_tag(threshold)
+        stem = args.out / f"gaps_{tag}"                             # not with_suffix: "2.5m" has a dot
+        if from_map and Path(f"{stem}.tif").resolve() == args.gap_map.resolve():
+            raise ConfigError(f"--out {args.out} would overwrite the input {args.gap_map}",
+                              hint="write the analysis into another folder")
+        labels, n = gap_labels(height, threshold, args.min_area, args.max_area, info.pixel_area)
+        stats = gap_stats(labels, n, stat_heights, info)
         write_raster(f"{stem}.tif", labels, info, nodata=0)
         write_gap_table(f"{stem}.csv", stats)
         gap_m2 = float(stats["gap_area"].sum())
         fraction = gap_m2 / valid_m2 if valid_m2 else float("nan")
-        print(f"{threshold_tag(threshold):>6}: {n} gaps, {gap_m2:.1f} m² of gap = {fraction:.2%} of the "
-              f"valid area -> {stem}.tif, .csv")
+        print(f"{tag:>6}: {n} gaps, {gap_m2:.1f} m² of gap = {fraction:.2%} of the valid area "
+              f"-> {stem}.tif, .csv")
+        if args.analysis:
+            s = write_analysis(args.out, tag, labels, n, stats, surface, info, args)
+            print(f"{'':>6}  lambda {s['lambda_asner']:.4f} (Asner 2013), {s['lambda_hanel']:.4f} "
+                  f"(Hanel 2017); Clark-Evans R {s['clark_evans_r']:.3f} (p = {s['clark_evans_p']:.2g}) "
+                  f"-> analysis_{tag}.json")
+        if later is not None:
+            c = write_change(args.out, tag, labels, n, later, threshold, args, info)
+            print(f"{'':>6}  {c['new_gap_pixels']} new-gap pixels; gaps: {c['gaps']['new']['count']} new, "
+                  f"{c['gaps']['expanded']['count']} expanded, {c['gaps']['closed']['count']} closed "
+                  f"-> change_{tag}.tif, .json, .csv")
     return 0
 
 

@@ -5,6 +5,7 @@
     python predict.py --checkpoint model.ts --dsm site_DSM.tif --chm site_CHM.tif --out out   # also scores.json
 """
 import argparse
+import json
 import logging
 import sys
 import time
@@ -36,20 +37,20 @@ def parse_args(argv):
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default run.device)")
     parser.add_argument("--filter", action=argparse.BooleanOptionalAction, default=True,
                         help="apply the area filter and write gaps_T.csv (holds one whole uint8 mask in memory)")
+    parser.add_argument("--quicklook", action=argparse.BooleanOptionalAction, default=True,
+                        help="write quicklook.png: hillshade with the gap outlines (reads the scene whole)")
     ref = parser.add_mutually_exclusive_group()
     ref.add_argument("--chm", help="reference CHM on the same grid: writes ref_gaps_T.tif and scores.json")
     ref.add_argument("--dtm", help="reference DTM (CHM = DSM - DTM), same as --chm otherwise")
     return parser.parse_known_args(argv)
 
 
-def resolve_options(args, cfg):
-    """The predict section with the command-line flags applied on top."""
-    p = cfg.predict
-    for flag, key in (("window", "window_px"), ("overlap", "overlap"), ("batch_size", "batch_size"),
-                      ("tta", "tta"), ("compile", "compile"), ("write_prob", "write_prob")):
-        if getattr(args, flag) is not None:
-            setattr(p, key, getattr(args, flag))
-    return p
+def flag_overrides(args) -> list[str]:
+    """The command-line flags as predict.* overrides, so the schema checks them like any config key."""
+    pairs = (("window", "window_px"), ("overlap", "overlap"), ("batch_size", "batch_size"), ("tta", "tta"),
+             ("compile", "compile"), ("write_prob", "write_prob"))
+    return [f"--predict.{key}={json.dumps(getattr(args, flag))}" for flag, key in pairs
+            if getattr(args, flag) is not None]
 
 
 def check_pixel_size(info, loaded, dsm_path, checkpoint) -> None:
@@ -77,24 +78,10 @@ def progress_printer(height: int, width: int):
     return progress
 
 
-@handle_errors
-def main(argv=None) -> int:
-    args, overrides = parse_args(argv)
-    from lib.cli import setup_logging
-    from lib.config import build_config, config_to_dict
-    from lib.env import select_device
-    from lib.evaluation import write_json
-    from lib.gaps import threshold_tag
-    from lib.inference import load_model
+def check_inputs(args, loaded):
+    """GeoInfo of the DSM after the pixel-size and reference-grid checks; the thresholds to map."""
     from lib.raster import check_same_grid, read_info
-    from lib.scene import filter_gaps, plan_scene, score_scene, write_scene
 
-    setup_logging()
-    loaded = load_model(args.checkpoint, "cpu")
-    base = config_to_dict(loaded.config) if loaded.config else loaded.meta.get("config") or {}
-    cfg = build_config(base, overrides, source=f"{args.checkpoint} (embedded config) + overrides")
-    opts = resolve_options(args, cfg)
-    device = select_device(args.device or cfg.run.device)
     info = read_info(args.dsm)
     check_pixel_size(info, loaded, args.dsm, args.checkpoint)
     if args.chm or args.dtm:
@@ -104,6 +91,47 @@ def main(argv=None) -> int:
     if outside:
         log.warning("thresholds %s are outside the trained range %s: the model extrapolates", outside,
                     loaded.thresholds_m)
+    return info, list(thresholds)
+
+
+def finish(args, cfg, out: Path, thresholds: list[float], paths: dict) -> dict:
+    """After the strip pass: area filter + gap tables, quick-look, reference scores. Returns gap counts."""
+    from lib.evaluation import write_json
+    from lib.scene import filter_gaps, score_scene, write_quicklook
+
+    counts = {}
+    for tag, path in paths.items() if args.filter else ():
+        counts[tag] = filter_gaps(path, args.dsm, cfg.data.min_area_m2, cfg.data.max_area_m2)
+        print(f"{tag:>6}: {counts[tag]:6d} gaps  -> {path}, {path.with_suffix('.csv').name}")
+    if args.quicklook:
+        write_quicklook(out / "quicklook.png", args.dsm, list(paths.values()))
+    if args.chm or args.dtm:
+        scores = score_scene(out, args.dsm, thresholds, cfg.data.min_area_m2, cfg.data.max_area_m2,
+                             chm_path=args.chm, dtm_path=args.dtm, classical_window_m=cfg.eval.classical_window_m)
+        write_json(out / "scores.json", scores)
+        for tag, model in scores["model"].items():
+            print(f"{tag:>6}: IoU {model['iou']:.4f}  F1 {model['f1']:.4f}  "
+                  f"(classical IoU {scores['classical'][tag]['iou']:.4f})")
+    return counts
+
+
+@handle_errors
+def main(argv=None) -> int:
+    args, overrides = parse_args(argv)
+    from lib.cli import setup_logging
+    from lib.config import build_config, config_to_dict
+    from lib.env import select_device
+    from lib.evaluation import write_json
+    from lib.inference import load_model
+    from lib.scene import plan_scene, write_scene
+
+    setup_logging()
+    loaded = load_model(args.checkpoint, "cpu")
+    base = config_to_dict(loaded.config) if loaded.config else loaded.meta.get("config") or {}
+    cfg = build_config(base, overrides + flag_overrides(args), source=f"{args.checkpoint} (embedded config) + options")
+    opts = cfg.predict
+    device = select_device(args.device or cfg.run.device)
+    info, thresholds = check_inputs(args, loaded)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     net = loaded.net.to(device)
@@ -112,25 +140,14 @@ def main(argv=None) -> int:
         net = torch.compile(net)
     plan = plan_scene(info.height, info.width, opts.window_px, opts.overlap, loaded.stride)
     start = time.perf_counter()
-    write_scene(net, args.dsm, out, plan, thresholds, opts.batch_size, opts.tta, device, opts.write_prob,
-                opts.prob_threshold, pad_batches=opts.compile, progress=progress_printer(info.height, info.width))
+    paths = write_scene(net, args.dsm, out, plan, thresholds, opts.batch_size, opts.tta, device, opts.write_prob,
+                        opts.prob_threshold, pad_batches=opts.compile,
+                        progress=progress_printer(info.height, info.width))
     seconds = time.perf_counter() - start
-    summary = {"checkpoint": str(args.checkpoint), "dsm": str(args.dsm), "thresholds_m": list(thresholds),
+    summary = {"checkpoint": str(args.checkpoint), "dsm": str(args.dsm), "thresholds_m": thresholds,
                "predict": config_to_dict(opts), "device": str(device), "seconds": round(seconds, 3),
-               "megapixels_per_s": round(info.height * info.width / 1e6 / seconds, 3), "gaps": {}}
-    if args.filter:
-        for t in thresholds:
-            tag = threshold_tag(t)
-            summary["gaps"][tag] = filter_gaps(out / f"gaps_{tag}.tif", args.dsm, cfg.data.min_area_m2,
-                                               cfg.data.max_area_m2)
-            print(f"{tag:>6}: {summary['gaps'][tag]:6d} gaps  -> {out / f'gaps_{tag}.tif'}, gaps_{tag}.csv")
-    if args.chm or args.dtm:
-        scores = score_scene(out, args.dsm, thresholds, cfg.data.min_area_m2, cfg.data.max_area_m2,
-                             chm_path=args.chm, dtm_path=args.dtm, classical_window_m=cfg.eval.classical_window_m)
-        write_json(out / "scores.json", scores)
-        for tag, model in scores["model"].items():
-            base_iou = scores["classical"][tag]["iou"]
-            print(f"{tag:>6}: IoU {model['iou']:.4f}  F1 {model['f1']:.4f}  (classical IoU {base_iou:.4f})")
+               "megapixels_per_s": round(info.height * info.width / 1e6 / seconds, 3),
+               "gaps": finish(args, cfg, out, thresholds, paths)}
     write_json(out / "predict.json", summary)
     print(f"{info.height}x{info.width} px in {seconds:.1f} s ({summary['megapixels_per_s']:.2f} MP/s); outputs in {out}")
     return 0

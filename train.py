@@ -1,8 +1,10 @@
-"""Train a threshold-conditioned gap segmentation model on prepared shards.
+"""Train a threshold-conditioned gap segmentation model (or, with --data.task=regression --loss.name=huber,
+a canopy-height regression model) on prepared shards.
 
     python train.py --config configs/quick.json
     python train.py --config configs/config.json --run.name=exp1 --optim.lr=3e-4 --resume auto
-    torchrun --nproc_per_node=2 train.py --config configs/config.json
+    torchrun --nproc_per_node=2 train.py --config configs/config.json      # DDP: NCCL on GPUs, gloo on CPU
+    python train.py --config configs/quick.json --init-from runs/quick/best.ckpt --train.freeze_encoder_epochs=2
 """
 import argparse
 import sys
@@ -20,13 +22,20 @@ def parse_args(argv):
     parser.add_argument("--resume", metavar="CKPT|auto",
                         help="continue a run exactly: a checkpoint path, or 'auto' for the run's last.ckpt "
                              "when it exists (a fresh start otherwise)")
-    parser.add_argument("--init-from", metavar="CKPT", help="start from another run's weights (transfer learning)")
+    parser.add_argument("--init-from", metavar="CKPT",
+                        help="start from another run's weights (transfer learning); see train.freeze_encoder_epochs "
+                             "and optim.encoder_lr_scale")
+    parser.add_argument("--profile", type=int, metavar="N",
+                        help="PyTorch profiler over the first N optimiser steps (same as --train.profile_steps=N); "
+                             "trace in runs/<name>/profile/")
     return parser.parse_known_args(argv)
 
 
 @handle_errors
 def main(argv=None) -> int:
     args, extra = parse_args(argv)
+    if args.profile is not None:
+        extra = [*extra, f"--train.profile_steps={args.profile}"]
     cfg = config_from_args(args, extra)
     from lib.runner import run_dir_of, train_model
 

@@ -1,5 +1,9 @@
 """Build a tile dataset: sites -> gap masks -> tiles -> spatial split -> tar shards -> manifest (written last)."""
+import contextlib
 import logging
+import os
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -7,7 +11,7 @@ import numpy as np
 
 from lib.errors import DataError
 from lib.gaps import IGNORE, gap_masks, threshold_tag
-from lib.shards import ShardWriter, mask_member, write_manifest
+from lib.shards import MANIFEST, ShardWriter, mask_member, write_manifest
 from lib.tiling import SPLITS, assign_sites, assign_tiles_by_block, block_split_map, tile_origins, valid_fractions
 
 log = logging.getLogger(__name__)
@@ -134,27 +138,60 @@ class _Build:
 
 
 def build_dataset(cfg, sources, out: str | Path) -> dict:
-    """Write shards for every split and the manifest into `out`; returns the manifest."""
+    """Write shards for every split and the manifest into `out`; returns the manifest.
+
+    Everything is built in `out/.staging` and moved in only once complete (see _commit): a crash, a kill
+    or a full disk while building leaves the previous dataset in `out` whole.
+    """
     from lib.normalize import compute_height_stats
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    build = _Build(cfg, sources, out)
-    max_bytes = int(cfg.data.shard_mb * 2 ** 20)
-    writers = {s: ShardWriter(out, s, max_bytes=max_bytes) for s in SPLITS}
+    stage, writers = out / ".staging", {}
     try:
+        shutil.rmtree(stage, ignore_errors=True)  # what a killed build left
+        stage.mkdir(parents=True)
+        build = _Build(cfg, sources, stage)
+        max_bytes = int(cfg.data.shard_mb * 2 ** 20)
+        writers = {s: ShardWriter(stage, s, max_bytes=max_bytes) for s in SPLITS}
         normalization = compute_height_stats(build.write_sites(sources, writers))
-    except BaseException:
+        shards = {s: w.close() for s, w in writers.items()}
+        if not build.tally.tiles["train"]:
+            raise DataError("no training tile survived tiling and the valid-fraction filter",
+                            hint="lower data.tile_px or data.min_valid_fraction, or add sites")
+        manifest = build.manifest(shards, normalization)
+        write_manifest(stage, manifest)
+    except BaseException as exc:
         for writer in writers.values():
-            writer.abort()
+            with contextlib.suppress(OSError):  # closing a file on a full disk fails again
+                writer.abort()
+        shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise DataError(f"cannot write the dataset into {out}: {exc.strerror or exc}"
+                            + (f" ({exc.filename})" if exc.filename else ""),
+                            hint="check free disk space and that the folder is writable; the previous "
+                                 "dataset there, if any, is unchanged") from None
         raise
-    shards = {s: w.close() for s, w in writers.items()}
-    if not build.tally.tiles["train"]:
-        raise DataError("no training tile survived tiling and the valid-fraction filter",
-                        hint="lower data.tile_px or data.min_valid_fraction, or add sites")
-    manifest = build.manifest(shards, normalization)
-    write_manifest(out, manifest)
+    _commit(stage, out, manifest)
     return manifest
+
+
+def _commit(stage: Path, out: Path, manifest: dict) -> None:
+    """Old manifest out, new shards in, new manifest in last (renames only); then stale files deleted.
+
+    A kill in here leaves no manifest, so readers refuse the folder until a rerun completes; they never
+    see a manifest that lists shards of another build.
+    """
+    (out / MANIFEST).unlink(missing_ok=True)
+    listed = {e["file"] for split in manifest["splits"].values() for e in split["shards"]}
+    for name in sorted(listed):
+        os.replace(stage / name, out / name)
+    os.replace(stage / MANIFEST, out / MANIFEST)
+    shard = rf"({'|'.join(SPLITS)})-\d{{6}}\.tar"
+    stale = re.compile(rf"{shard}|\.({shard}|{re.escape(MANIFEST)})\.\d+\.tmp")  # left by killed runs
+    for path in out.iterdir():
+        if path.name not in listed and stale.fullmatch(path.name):
+            path.unlink()
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def _check_pixel_size(site, expected: float) -> None:

@@ -5,6 +5,7 @@ Hooks run in ascending `order`: early stopping updates its state before the chec
 """
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -221,3 +222,44 @@ class ProgressBar(Callback):
         self.last_metric = f"{trainer.cfg.train.monitor} {metrics.get(trainer.cfg.train.monitor, float('nan')):.4f}"
         if self.tty:
             self.stream.write("\n")
+
+
+class Profiler(Callback):
+    """PyTorch profiler over the first `steps` optimiser steps; writes trace.json (chrome://tracing,
+    Perfetto) and summary.txt (top operators) into `folder`."""
+
+    order = 1
+
+    def __init__(self, folder, steps: int):
+        self.folder, self.steps = Path(folder), steps
+        self.prof, self.done = None, 0
+
+    def on_train_begin(self, trainer):
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+        self.prof = profile(activities=activities, record_shapes=True, profile_memory=True)
+        self.prof.start()
+
+    def on_batch_end(self, trainer, logs):
+        if self.prof is not None and logs.get("optimizer_step"):
+            self.done += 1
+            if self.done >= self.steps:
+                self._finish(trainer)
+
+    def on_train_end(self, trainer):
+        self._finish(trainer)
+
+    def _finish(self, trainer):
+        if self.prof is None:
+            return
+        self.prof.stop()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        sort = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
+        tmp = self.folder / ".trace.json.tmp"  # same folder, then rename: never a half-written trace
+        self.prof.export_chrome_trace(str(tmp))
+        os.replace(tmp, self.folder / "trace.json")
+        tmp = self.folder / ".summary.txt.tmp"
+        tmp.write_text(self.prof.key_averages().table(sort_by=sort, row_limit=30))
+        os.replace(tmp, self.folder / "summary.txt")
+        log.info("profiled %d optimiser step(s): %s", self.done, self.folder / "trace.json")
+        self.prof = None

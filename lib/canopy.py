@@ -204,14 +204,14 @@ class Forest:
     top_m: tuple[float, float]          # range of stand top heights, metres
     conifer: float                      # share of conical crowns
     umbrella: float                     # share of flat umbrella crowns among the rest
-    emergents_per_ha: float             # trees 4-14 m above the canopy (at most 52 m), per hectare
+    emergents_per_ha: float             # trees 4-12 m above the canopy (at most 52 m), per hectare
     crown_scale: float                  # crown width relative to the CROWNS allometry
     stand_weights: tuple[float, ...]    # default area share of each stand type (synthetic.STAND_TYPES)
 
 
 FORESTS = {
     "temperate": Forest((20.0, 35.0), 0.25, 0.0, 0.0, 1.0, (0.60, 0.14, 0.12, 0.10, 0.04)),
-    "tropical": Forest((28.0, 40.0), 0.0, 0.3, 0.7, 1.3, (0.68, 0.18, 0.08, 0.02, 0.04)),
+    "tropical": Forest((28.0, 38.0), 0.0, 0.3, 0.5, 1.3, (0.68, 0.18, 0.08, 0.02, 0.04)),
     "mixed": Forest((18.0, 35.0), 0.5, 0.05, 0.3, 1.1, (0.50, 0.15, 0.13, 0.14, 0.08)),
 }
 
@@ -319,7 +319,7 @@ def stand_trees(rng: np.random.Generator, kind: str, forest: Forest, box: tuple,
     emg_y, emg_x = _poisson(rng, box, forest.emergents_per_ha * 1e-4 * px2)
     height = np.concatenate([top * np.clip(rng.normal(0.85, 0.13, keep.sum()), 0.45, 1.15),
                              top * rng.uniform(0.35, 0.8, sub_y.size),
-                             np.minimum(top + rng.uniform(4.0, 14.0, emg_y.size), 52.0)])
+                             np.minimum(top + rng.uniform(4.0, 12.0, emg_y.size), 52.0)])
     crown = np.concatenate([_crown_mix(rng, forest, keep.sum() + sub_y.size), np.full(emg_y.size, 2)])
     return (np.concatenate([dom_y[keep], sub_y, emg_y]), np.concatenate([dom_x[keep], sub_x, emg_x]),
             height, crown, np.full(height.size, np.inf))

@@ -4,6 +4,7 @@ A checkpoint holds everything a resumed run needs to continue exactly, plus the 
 normalisation so evaluate, predict and export need only the file.
 """
 import os
+import pickle
 import random
 from pathlib import Path
 
@@ -24,12 +25,18 @@ def atomic_torch_save(obj, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        # torch.save turns a failed write (disk full) into a RuntimeError raised while handling the OSError
+        cause = exc if isinstance(exc, OSError) else exc.__context__
+        if not isinstance(cause, OSError):
+            raise
         from lib.errors import TrainingError
-        raise TrainingError(f"cannot write checkpoint {path}: {exc.strerror or exc}",
+        raise TrainingError(f"cannot write checkpoint {path}: {cause.strerror or cause}",
                             hint="check free disk space and that the folder is writable") from None
     _fsync_dir(path.parent)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -52,14 +59,41 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise ModelError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+    except pickle.UnpicklingError:  # weights_only met an object that only pickle could rebuild
+        raise ModelError(f"cannot load checkpoint {path}: it holds Python objects that need pickle to load; "
+                         "refused (checkpoints load with weights_only=True: pickle can run code)",
+                         hint="load only checkpoints written by forestgaps") from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError... for truncated or foreign files
         reason = str(exc).splitlines()[0][:200]
         raise ModelError(f"cannot load checkpoint {path}: {reason}",
-                         hint="the file is truncated, not a forestgaps checkpoint, or needs pickle "
-                              "(refused for safety)") from None
+                         hint="the file is truncated or not a forestgaps checkpoint") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ModelError(f"{path} is not a forestgaps checkpoint (no 'model'/'config' entries)")
     return ckpt
+
+
+def resume_trainer(trainer, path: str | Path, map_location="cpu") -> None:
+    """trainer.load_state_dict(checkpoint); ModelError naming the file and the config keys that differ
+    when the checkpoint was saved by another model or config."""
+    state = load_checkpoint(path, map_location)
+    try:
+        trainer.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as exc:  # torch's size/key mismatches, a foreign dict
+        from lib.config import config_to_dict
+        diff = _differences(state["config"], config_to_dict(trainer.cfg))
+        reason = " ".join(str(exc).split())[:160]
+        raise ModelError(f"cannot resume from {path}: it does not fit this run ({reason})",
+                         hint=(f"the checkpoint was saved with {'; '.join(diff[:4])}; " if diff else "")
+                         + "resume with its config, or start a new run with --init-from") from None
+
+
+def _differences(saved, current, prefix: str = "") -> list[str]:
+    """'key=<saved> (here <current>)' for every dotted key whose value differs; model keys first, no run keys."""
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return [] if saved == current else [f"{prefix[:-1]}={saved!r} (here {current!r})"]
+    keys = sorted(saved.keys() | current.keys(), key=lambda k: (k != "model", k))
+    keys = [k for k in keys if prefix or k != "run"]  # the run name and folder may differ
+    return [d for k in keys for d in _differences(saved.get(k), current.get(k), f"{prefix}{k}.")]
 
 
 def rng_states() -> dict:

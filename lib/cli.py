@@ -8,7 +8,7 @@ from lib.errors import ForestGapsError
 
 
 def handle_errors(main):
-    """Wrap a script's main(argv): ForestGapsError -> `error: ...` on stderr and exit 2; bugs keep their traceback."""
+    """Wrap a script's main(argv): ForestGapsError/OSError -> `error: ...` on stderr, exit 2; bugs keep tracebacks."""
     @functools.wraps(main)
     def wrapper(argv=None) -> int:
         try:
@@ -16,6 +16,11 @@ def handle_errors(main):
         except ForestGapsError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return exc.exit_code
+        except OSError as exc:  # a folder that is missing, read-only or full: the user's to fix, not a bug
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"error: {where}{exc.strerror or exc}\n  hint: check that the folder exists, is writable "
+                  "and has free space", file=sys.stderr)
+            return ForestGapsError.exit_code
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -22,7 +23,11 @@ def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})") \
+            from None
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
@@ -76,6 +81,8 @@ def _coerce(value, tp, where: str, meta: dict):
 
 
 def _check_range(value, where: str, meta: dict) -> None:
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
+        raise ConfigError(f"{where}: expected a finite number, found {value!r}")
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
@@ -180,6 +187,11 @@ def add_config_args(parser, default: str | None = None) -> None:
 
 def config_from_args(args, extra: list[str]) -> Config:
     """Config from parsed args plus the leftover `--section.key=value` arguments."""
+    return load_config(args.config, overrides_from_args(extra))
+
+
+def overrides_from_args(extra: list[str]) -> list[str]:
+    """Leftover CLI arguments -> `section.key=value` overrides; accepts `--a.b=1` and `--a.b 1`."""
     overrides, i = [], 0
     while i < len(extra):
         item = extra[i]
@@ -192,4 +204,4 @@ def config_from_args(args, extra: list[str]) -> Config:
             i += 1
         overrides.append(item)
         i += 1
-    return load_config(args.config, overrides)
+    return overrides

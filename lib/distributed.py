@@ -49,3 +49,10 @@ def broadcast_flag(flag: bool, device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, so all ranks evaluate one model."""
+    if is_distributed():
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)

@@ -4,12 +4,12 @@ Methods: "model", "all_canopy", "random" (gap at the train split's gap rate of e
 "classical" (DSM-only grey opening, lib/baselines). Each gets dataset-wide (micro) metrics from summed
 counts, per-tile means (lib.metrics.EMPTY_TILE_POLICY), a breakdown per site and recall per gap-size
 class. Gap sizes are connected components of the TARGET tile: a gap cut by the tile border is measured
-by its part inside the tile. Model and baselines see exactly the same tiles.
+by its part inside the tile. Model and baselines see exactly the same tiles, and none of them gets an
+area filter at tile level (predict.py filters whole scenes).
 """
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +45,12 @@ def write_json(path, obj) -> None:
     """Write a report / model card as strict JSON (NaN -> null), atomically (temp file + os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # open(): the umask's permissions, not mkstemp's 0600
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n")
+        tmp.write_text(json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

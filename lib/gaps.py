@@ -31,11 +31,8 @@ def gap_labels(chm: np.ndarray, threshold: float, min_area_m2: float, max_area_m
     """(H, W) CHM -> (int32 gap ids 1..n, 0 elsewhere including nodata), n."""
     chm = _check_chm(chm)
     _check_area(min_area_m2, max_area_m2, pixel_area_m2)
-    labels, n = label_components(_at_or_below(chm, threshold), connectivity=8)
-    area = component_sizes(labels, n) * float(pixel_area_m2)   # (n,) m²
-    keep = (area >= min_area_m2) & (area <= max_area_m2)
-    new_id = np.zeros(n + 1, np.int32)                          # renumber survivors 1..k in order
-    new_id[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    labels, keep = _kept_components(_at_or_below(chm, threshold), min_area_m2, max_area_m2, pixel_area_m2)
+    new_id = np.cumsum(keep, dtype=np.int32) * keep             # renumber survivors 1..k in order
     return new_id[labels], int(keep.sum())
 
 
@@ -43,13 +40,29 @@ def gap_masks(chm: np.ndarray, thresholds, min_area_m2: float, max_area_m2: floa
               pixel_area_m2: float) -> np.ndarray:
     """(H, W) CHM -> (K, H, W) uint8 training targets: 1 gap, 0 not gap, IGNORE (255) nodata."""
     chm = _check_chm(chm)
+    _check_area(min_area_m2, max_area_m2, pixel_area_m2)
     nodata = np.isnan(chm)
     masks = np.empty((len(thresholds),) + chm.shape, np.uint8)
     for k, threshold in enumerate(thresholds):
-        labels, _ = gap_labels(chm, threshold, min_area_m2, max_area_m2, pixel_area_m2)
-        masks[k] = labels > 0
+        below = _at_or_below(chm, threshold)
+        # Every component is >= 1 pixel and <= all of `below`: when both pass, labelling changes nothing.
+        if min_area_m2 <= pixel_area_m2 and np.count_nonzero(below) * pixel_area_m2 <= max_area_m2:
+            masks[k] = below
+        else:
+            labels, keep = _kept_components(below, min_area_m2, max_area_m2, pixel_area_m2)
+            np.take(keep.view(np.uint8), labels, out=masks[k], mode="clip")  # labels index keep
         masks[k][nodata] = IGNORE
     return masks
+
+
+def _kept_components(below: np.ndarray, min_area_m2: float, max_area_m2: float,
+                     pixel_area_m2: float) -> tuple[np.ndarray, np.ndarray]:
+    """8-connected labels (H, W) int32 of a mask, and keep (n + 1,) bool: label passes the area filter."""
+    labels, n = label_components(below, connectivity=8)
+    area = component_sizes(labels, n) * float(pixel_area_m2)   # (n,) m²
+    keep = np.zeros(n + 1, bool)                                # keep[0]: background
+    keep[1:] = (area >= min_area_m2) & (area <= max_area_m2)
+    return labels, keep
 
 
 def gap_stats(labels: np.ndarray, n: int, chm: np.ndarray, info) -> dict[str, np.ndarray]:
@@ -108,8 +121,8 @@ def write_gap_table(path, stats: dict[str, np.ndarray]) -> None:
 
 
 def _format_column(values: np.ndarray) -> list[str]:
-    """Integers as is; floats with up to 6 decimals (µm for metres), trailing zeros dropped; NaN -> NA."""
-    if values.dtype.kind in "iub":
+    """Integers and text as is; floats with up to 6 decimals (µm for metres), trailing zeros dropped; NaN -> NA."""
+    if values.dtype.kind in "iubUS":
         return [str(v) for v in values.tolist()]
     text = []
     for v in values.tolist():

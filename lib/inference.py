@@ -1,6 +1,18 @@
 """Checkpoint -> a model that takes raw DSM metres and thresholds in metres: the one loading path shared
 by evaluate, predict and export, so deployment cannot drift from training.
+
+Shipped weights (`weights/gaps_dsm_v1.pt`, used when no checkpoint is named) are checked against the
+sha256 of their card before loading. A weights card is `<stem>.json` beside the file:
+
+    {"file": "gaps_dsm_v1.pt", "sha256": "<64 hex digits>", "bytes": 1234567, "pixel_size_m": 1.0,
+     "threshold_range_m": [1.0, 30.0], "command": "python train.py --config configs/pretrain.json", ...}
+
+("file" and "sha256" are required, the rest is provenance), or, for the shipped file only,
+`weights/MODEL_CARD.md` with a line `sha256: <64 hex digits>` (lib/weights.py).
 """
+import json
+import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -8,15 +20,20 @@ import torch
 
 from lib.checkpoint import load_checkpoint
 from lib.config import build_config
-from lib.errors import ModelError
+from lib.errors import ConfigError, ModelError
 from lib.models import build_model
 from lib.normalize import Normalizer
+from lib.weights import DEFAULT_WEIGHTS, file_sha256, verified_weights
+
+log = logging.getLogger(__name__)
+EXPORTED = (".ts", ".pt2")  # TorchScript, torch.export ExportedProgram: both need their model card
 
 
 class InferenceModel(torch.nn.Module):
-    """normalise -> model -> sigmoid. forward(dsm (B,1,H,W) metres with NaN, thresholds (B,) metres) -> (B,1,H,W) probabilities.
+    """normalise -> model -> sigmoid. forward(dsm (B,1,H,W) metres with NaN, thresholds (B,) metres) -> (B,1,H,W).
 
-    NaN pixels come out as probability 0; callers carry nodata themselves.
+    Nodata pixels enter the model as 0 (lib.normalize) and come out with a finite but meaningless
+    probability: callers mask them (lib.scene writes nodata there).
     """
 
     def __init__(self, normalizer: Normalizer, model: torch.nn.Module):
@@ -28,10 +45,25 @@ class InferenceModel(torch.nn.Module):
         logits = self.model(x, self.normalizer.normalise_threshold(thresholds_m))
         return torch.sigmoid(logits.float())
 
+    def forward_thresholds(self, dsm: torch.Tensor, thresholds_m: torch.Tensor) -> torch.Tensor:
+        """dsm (B,1,H,W), thresholds (K,) -> (B,K,H,W) in one forward pass, each window normalised once.
+
+        Equal to forward on the DSM repeated K times (the normalisation is per window), without K sorts.
+        """
+        b, k = dsm.shape[0], thresholds_m.numel()
+        x = self.normalizer(dsm).repeat_interleave(k, dim=0)                  # (B*K, C, H, W), row = b*K + k
+        t = self.normalizer.normalise_threshold(thresholds_m).repeat(b)      # (B*K,)
+        return torch.sigmoid(self.model(x, t).float()).view(b, k, *dsm.shape[-2:])
+
+    def compile(self, *args, **kwargs) -> None:
+        """torch.compile the normaliser and the model in place, so forward and forward_thresholds both use them."""
+        self.normalizer.compile(*args, **kwargs)
+        self.model.compile(*args, **kwargs)
+
 
 @dataclass
 class LoadedModel:
-    net: torch.nn.Module          # InferenceModel (or a TorchScript module with the same signature)
+    net: torch.nn.Module          # InferenceModel, or an exported module with the same forward
     thresholds_m: list[float]     # thresholds seen in training
     pixel_size_m: float
     tile_px: int
@@ -40,11 +72,40 @@ class LoadedModel:
     meta: dict = field(default_factory=dict)  # metrics, version, normalisation
 
 
+def resolve_checkpoint(path=None) -> Path:
+    """path, or the shipped weights when path is None; ModelError when neither exists."""
+    if path is not None:
+        return Path(path)
+    if not DEFAULT_WEIGHTS.is_file():
+        raise ModelError(f"no --checkpoint given and no shipped model at {DEFAULT_WEIGHTS}",
+                         hint="pass --checkpoint runs/<name>/best.ckpt, or restore the weights from git")
+    return DEFAULT_WEIGHTS
+
+
+def check_weights_card(path: Path) -> None:
+    """Verify path's sha256 against its weights card (<stem>.json naming it); the shipped file must have one."""
+    card_path = path.with_suffix(".json")
+    card = {}
+    if card_path.is_file():
+        try:
+            card = json.loads(card_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelError(f"{card_path}: weights card is not JSON ({exc})") from None
+    if isinstance(card, dict) and card.get("file") == path.name and "sha256" in card:
+        got = file_sha256(path)
+        if got != str(card["sha256"]).lower():
+            raise ModelError(f"{path} has sha256 {got} but its card {card_path} records {card['sha256']}",
+                             hint="the file is corrupt, partially downloaded, or not the weights the card describes")
+    elif path.resolve() == DEFAULT_WEIGHTS.resolve():
+        verified_weights(path)                                              # weights/MODEL_CARD.md
+
+
 def load_model(path: str | Path, device="cpu") -> LoadedModel:
-    """A checkpoint (.ckpt/.pt, weights_only) or an exported TorchScript file (.ts/.pt2 with model card)."""
+    """A checkpoint (.ckpt/.pt, weights_only) or an exported model (.ts TorchScript, .pt2 ExportedProgram)."""
     path = Path(path)
-    if path.suffix == ".ts":
-        return _load_torchscript(path, device)
+    if path.suffix in EXPORTED:
+        return _load_exported(path, device)
+    check_weights_card(path)
     ckpt = load_checkpoint(path, map_location="cpu")
     cfg = build_config(ckpt["config"], source=f"{path} (embedded config)")
     normalizer = Normalizer.from_stats(ckpt["normalization"])
@@ -61,12 +122,46 @@ def load_model(path: str | Path, device="cpu") -> LoadedModel:
                        getattr(model, "stride", 1), cfg, meta)
 
 
-def _load_torchscript(path: Path, device) -> LoadedModel:
-    import json
+def _load_exported(path: Path, device) -> LoadedModel:
+    """An exported model and what its model card (same stem, .json, written by lib/export) says about it."""
     card_path = path.with_suffix(".json")
     if not card_path.is_file():
         raise ModelError(f"{path}: exported model has no model card {card_path.name} beside it")
-    card = json.loads(card_path.read_text())
-    net = torch.jit.load(str(path), map_location=device).eval()
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    try:
+        if path.suffix == ".ts":
+            net = torch.jit.load(str(path), map_location=device).eval()
+        else:  # an ExportedProgram's module has no train/eval modes: it was exported in eval mode
+            program = torch.export.load(str(path))
+            if torch.device(device).type != "cpu":
+                from torch.export.passes import move_to_device_pass
+                program = move_to_device_pass(program, device)
+            net = program.module()
+    except Exception as exc:  # torch raises RuntimeError, ValueError... for foreign or truncated files
+        raise ModelError(f"cannot load exported model {path}: {str(exc).splitlines()[0][:200]}") from None
     return LoadedModel(net, card["thresholds_m"], card["pixel_size_m"], card["tile_px"], card["stride"],
                        None, card)
+
+
+def check_thresholds(requested, trained_m, train_cfg) -> list[float]:
+    """The thresholds to map: the trained ones when none are requested.
+
+    A model trained on fixed thresholds maps only those; one trained with continuous thresholds
+    (train.threshold_sampling = "continuous") maps any, with a warning outside train.threshold_range_m.
+    """
+    thresholds = [float(t) for t in (requested or trained_m)]
+    if len(set(thresholds)) != len(thresholds):
+        raise ConfigError(f"--thresholds must be distinct, found {thresholds}")
+    if getattr(train_cfg, "threshold_sampling", None) == "continuous":
+        low, high = train_cfg.threshold_range_m
+        outside = [t for t in thresholds if not low <= t <= high]
+        if outside:
+            log.warning("WARNING: thresholds %s m are outside the range the model was trained on "
+                        "(continuous thresholds in [%g, %g] m): it extrapolates there", outside, low, high)
+        return thresholds
+    untrained = [t for t in thresholds if not any(math.isclose(t, u, abs_tol=1e-6) for u in trained_m)]
+    if untrained:
+        raise ConfigError(f"thresholds {untrained} m were not trained: this model was trained on the fixed "
+                          f"thresholds {list(trained_m)} m (train.threshold_sampling is not 'continuous')",
+                          hint="use trained thresholds, or a model trained with --train.threshold_sampling=continuous")
+    return thresholds

@@ -3,6 +3,7 @@ import json
 import os
 import resource
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,20 +53,24 @@ class MonitoringSystem:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = self.run_dir / "metrics.jsonl"
+        self.lines = 0  # lines of metrics.jsonl this run stands on; checkpoints record it
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop jsonl lines logged after the checkpoint's step (they will be logged again)."""
+    def truncate(self, lines: int | None) -> None:
+        """Keep the first `lines` lines: on resume, those the checkpoint had seen (the rest is logged again).
+
+        A count, not a step: validation logs at the step of a mid-epoch checkpoint, after it was written.
+        """
         if not self.jsonl.exists():
             return
-        lines = [ln for ln in self.jsonl.read_text().splitlines()
-                 if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        kept = self.jsonl.read_text().splitlines(keepends=True)[:lines]
         tmp = self.jsonl.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in lines))
+        tmp.write_text("".join(kept))
         os.replace(tmp, self.jsonl)
+        self.lines = len(kept)
 
     def log_scalars(self, values: dict[str, float], step: int, epoch: int | None = None) -> None:
         record = {"step": step, **({"epoch": epoch} if epoch is not None else {})}
@@ -76,6 +81,7 @@ class MonitoringSystem:
                 self.writer.add_scalar(key, value, step)
         with open(self.jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        self.lines += 1
 
     def log_text(self, tag: str, text: str, step: int = 0) -> None:
         if self.writer:
@@ -101,7 +107,10 @@ class MonitoringSystem:
         if not self.writer:
             return
         try:
-            self.writer.add_graph(model, inputs)
+            with warnings.catch_warnings():  # tracing warns about every shape check, and is deprecated
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.writer.add_graph(model, inputs)
         except Exception as exc:  # tracing can fail on data-dependent control flow; the graph is optional
             self.log_text("graph_error", f"model graph not logged: {exc}")
 
@@ -129,14 +138,43 @@ class MonitorCallback(Callback):
     def __init__(self, monitor: MonitoringSystem, every_steps: int = 20, images_every_epochs: int = 5):
         self.monitor, self.every_steps, self.images_every = monitor, every_steps, images_every_epochs
         self.panel_batch, self.t_last, self.samples = None, None, 0
+        self.resume_lines = 0  # from the checkpoint: metrics.jsonl lines written before it
+        self.histograms_due = False
+
+    def state_dict(self):
+        return {"jsonl_lines": self.monitor.lines}
+
+    def load_state_dict(self, state):
+        self.resume_lines = state.get("jsonl_lines")  # None (older checkpoints): keep every line
 
     def on_train_begin(self, trainer):
         from lib.config import config_to_dict
         self.monitor.log_config(config_to_dict(trainer.cfg))
-        self.monitor.truncate_after(trainer.step)
+        self.monitor.truncate(self.resume_lines)
         self.t_last = time.perf_counter()
+        if trainer.step == 0:
+            self._log_graph(trainer)
         if self.images_every:
             self.panel_batch = next(iter(trainer.val_loader), None)
+
+    @torch.no_grad()
+    def _log_graph(self, trainer):
+        """Trace the raw model once, in eval mode: no BatchNorm update and no RNG draw, so logging it
+        changes nothing in the run."""
+        model, px = trainer.raw_model, trainer.cfg.data.tile_px
+        x = torch.zeros(1, model.build_kwargs["in_channels"], px, px, device=trainer.device)  # (1, C, H, W)
+        model.eval()
+        self.monitor.log_graph(model, (x, torch.zeros(1, device=trainer.device)))
+        model.train()
+
+    def on_epoch_begin(self, trainer):
+        self.histograms_due = bool(self.images_every) and trainer.epoch % self.images_every == 0
+
+    def on_before_optimizer_step(self, trainer):
+        # once per due epoch, here where the (unscaled) gradients exist: after the step they are gone
+        if self.histograms_due:
+            self.monitor.log_histograms(trainer.raw_model, trainer.step)
+            self.histograms_due = False
 
     def on_batch_end(self, trainer, logs):
         self.samples += logs.get("batch_size", 0)
@@ -153,7 +191,6 @@ class MonitorCallback(Callback):
         self.monitor.log_scalars(metrics, trainer.step, trainer.epoch)
         if self.images_every and (trainer.epoch + 1) % self.images_every == 0 and self.panel_batch is not None:
             self._log_panels(trainer)
-            self.monitor.log_histograms(trainer.raw_model, trainer.step)
         self.monitor.flush()
 
     @torch.no_grad()
@@ -162,14 +199,16 @@ class MonitorCallback(Callback):
                  for k, v in self.panel_batch.items()}
         model = trainer.ema.module if trainer.ema else trainer.raw_model
         model.eval()
-        x, t, target, t_idx = trainer.task.eval_inputs(batch)
-        prob = torch.sigmoid(model(x, t).float())
-        k = len(trainer.task.thresholds_m)
+        task = trainer.task
+        x, t, target, t_idx = task.eval_inputs(batch)
+        scores, masks, _ = task.gap_logits(task.output(model(x, t).float()), target, t_idx, batch)
+        prob = torch.sigmoid(scores)  # (tiles * K, 1, H, W), row = tile * K + threshold
+        k = len(task.thresholds_m)
         from lib.gaps import threshold_tag
-        for row in range(x.shape[0]):
+        for row in range(prob.shape[0]):
             tile, ti = divmod(row, k)
-            tag = threshold_tag(trainer.task.thresholds_m[ti])
-            panel = prediction_panel(batch["dsm"][tile, 0], target[row, 0], prob[row, 0])
+            tag = threshold_tag(task.thresholds_m[ti])
+            panel = prediction_panel(batch["dsm"][tile, 0], masks[row, 0], prob[row, 0])
             self.monitor.log_image(f"val_panel/tile{tile}_{tag}", panel, trainer.step)
         for name, amap in (getattr(model, "attention_maps", None) or {}).items():
             self.monitor.log_image(f"attention/{name}", _unit_range(amap[0, :1].float().cpu()).expand(3, -1, -1),

@@ -3,6 +3,11 @@
 A tile's reference is a low quantile of its valid pixels (close to the ground in gaps), so a DSM at
 500 m and the same DSM at 20 m give the same input; heights above that reference are divided by one
 global scale, the std of those relative heights over the train split.
+
+Optional extra input channels ("features") are the classical relative height (DSM minus its grey
+opening, lib/baselines) at given windows, in the same units. They are computed on whatever the model
+is given: a training tile, or one prediction window. The opening near a tile edge sees only the tile,
+so prediction must use windows of the training tile size (predict's default) to see what training saw.
 """
 import math
 from collections.abc import Iterable
@@ -10,11 +15,24 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from lib.baselines import classical_relative_height
 from lib.errors import DataError
+from lib.schema import INPUT_FEATURE, valid_input_feature
 
 HIST_RANGE_M = (-200.0, 300.0)  # relative heights and CHM outside are clipped into the edge bins
 HIST_BIN_M = 0.01  # percentiles are exact to half a bin
 PERCENTILES = (1, 5, 50, 95, 99)
+
+
+def parse_features(features) -> list[tuple[str, float]]:
+    """["dsm", "relative_height_51m"] -> [("dsm", 0.0), ("relative_height", 51.0)]; unknown names fail."""
+    features = [str(f) for f in features]
+    bad = [f for f in features if not valid_input_feature(f)]
+    if bad or not features or len(set(features)) != len(features):
+        raise DataError(f"input features {features}: expected distinct names 'dsm' or 'relative_height_<W>m' "
+                        f"with W > 0 metres (e.g. relative_height_51m)")
+    windows = [INPUT_FEATURE.fullmatch(f).group(1) for f in features]
+    return [("dsm", 0.0) if w is None else ("relative_height", float(w)) for w in windows]
 
 
 def tile_reference(dsm: torch.Tensor, q: float) -> torch.Tensor:
@@ -33,33 +51,48 @@ def tile_reference(dsm: torch.Tensor, q: float) -> torch.Tensor:
 
 
 class Normalizer(torch.nn.Module):
-    """(dsm - per-tile low quantile) / scale, NaN -> 0; optional second channel 1 where valid.
+    """One channel per feature, each in metres / scale with NaN -> 0; optional last channel 1 where valid.
 
-    The statistics live in buffers, so they travel in the state_dict and in exported models.
+    "dsm": (dsm - per-tile low quantile) / scale. "relative_height_<W>m": (dsm - grey opening of the
+    tile over W metres) / scale. Both are unchanged by adding a constant to the DSM. The statistics live
+    in buffers, so they travel in the state_dict and in exported models.
     """
 
-    def __init__(self, scale: float = 1.0, ref_quantile: float = 0.05, validity: bool = False):
+    def __init__(self, scale: float = 1.0, ref_quantile: float = 0.05, validity: bool = False,
+                 features=("dsm",), pixel_size_m: float = 1.0):
         super().__init__()
         if not (math.isfinite(scale) and scale > 0):
             raise DataError(f"normalisation scale must be a finite number > 0 metres, found {scale}")
         if not 0.0 <= ref_quantile <= 1.0:
             raise DataError(f"normalisation ref_quantile must be in [0, 1], found {ref_quantile}")
+        if not (math.isfinite(pixel_size_m) and pixel_size_m > 0):
+            raise DataError(f"normalisation pixel_size_m must be a finite number > 0, found {pixel_size_m}")
         self.register_buffer("scale", torch.tensor(float(scale)))
         self.register_buffer("ref_quantile", torch.tensor(float(ref_quantile)))
         self.validity = validity
+        self.features = [str(f) for f in features]
+        self.parsed = parse_features(self.features)
+        self.pixel_size_m = float(pixel_size_m)
 
     @property
     def out_channels(self) -> int:
-        """Channels of forward's output: 1, or 2 with the validity channel."""
-        return 2 if self.validity else 1
+        """Channels of forward's output: one per feature, plus the validity channel."""
+        return len(self.features) + int(self.validity)
 
     def forward(self, dsm: torch.Tensor) -> torch.Tensor:
         """dsm (B, 1, H, W) metres, NaN nodata -> (B, out_channels, H, W) float32."""
         dsm = dsm.float()
         valid = torch.isfinite(dsm)
-        x = (dsm - tile_reference(dsm, self.ref_quantile)) / self.scale
-        x = torch.where(valid, x, torch.zeros_like(x))
-        return torch.cat([x, valid.float()], dim=1) if self.validity else x
+        channels = []
+        for kind, window_m in self.parsed:
+            if kind == "dsm":
+                rel = dsm - tile_reference(dsm, self.ref_quantile)
+            else:  # cost: two separable max filters and one box mean of window_m / pixel_size_m pixels
+                rel = classical_relative_height(dsm, window_m, self.pixel_size_m)
+            channels.append(torch.where(valid, rel / self.scale, torch.zeros_like(rel)))
+        if self.validity:
+            channels.append(valid.float())
+        return torch.cat(channels, dim=1) if len(channels) > 1 else channels[0]
 
     def normalise_threshold(self, threshold_m) -> torch.Tensor:
         """CHM threshold(s) in metres -> the same units as forward's output (for FiLM conditioning)."""
@@ -67,15 +100,23 @@ class Normalizer(torch.nn.Module):
 
     def stats(self) -> dict:
         """JSON-safe statistics; `Normalizer.from_stats(n.stats())` rebuilds the same normalisation."""
-        return {"scale": float(self.scale), "ref_quantile": float(self.ref_quantile)}
+        return {"scale": float(self.scale), "ref_quantile": float(self.ref_quantile),
+                "features": list(self.features), "pixel_size_m": self.pixel_size_m}
 
     @classmethod
-    def from_stats(cls, stats: dict, validity: bool = False) -> "Normalizer":
-        """From `stats()` or `compute_height_stats(...)` output (keys 'scale', 'ref_quantile')."""
+    def from_stats(cls, stats: dict, validity: bool = False, features=None,
+                   pixel_size_m: float | None = None) -> "Normalizer":
+        """From `stats()` or `compute_height_stats(...)` output (keys 'scale', 'ref_quantile').
+
+        features / pixel_size_m, when given (a training run's data config), override the stats' own
+        ones; stats without them (older checkpoints, dataset manifests) mean ["dsm"] at 1 m.
+        """
         missing = [k for k in ("scale", "ref_quantile") if not isinstance(stats.get(k), (int, float))]
         if missing:
             raise DataError(f"normalisation stats lack number(s) {missing}; found keys {sorted(stats)}")
-        return cls(float(stats["scale"]), float(stats["ref_quantile"]), validity)
+        features = features if features is not None else stats.get("features", ["dsm"])
+        pixel_size_m = pixel_size_m if pixel_size_m is not None else stats.get("pixel_size_m", 1.0)
+        return cls(float(stats["scale"]), float(stats["ref_quantile"]), validity, features, float(pixel_size_m))
 
 
 class _StreamStats:

@@ -22,8 +22,10 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, encoder_ids: s
     return out
 
 
-def build_optimizer(cfg_optim, model: torch.nn.Module, extra_params=(), encoder_lr_scale: float = 1.0):
-    """Optimiser over the model (+ e.g. a learnable loss's parameters) from the `optim` section."""
+def build_optimizer(cfg_optim, model: torch.nn.Module, extra_params=()):
+    """Optimiser over the model (+ e.g. a learnable loss's parameters) from the `optim` section; the
+    encoder's groups get LR x optim.encoder_lr_scale (fine-tuning pretrained layers more gently)."""
+    encoder_lr_scale = cfg_optim.encoder_lr_scale
     encoder_ids = set()
     if encoder_lr_scale != 1.0 and hasattr(model, "encoder_parameters"):
         encoder_ids = {id(p) for p in model.encoder_parameters()}

@@ -21,7 +21,9 @@ from lib.geoinfo import GeoInfo, check_same_grid, geotiff_tags, parse_geoinfo
 
 __all__ = ["GeoInfo", "RasterWriter", "check_same_grid", "iter_strips", "read_info", "read_pair",
            "read_raster", "write_raster"]  # GeoInfo and check_same_grid live in lib/geoinfo.py
+
 _FILL_VALUES = 9999.0  # +-9999 without a nodata tag is almost always an undeclared fill value
+_LOWEST_CHM_M = -1.0  # canopy heights below this are not interpolation noise but a DSM/DTM mismatch
 _TILE = 256
 _BIGTIFF_BYTES = 2**32 - 2**26  # rasters larger than this get 64-bit offsets (BigTIFF)
 
@@ -31,9 +33,13 @@ def _open(path) -> tifffile.TiffFile:
     if not Path(path).is_file():
         raise RasterError(f"{path}: no such file")
     try:
-        return tifffile.TiffFile(path)
+        tif = tifffile.TiffFile(path)
     except (tifffile.TiffFileError, ValueError, OSError, struct.error) as exc:
         raise RasterError(f"{path}: not a readable TIFF ({exc})") from None
+    if not len(tif.pages):  # the header points past the end: tifffile only warns
+        tif.close()
+        raise RasterError(f"{path}: truncated TIFF: no image directory in its {Path(path).stat().st_size} bytes")
+    return tif
 
 
 def _page_info(page, path) -> GeoInfo:
@@ -356,4 +362,19 @@ def read_pair(dsm, chm=None, dtm=None, window=None) -> tuple[np.ndarray, np.ndar
     invalid = np.isnan(surface) | np.isnan(height)
     surface[invalid] = np.nan
     height[invalid] = np.nan
+    if window is None:
+        check_heights(height, f"{dsm} with {other}")
     return surface, height, info
+
+
+def check_heights(chm: np.ndarray, where) -> None:
+    """RasterError when no pixel is valid; a warning with the fraction of canopy heights below -1 m."""
+    n_valid = int(np.count_nonzero(~np.isnan(chm)))
+    if not n_valid:
+        raise RasterError(f"{where}: every pixel is nodata",
+                          hint="check the files and their nodata value (GDAL_NODATA tag)")
+    n_low = int(np.count_nonzero(chm < _LOWEST_CHM_M))  # NaN compares False
+    if n_low:
+        warnings.warn(f"{where}: {n_low / n_valid:.2%} of the valid canopy heights are below {_LOWEST_CHM_M:g} m "
+                      f"(lowest {np.nanmin(chm):.2f} m); check the DSM/DTM order, units and vertical datum",
+                      stacklevel=2)

@@ -2,23 +2,25 @@
 callbacks, monitoring, resume and DDP. `train_model(cfg) -> run_dir` is the notebook entry point.
 """
 import logging
+import os
 from pathlib import Path
 
 import torch
 
-from lib.callbacks import EarlyStopping, GradientMonitor, ModelCheckpoint, NonFiniteGuard, ProgressBar
-from lib.checkpoint import load_checkpoint, seed_everything
+from lib.callbacks import EarlyStopping, GradientMonitor, ModelCheckpoint, NonFiniteGuard, Profiler, ProgressBar
+from lib.checkpoint import load_checkpoint, resume_trainer, seed_everything
 from lib.config import save_config
 from lib.data import ShardDataset, build_loader
 from lib.distributed import cleanup_distributed, init_distributed
 from lib.ema import ModelEMA
 from lib.env import default_workers, select_device
-from lib.errors import ModelError
+from lib.errors import ConfigError, ModelError, TrainingError
 from lib.losses import build_loss
-from lib.models import build_model
+from lib.models import build_model, model_summary
 from lib.monitor import MonitorCallback, MonitoringSystem
 from lib.normalize import Normalizer
 from lib.optimizers import build_optimizer
+from lib.regularization import AdaptiveRegularization, build_regularization
 from lib.schedulers import ReduceOnPlateau, build_schedule
 from lib.shards import read_manifest
 from lib.tasks import build_task
@@ -61,12 +63,16 @@ def build_data(cfg, manifest_dir: Path, device):
     return train_loader_fn, val_loader, len(train_set)
 
 
-def build_callbacks(cfg, run_dir: Path, monitor, is_main: bool) -> list:
+def build_callbacks(cfg, run_dir: Path, monitor, is_main: bool, regularization=None) -> list:
     t = cfg.train
     callbacks = [NonFiniteGuard(), EarlyStopping(t.monitor, t.monitor_mode, t.early_stopping_patience),
                  ModelCheckpoint(run_dir, t.monitor, t.monitor_mode, every_steps=t.checkpoint_every_steps)]
+    if t.adaptive_regularization and regularization is not None:
+        callbacks.append(AdaptiveRegularization(regularization, t.regularization_factor))
     if is_main:
         callbacks.append(ProgressBar(cfg.log.progress_every_steps))
+    if is_main and t.profile_steps:
+        callbacks.append(Profiler(run_dir / "profile", t.profile_steps))
     if monitor is not None:
         callbacks += [MonitorCallback(monitor, cfg.log.progress_every_steps, cfg.log.images_every_epochs),
                       GradientMonitor(every_steps=max(cfg.log.progress_every_steps, 50))]
@@ -85,14 +91,57 @@ def train_model(cfg, resume: str | None = None, init_from: str | None = None) ->
 
 def _train(cfg, device, rank, world, resume, init_from) -> Path:
     run_dir = run_dir_of(cfg)
-    is_main = rank == 0
     seed_everything(cfg.run.seed)
     if cfg.run.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; before its first use
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         torch.use_deterministic_algorithms(True, warn_only=True)
+    trainer = build_trainer(cfg, device, rank, world, init_from)
+    if rank == 0:
+        log.info(describe_model(trainer.raw_model, cfg))
+    checkpoint = resolve_resume(resume, run_dir)
+    if checkpoint:
+        resume_trainer(trainer, checkpoint, map_location=device)
+        log.info("resumed from %s at epoch %d, step %d", checkpoint, trainer.epoch, trainer.step)
+    if rank == 0:
+        save_config(cfg, run_dir / "config.json")
+    try:
+        trainer.fit()
+    except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
+        if not out_of_memory(exc):
+            raise
+        raise oom_error(cfg, device, trainer.step) from None
+    return run_dir
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or an allocator failure on another device (MPS, CPU)."""
+    text = str(exc).lower()
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate" in text
+
+
+def oom_error(cfg, device, step: int) -> TrainingError:
+    """What to do about an out-of-memory: the batch sizes in play and the batch-size finder."""
+    return TrainingError(
+        f"out of memory on {device} at step {step} with train.batch_size={cfg.train.batch_size} "
+        f"(eval.batch_size={cfg.eval.batch_size} in validation); the checkpoints on disk are unchanged",
+        hint="lower --train.batch_size (raise --optim.accumulate_steps to keep the effective batch), or find the "
+             "largest batch that fits with the batch-size finder: python sanity_check.py --config <this config>")
+
+
+def build_trainer(cfg, device, rank: int = 0, world: int = 1, init_from: str | None = None,
+                  callbacks: list | None = None) -> Trainer:
+    """The one wiring path: data, task, model, loss, optimiser, schedule -> a Trainer, not fitted.
+
+    callbacks=None gives the run's standard callbacks and monitoring (which write into the run
+    directory); a list (e.g. [] for the LR finder and sanity checks) replaces them and writes nothing.
+    """
+    run_dir = run_dir_of(cfg)
+    is_main = rank == 0
     manifest = read_manifest(cfg.data.root)
-    normalizer = Normalizer.from_stats(manifest["normalization"]).to(device)
-    task = build_task(cfg, normalizer, manifest)
+    normalizer = Normalizer.from_stats(manifest["normalization"], features=cfg.data.input_features,
+                                       pixel_size_m=cfg.data.pixel_size_m).to(device)
+    task = build_task(cfg, normalizer, manifest, rank)
     train_loader_fn, val_loader, n_train = build_data(cfg, Path(cfg.data.root), device)
     raw_model = build_model(cfg.model, task=cfg.data.task, in_channels=normalizer.out_channels,
                             batch_size=cfg.train.batch_size).to(device)
@@ -100,8 +149,14 @@ def _train(cfg, device, rank, world, resume, init_from) -> Path:
         _init_from(raw_model, init_from)
     if cfg.train.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
+    if cfg.train.sync_batchnorm and world > 1:
+        if device.type != "cuda":
+            raise ConfigError("train.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm has no CPU "
+                              "kernel)", hint="set --train.sync_batchnorm=false for CPU/gloo runs")
+        raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     criterion = build_loss(cfg.loss, task=cfg.data.task, num_thresholds=len(task.thresholds_m)).to(device)
     optimizer = build_optimizer(cfg.optim, raw_model, extra_params=criterion.parameters())
+    regularization = build_regularization(cfg, raw_model, optimizer)
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch(
         n_train // world, cfg.train.batch_size, cfg.optim.accumulate_steps)
     schedule = build_schedule(cfg.schedule, cfg.optim.lr, total, monitor_mode=cfg.train.monitor_mode)
@@ -110,21 +165,25 @@ def _train(cfg, device, rank, world, resume, init_from) -> Path:
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    monitor = MonitoringSystem(run_dir, cfg.log.tensorboard) if is_main else None
+    monitor = MonitoringSystem(run_dir, cfg.log.tensorboard) if is_main and callbacks is None else None
+    if callbacks is None:
+        callbacks = build_callbacks(cfg, run_dir, monitor, is_main, regularization)
+        if is_main:
+            log.info(regularization.describe())
     from lib.augment import build_augment
     augment = build_augment(cfg.augment, cfg.data.task, seed=cfg.run.seed + rank, device=device)
     ema = ModelEMA(raw_model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    trainer = Trainer(cfg, raw_model, model, task, criterion, optimizer, schedule, train_loader_fn, val_loader,
-                      device, run_dir, build_callbacks(cfg, run_dir, monitor, is_main), monitor, augment, ema,
-                      plateau, version={"dataset_manifest": manifest.get("sha256", "")})
-    checkpoint = resolve_resume(resume, run_dir)
-    if checkpoint:
-        trainer.load_state_dict(load_checkpoint(checkpoint, map_location=device))
-        log.info("resumed from %s at epoch %d, step %d", checkpoint, trainer.epoch, trainer.step)
-    if is_main:
-        save_config(cfg, run_dir / "config.json")
-    trainer.fit()
-    return run_dir
+    return Trainer(cfg, raw_model, model, task, criterion, optimizer, schedule, train_loader_fn, val_loader,
+                   device, run_dir, callbacks, monitor, augment, ema, plateau,
+                   version={"dataset_manifest": manifest.get("sha256", "")})
+
+
+def describe_model(model, cfg) -> str:
+    """Parameters and forward FLOPs of one tile, for the start of a run."""
+    px = cfg.data.tile_px
+    info = model_summary(model, (px, px))
+    return (f"model {cfg.model.name}: {info['params'] / 1e6:.3f} M parameters ({info['trainable'] / 1e6:.3f} M "
+            f"trainable), {info['flops'] / 1e9:.3f} GFLOP per {px}x{px} tile forward (about 3x that to train)")
 
 
 def _init_from(model: torch.nn.Module, path: str) -> None:

@@ -6,6 +6,7 @@ only the rows in flight, and finished rows go straight to `RasterWriter`s. All K
 run in one forward pass (each window repeated K times). The area filter and the gap table need the whole
 mask (a gap may span many strips), so they run afterwards on the written uint8 maps.
 """
+import functools
 import itertools
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -14,15 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.baselines import classical_relative_height
 from lib.errors import ConfigError
-from lib.gaps import IGNORE, gap_labels, gap_masks, gap_stats, threshold_tag, write_gap_table
-from lib.metrics import ThresholdMetrics
-from lib.raster import RasterWriter, iter_strips, read_info, read_pair, read_raster, write_raster
+from lib.gapmaps import nest_probabilities, nesting_violations
+from lib.gaps import IGNORE, gap_labels, gap_stats, threshold_tag, write_gap_table
+from lib.png import hillshade_quicklook, write_png
+from lib.raster import RasterWriter, iter_strips, read_info, read_raster, write_raster
 from lib.tiling import tile_origins
 
 BLEND_FLOOR = 1e-3  # weight at a window's outer edge: > 0, so scene borders (one window only) stay defined
-SCORE_KEYS = ("iou", "f1", "precision", "recall")
 
 
 @dataclass(frozen=True)
@@ -81,24 +81,34 @@ def _coverage(ramp: torch.Tensor, starts, size: int) -> torch.Tensor:
     return total
 
 
-def d4_average(net, x: torch.Tensor, thresholds_m: torch.Tensor) -> torch.Tensor:
-    """Mean of net over the 8 rotations/flips of x (B,1,H,W), each prediction mapped back; (B,1,H,W)."""
-    total = torch.zeros_like(x)
+def d4_average(fn, x: torch.Tensor) -> torch.Tensor:
+    """Mean of fn over the 8 rotations/flips of x (B,C,H,W), each output (B,K,H,W) mapped back."""
+    total = 0.0
     for flip in (False, True):
         xf = x.flip(-1) if flip else x
         for k in range(4):
-            p = torch.rot90(net(torch.rot90(xf, k, (-2, -1)), thresholds_m), -k, (-2, -1))
-            total += p.flip(-1) if flip else p
+            p = torch.rot90(fn(torch.rot90(xf, k, (-2, -1))), -k, (-2, -1))
+            total = total + (p.flip(-1) if flip else p)
     return total / 8
 
 
-def predict_thresholds(net, dsm: torch.Tensor, thresholds_m: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """dsm (B,1,H,W) metres -> probabilities (B,K,H,W) at the K thresholds, in ONE forward pass (or 8 with tta)."""
+def _repeated(net, dsm: torch.Tensor, thresholds_m: torch.Tensor) -> torch.Tensor:
+    """(B,K,H,W) from a net taking one threshold per sample (exported models): each window repeated K times."""
     b, k = dsm.shape[0], thresholds_m.numel()
     x = dsm.repeat_interleave(k, dim=0)  # (B*K, 1, H, W), window-major: row = b*K + k
-    t = thresholds_m.repeat(b)           # (B*K,)
-    probs = d4_average(net, x, t) if tta else net(x, t)
-    return probs.view(b, k, *dsm.shape[-2:])
+    return net(x, thresholds_m.repeat(b)).view(b, k, *dsm.shape[-2:])
+
+
+def predict_thresholds(net, dsm: torch.Tensor, thresholds_m: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """dsm (B,1,H,W) metres -> probabilities (B,K,H,W) at the K thresholds, in ONE forward pass (or 8 with tta).
+
+    Uses net.forward_thresholds when it has one (lib.inference: each window normalised once, not K times).
+    """
+    multi = getattr(net, "forward_thresholds", None) or functools.partial(_repeated, net)
+
+    def fn(x):
+        return multi(x, thresholds_m)
+    return d4_average(fn, dsm) if tta else fn(dsm)
 
 
 def _windows(path, plan: ScenePlan):
@@ -182,76 +192,103 @@ def gap_mask(probs: np.ndarray, prob_threshold: float = 0.5) -> np.ndarray:
     return mask
 
 
+class NestingCount:
+    """Nesting violations of the raw maps (gap at T, not at the next higher T'), summed over a scene's strips.
+
+    report() has lib.gapmaps.nesting_violations' form: {"pairs": [...], "rate": violations / gap pixels}.
+    """
+
+    def __init__(self, thresholds_m):
+        self.thresholds_m = list(thresholds_m)
+        self.counts = np.zeros((max(len(self.thresholds_m) - 1, 0), 2), np.int64)  # per pair: gap, violations
+
+    def add(self, masks: np.ndarray) -> None:
+        """masks (K, ...) bool at thresholds_m."""
+        pairs = nesting_violations(masks, self.thresholds_m)["pairs"]
+        self.counts += np.array([[p["gap_pixels"], p["violations"]] for p in pairs], np.int64).reshape(-1, 2)
+
+    def report(self) -> dict:
+        t = sorted(self.thresholds_m)
+        pairs = [{"lower_m": low, "upper_m": high, "gap_pixels": int(gap), "violations": int(bad),
+                  "rate": bad / gap if gap else float("nan")}
+                 for low, high, (gap, bad) in zip(t, t[1:], self.counts.tolist())]
+        gap, bad = self.counts.sum(axis=0).tolist() if len(self.counts) else (0, 0)
+        return {"pairs": pairs, "rate": bad / gap if gap else float("nan")}
+
+
+@dataclass
+class WrittenScene:
+    paths: dict[str, Path]  # {tag: gaps_{tag}.tif}
+    nesting: dict           # NestingCount.report() of the maps before nesting
+
+
 def write_scene(net, dsm_path, out_dir, plan: ScenePlan, thresholds_m, batch_size: int = 8, tta: bool = False,
                 device="cpu", write_prob: bool = False, prob_threshold: float = 0.5, pad_batches: bool = False,
-                progress=None) -> dict[str, Path]:
+                progress=None, nested: bool = False) -> WrittenScene:
     """Stream the scene into gaps_{tag}.tif (uint8, before the area filter) and optional prob_{tag}.tif.
 
-    progress(rows_done) is called after each finished block of rows. Returns {tag: gaps path}.
+    nested: probabilities made monotone over the thresholds (lib.gapmaps), so the gap map at T lies inside
+    the one at every T' > T; the violations of the raw maps are counted either way.
+    progress(rows_done) is called after each finished block of rows.
     """
     info, out_dir = read_info(dsm_path), Path(out_dir)
     tags = [threshold_tag(t) for t in thresholds_m]
     paths = {tag: out_dir / f"gaps_{tag}.tif" for tag in tags}
+    nesting = NestingCount(thresholds_m)
     with ExitStack() as stack:
         gaps = [stack.enter_context(RasterWriter(paths[tag], info, np.uint8, nodata=IGNORE)) for tag in tags]
         probs = [stack.enter_context(RasterWriter(out_dir / f"prob_{tag}.tif", info, np.float32,
                                                   nodata=float("nan"))) for tag in tags] if write_prob else []
         for row0, block in iter_scene(net, dsm_path, plan, thresholds_m, batch_size, tta, device, pad_batches):
+            nesting.add(block > prob_threshold)                              # (K, n, W); NaN compares False
+            if nested:
+                block = nest_probabilities(block, thresholds_m)
             for k, writer in enumerate(gaps):
                 writer.write(row0, gap_mask(block[k], prob_threshold))
             for k, writer in enumerate(probs):
                 writer.write(row0, block[k])
             if progress:
                 progress(row0 + block.shape[1])
-    return paths
+    return WrittenScene(paths, nesting.report())
 
 
-def filter_gaps(gaps_path, dsm_path, min_area_m2: float, max_area_m2: float, strip_rows: int = 256) -> int:
+def read_mask(path, strip_rows: int = 256) -> np.ndarray:
+    """A written gap map back as uint8 (H, W) 0/1/IGNORE, strip by strip (never a float copy of the scene)."""
+    info = read_info(path)
+    mask = np.empty((info.height, info.width), np.uint8)
+    for row0, block in iter_strips(path, strip_rows):                   # float32, IGNORE read as NaN
+        mask[row0:row0 + len(block)] = np.where(np.isnan(block), IGNORE, block)
+    return mask
+
+
+def mask_labels(gap: np.ndarray, min_area_m2: float, max_area_m2: float, pixel_area_m2: float):
+    """(gap ids (H, W) int32, n) of a bool gap map after the training labels' [min, max] area filter.
+
+    Labelled as a 2-byte pseudo-CHM, 0 in gaps, so lib.gaps applies exactly the training labels' rule.
+    """
+    return gap_labels((~gap).astype(np.float16), 0.5, min_area_m2, max_area_m2, pixel_area_m2)
+
+
+def filter_gaps(gaps_path, dsm_path, min_area_m2: float, max_area_m2: float) -> int:
     """Apply the training labels' [min, max] area filter to a written gap map, in place, and write its
     CSV (gap id, area m², centroid x/y in the CRS, DSM stats) beside it; returns the number of gaps.
 
-    Needs the whole mask: read back as a 2-byte pseudo-CHM (0 in gaps) so lib.gaps labels it unchanged.
+    Needs the whole mask (a gap may span many strips); holds about 10 bytes per pixel at its peak.
     """
     gaps_path = Path(gaps_path)
     info = read_info(gaps_path)
-    pseudo_chm = np.empty((info.height, info.width), np.float16)
-    for row0, block in iter_strips(gaps_path, strip_rows):
-        pseudo_chm[row0:row0 + len(block)] = block != 1                     # nodata (NaN) -> not gap
-    labels, n = gap_labels(pseudo_chm, 0.5, min_area_m2, max_area_m2, info.pixel_area)
-    del pseudo_chm
+    labels, n = mask_labels(read_mask(gaps_path) == 1, min_area_m2, max_area_m2, info.pixel_area)
     dsm, _ = read_raster(dsm_path)
     stats = {name.replace("chm_", "dsm_"): col for name, col in gap_stats(labels, n, dsm, info).items()}
-    write_raster(gaps_path, np.where(np.isnan(dsm), IGNORE, labels > 0).astype(np.uint8), info, nodata=IGNORE)
+    mask = (labels > 0).astype(np.uint8)
+    mask[np.isnan(dsm)] = IGNORE
+    write_raster(gaps_path, mask, info, nodata=IGNORE)
     write_gap_table(gaps_path.with_suffix(".csv"), stats)
     return n
 
 
-def _scores(pred: np.ndarray, ref: np.ndarray, thresholds_m) -> dict:
-    """pred (K, H, W) bool gaps, ref (K, H, W) uint8 0/1/IGNORE -> {tag: {iou, f1, precision, recall}, "mean": ...}."""
-    metrics = ThresholdMetrics(thresholds_m)
-    metrics.update(torch.from_numpy(pred)[:, None].float(), torch.from_numpy(ref)[:, None],
-                   torch.arange(len(thresholds_m)), from_logits=False)
-    values = metrics.compute()
-    tags = [threshold_tag(t) for t in thresholds_m] + ["mean"]
-    return {tag: {key: values[f"{key}_{tag}"] for key in SCORE_KEYS} for tag in tags}
-
-
-def score_scene(out_dir, dsm_path, thresholds_m, min_area_m2: float, max_area_m2: float, chm_path=None,
-                dtm_path=None, classical_window_m: float = 51.0) -> dict:
-    """Reference gaps (CHM <= T, same area filter) -> ref_gaps_{tag}.tif, and the scores of the written
-    (filtered) gap maps and of the classical DSM-only baseline against them. Holds the scene whole.
-    """
-    out_dir = Path(out_dir)
-    dsm, chm, info = read_pair(dsm_path, chm=chm_path, dtm=dtm_path)
-    ref = gap_masks(chm, thresholds_m, min_area_m2, max_area_m2, info.pixel_area)       # (K, H, W)
-    del chm
-    tags = [threshold_tag(t) for t in thresholds_m]
-    for tag, mask in zip(tags, ref):
-        write_raster(out_dir / f"ref_gaps_{tag}.tif", mask, info, nodata=IGNORE)
-    pred = np.stack([read_raster(out_dir / f"gaps_{tag}.tif")[0] == 1 for tag in tags])  # (K, H, W) bool
-    rel = classical_relative_height(torch.from_numpy(dsm)[None, None], classical_window_m, info.pixel_size[0])
-    classical = gap_masks(rel[0, 0].numpy(), thresholds_m, min_area_m2, max_area_m2, info.pixel_area)
-    return {"reference": str(chm_path or dtm_path), "reference_kind": "chm" if chm_path else "dtm",
-            "thresholds_m": list(thresholds_m), "valid_pixels": int((ref[0] != IGNORE).sum()),
-            "model": _scores(pred, ref, thresholds_m), "classical": _scores(classical == 1, ref, thresholds_m),
-            "classical_window_m": classical_window_m}
+def write_quicklook(path, dsm_path, gaps_paths) -> None:
+    """PNG hillshade of the DSM with each gap map outlined in its own colour (lib.png); holds the scene."""
+    dsm, info = read_raster(dsm_path)
+    masks = np.stack([read_mask(p) for p in gaps_paths])                 # (K, H, W) uint8
+    write_png(path, hillshade_quicklook(dsm, masks, info.pixel_size[0]))

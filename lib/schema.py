@@ -3,8 +3,18 @@
 The JSON key, the field name and the builder's keyword argument are the same string. `docs/configuration.md`
 is generated from this file (`python -m lib.schema_doc`).
 """
+import re
 from dataclasses import dataclass, field
+
 from lib.errors import ConfigError
+
+INPUT_FEATURE = re.compile(r"dsm|relative_height_(\d+(?:\.\d+)?)m")  # group 1: the window side W, metres
+
+
+def valid_input_feature(name) -> bool:
+    """'dsm', or 'relative_height_<W>m' with W > 0 metres."""
+    match = INPUT_FEATURE.fullmatch(str(name))
+    return bool(match) and (match.group(1) is None or float(match.group(1)) > 0)
 
 
 def opt(default, doc: str, **meta):
@@ -50,8 +60,17 @@ class DataConfig:
     cache: bool = opt(False, "keep decoded samples in memory after the first epoch (small datasets)")
     shuffle_buffer: int = opt(256, "samples in the shuffle buffer", min=1)
     calibrate: bool = opt(False, "try worker counts / prefetch factors at start and keep the fastest")
+    input_features: list[str] = opt(["dsm"], "model input channels, computed on the fly from each DSM tile: "
+                                    "dsm, relative_height_<W>m (DSM minus its grey opening over W metres)")
+    hybrid_chms: list[str] = opt([], "real CHM GeoTIFFs laid onto synthetic terrain as extra sites "
+                                 "(real canopy, exact labels), mixed with the synthetic sites")
+    hybrid_per_chm: int = opt(4, "hybrid sites per CHM, each on its own terrain and orientation", min=0)
 
     def __post_init__(self):
+        bad = [f for f in self.input_features if not valid_input_feature(f)]
+        if bad or not self.input_features or len(set(self.input_features)) != len(self.input_features):
+            raise ConfigError(f"data.input_features must be distinct names 'dsm' or 'relative_height_<W>m' "
+                              f"(W > 0 metres), found {self.input_features}")
         if any(b <= a for a, b in zip(self.thresholds_m, self.thresholds_m[1:])):
             raise ConfigError(f"data.thresholds_m must be strictly increasing, found {self.thresholds_m}")
         if not self.thresholds_m:
@@ -113,6 +132,8 @@ class OptimConfig:
     grad_clip: float = opt(1.0, "gradient clipping threshold; 0 disables", min=0.0)
     clip_mode: str = opt("norm", "how to clip", choices=("norm", "value", "adaptive"))
     accumulate_steps: int = opt(1, "micro-batches per optimiser step", min=1)
+    encoder_lr_scale: float = opt(1.0, "LR multiplier of the encoder's parameters (e.g. 0.1 when fine-tuning "
+                                       "weights from --init-from)", min=0.0)
 
 
 @dataclass
@@ -148,12 +169,31 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the model")
     channels_last: bool = opt(False, "channels_last memory format")
     ema_decay: float = opt(0.0, "EMA of weights; 0 disables", min=0.0, max=1.0)
-    threshold_sampling: str = opt("uniform", "per-sample threshold draw", choices=("uniform", "rare"))
+    threshold_sampling: str = opt("uniform", "per-sample threshold draw: one of data.thresholds_m (uniform, "
+                                  "rare), or continuous T ~ U(threshold_range_m) with target CHM <= T "
+                                  "and no area filter", choices=("uniform", "rare", "continuous"))
+    threshold_range_m: list[float] = opt([1.0, 30.0], "continuous sampling: lowest and highest threshold, metres")
     early_stopping_patience: int = opt(10, "epochs without improvement before stopping; 0 disables", min=0)
     monitor: str = opt("val/iou_mean", "metric that picks best.ckpt and drives early stopping")
     monitor_mode: str = opt("max", "whether the monitored metric should rise or fall", choices=("max", "min"))
     checkpoint_every_steps: int = opt(0, "also write last.ckpt every N steps; 0 = only at epoch ends", min=0)
     val_every_epochs: int = opt(1, "validate every N epochs", min=1)
+    freeze_encoder_epochs: int = opt(0, "transfer learning: the encoder gets no update for the first N epochs",
+                                     min=0)
+    sync_batchnorm: bool = opt(False, "DDP: BatchNorm statistics over all ranks (SyncBatchNorm; CUDA only)")
+    profile_steps: int = opt(0, "PyTorch profiler over the first N optimiser steps, trace in <run>/profile/; "
+                                "0 = off", min=0)
+    adaptive_regularization: bool = opt(False, "raise dropout and weight decay when the val - train loss gap "
+                                               "widens for two validations in a row")
+    regularization_factor: float = opt(1.5, "adaptive_regularization: multiplier of dropout and weight decay "
+                                            "at each raise", min=1.0)
+    max_dropout: float = opt(0.5, "adaptive_regularization: dropout is never raised above this", min=0.0, max=1.0)
+
+
+    def __post_init__(self):
+        r = self.threshold_range_m
+        if len(r) != 2 or not 0 <= r[0] < r[1]:
+            raise ConfigError(f"train.threshold_range_m must be two increasing thresholds >= 0 metres, found {r}")
 
 
 @dataclass
@@ -219,9 +259,22 @@ class PredictConfig:
 
 @dataclass
 class SearchConfig:
-    grid: dict = opt({}, "dotted config keys -> list of values")
+    name: str = opt("search", "search name: trials go to <run.output_root>/<name>/<trial id>/")
+    grid: dict = opt({}, "dotted config keys -> list of values (grid_search.py --grid FILE replaces it)")
     trials: int = opt(0, "random trials drawn from the grid; 0 = the full grid", min=0)
-    epochs: int = opt(2, "epochs per trial", min=1)
+    seed: int = opt(0, "seed of the random draw of trials (every trial trains with run.seed)")
+    epochs: int = opt(2, "epochs per trial (of the first rung with successive halving)", min=1)
+    workers: int = opt(1, "trials at once, each in its own process (one GPU each when there are GPUs)", min=1)
+    halving_rungs: int = opt(0, "successive halving: rungs after the first; each keeps the best keep_fraction "
+                                "of the points and trains them round(1/keep_fraction) times longer; 0 = off", min=0)
+    keep_fraction: float = opt(0.5, "successive halving: fraction of the points kept after each rung",
+                               min=0.01, max=1.0)
+    folds: int = opt(0, "k-fold over the train+val sites, mean +- std per point (architecture benchmark); "
+                        "0 = the dataset's own split", min=0)
+
+    def __post_init__(self):
+        if self.folds == 1:
+            raise ConfigError("search.folds=1 is not a k-fold: use 0 (the dataset's own split) or k >= 2")
 
 
 @dataclass

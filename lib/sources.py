@@ -3,6 +3,7 @@
 A source is loaded lazily, one site at a time, so preparing many large rasters never holds them all.
 """
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -44,6 +45,38 @@ def synthetic_sources(count: int, size_px: int, pixel_size_m: float, seed: int) 
             return site
         return load
     return [SiteSource(f"syn{i:03d}", loader(i)) for i in range(count)]
+
+
+def hybrid_sources(chm_paths, per_chm: int, pixel_size_m: float, seed: int) -> list[SiteSource]:
+    """`per_chm` sites per real CHM GeoTIFF, each on its own synthetic terrain and sensor, in one of the
+    8 D4 orientations (copy i: rot90 i % 4, flipped when i // 4 is odd). The CHM is the exact label."""
+    sources = []
+    for path in chm_paths:
+        stem = safe_site_name(Path(path).stem)
+        sources += [SiteSource(f"hyb-{stem}-{i:02d}", _hybrid_loader(str(path), stem, i, pixel_size_m, seed))
+                    for i in range(per_chm)]
+    return sources
+
+
+def _hybrid_loader(path: str, stem: str, index: int, pixel_size_m: float, seed: int) -> Callable[[], SiteData]:
+    def load() -> SiteData:
+        from lib.raster import GeoInfo, read_raster
+        from lib.synthetic import hybrid_site, random_hybrid_params
+        chm, info = read_raster(path)
+        if any(abs(s - pixel_size_m) > 1e-6 * pixel_size_m for s in info.pixel_size):
+            raise DataError(f"data.hybrid_chms: {path} has {info.pixel_size[0]:g} x {info.pixel_size[1]:g} m "
+                            f"pixels but data.pixel_size_m is {pixel_size_m:g}", hint="resample the CHM")
+        chm = np.rot90(chm, index % 4)
+        chm = np.ascontiguousarray(chm[:, ::-1] if (index // 4) % 2 else chm)
+        site_seed = int(np.random.SeedSequence([seed, zlib.crc32(stem.encode()), index]).generate_state(1)[0])
+        params = random_hybrid_params(np.random.default_rng(site_seed), max(chm.shape), pixel_size_m)
+        site = hybrid_site(chm, site_seed, params)
+        grid = GeoInfo(height=chm.shape[0], width=chm.shape[1], pixel_size=(pixel_size_m, pixel_size_m),
+                       origin=(0.0, float(chm.shape[0] * pixel_size_m)))
+        return SiteData(f"hyb-{stem}-{index:02d}", site.dsm, site.chm, grid,
+                        {"source": "hybrid", "chm_file": path, "seed": site_seed, "rot90": index % 4,
+                         "flip": bool((index // 4) % 2), "sensor": params.sensor})
+    return load
 
 
 def synthetic_site(index: int, size_px: int, pixel_size_m: float, seed: int) -> SiteData:
@@ -110,7 +143,8 @@ def folder_sources(folder: str | Path) -> list[SiteSource]:
 
 
 def sources_from_config(data_cfg, seed: int) -> list[SiteSource]:
-    """Real sites when the config lists any (sites, raster_folder), synthetic ones otherwise."""
+    """Real sites when the config lists any (sites, raster_folder), synthetic ones otherwise; plus the
+    hybrid sites of data.hybrid_chms."""
     sources = []
     for i, site in enumerate(data_cfg.sites):
         unknown = set(site) - {"name", "dsm", "chm", "dtm"}
@@ -123,6 +157,7 @@ def sources_from_config(data_cfg, seed: int) -> list[SiteSource]:
     if not sources:
         sources = synthetic_sources(data_cfg.synthetic_sites, data_cfg.synthetic_size_px,
                                     data_cfg.pixel_size_m, seed)
+    sources += hybrid_sources(data_cfg.hybrid_chms, data_cfg.hybrid_per_chm, data_cfg.pixel_size_m, seed)
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise DataError(f"site names must be unique, found {names}")

@@ -228,21 +228,35 @@ def generate_site(seed: int, params: SiteParams | None = None) -> Site:
                 params=p, seed=seed)
 
 
+def _random_relief(rng: np.random.Generator, extent_m: float, log_uniform) -> tuple[float, float]:
+    """(relief_m, max_slope_deg): a quarter flat, 30 % rolling, 45 % mountain sides whose median slope is
+    20-45 degrees (steep real scenes such as Wellington have a median of 37 and a 99th percentile of 52)."""
+    draw = rng.random()
+    if draw < 0.25:
+        return float(rng.uniform(0, 5)), float(rng.uniform(15, 45))
+    if draw < 0.55:
+        return log_uniform(5, 200), float(rng.uniform(15, 40))
+    target = rng.uniform(20, 45)                               # rough median slope, degrees
+    relief = (extent_m + 2 * MAX_CROWN_M) * np.tan(np.radians(target)) * rng.uniform(1.0, 2.0)
+    return float(relief), float(min(target + rng.uniform(8, 18), 60))
+
+
 def random_site_params(rng: np.random.Generator, size_px: int, pixel_size_m: float = 1.0) -> SiteParams:
-    """A varied scene for dataset diversity: forest type, relief (a third flat), slope, gaps, sensor."""
+    """A varied scene for dataset diversity: forest type, relief (flat, rolling or steep), slope, gaps, sensor."""
     def log_uniform(lo, hi):
         return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
     lidar = rng.random() < 0.7
     weights = None
-    if rng.random() < 0.25:
-        weights = (1.0, 0.0, 0.0, 0.0, 0.0)                            # one closed stand, like most plots
+    if rng.random() < 0.35:  # one closed stand, like most plots (and the classical method's hard case on slopes)
+        weights = (1.0, 0.0, 0.0, 0.0, 0.0)
     elif rng.random() < 0.5:
         weights = tuple(float(w) for w in rng.dirichlet(np.ones(len(STAND_TYPES))))
+    forest = str(rng.choice(list(FORESTS)))
+    relief_m, max_slope_deg = _random_relief(rng, size_px * pixel_size_m, log_uniform)
     return SiteParams(
-        size_px=int(size_px), pixel_size_m=float(pixel_size_m), forest=str(rng.choice(list(FORESTS))),
-        relief_m=rng.uniform(0, 5) if rng.random() < 0.3 else log_uniform(5, 300),
-        max_slope_deg=rng.uniform(15, 45), hillside=rng.uniform(0, 0.8) if rng.random() < 0.4 else 0.0,
+        size_px=int(size_px), pixel_size_m=float(pixel_size_m), forest=forest, relief_m=relief_m,
+        max_slope_deg=max_slope_deg, hillside=rng.uniform(0, 0.8) if rng.random() < 0.4 else 0.0,
         ridges=rng.uniform(0, 1), gullies=rng.uniform(0, 1),
         terraces=rng.uniform(0.3, 0.9) if rng.random() < 0.1 else 0.0,
         base_elevation_m=rng.uniform(0, 1500), stand_area_ha=log_uniform(2, 30), stand_weights=weights,
@@ -255,27 +269,41 @@ def random_site_params(rng: np.random.Generator, size_px: int, pixel_size_m: flo
         nodata_fraction=log_uniform(1e-4, 0.05) if rng.random() < 0.6 else 0.0)
 
 
-def hybrid_site(chm: np.ndarray, seed: int, relief_m: float = 80.0, max_slope_deg: float = 35.0,
-                pixel_size_m: float = 1.0, base_elevation_m: float = 100.0) -> Site:
+def hybrid_site(chm: np.ndarray, seed: int, params: SiteParams | None = None, **overrides) -> Site:
     """A real (H, W) CHM laid onto synthetic terrain: real canopy texture with exact labels.
 
-    site.chm is the input (as float32, NaN kept); dsm = dtm + chm, so dsm - dtm equals chm up to
-    float32 rounding of the sum (< 1e-4 m below 1000 m a.s.l.). Stands are unknown (STAND_UNKNOWN).
+    params (or SiteParams fields as keywords, e.g. relief_m=150) set the terrain and the sensor; the size
+    comes from chm. site.chm is the input (float32, NaN kept). With a "lidar" sensor dsm = dtm + chm
+    (the CHM already holds its LiDAR texture), so dsm - dtm equals chm up to float32 rounding of the sum
+    (< 1e-4 m below 1000 m a.s.l.); "photogrammetry" smooths the canopy surface as image matching does
+    (the labels stay the real CHM). Flight-line steps are added when strip_offset_m > 0. Stands are
+    unknown (STAND_UNKNOWN).
     """
     chm = np.array(chm, dtype=np.float32)
     if chm.ndim != 2 or min(chm.shape) < 2:
         raise DataError(f"hybrid_site: chm has shape {chm.shape}, expected a 2-D raster (H, W)")
     if np.isinf(chm).any():
         raise DataError("hybrid_site: chm holds infinite values, expected finite heights or NaN for nodata")
-    params = SiteParams(size_px=max(max(chm.shape), 16), pixel_size_m=pixel_size_m, relief_m=relief_m,
-                        max_slope_deg=max_slope_deg, base_elevation_m=base_elevation_m, nodata_fraction=0.0)
-    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
-    side = params.size_px
-    dtm = make_terrain(rng, (side, side), pixel_size_m, relief_m, max_slope_deg, params.ridges,
-                       params.gullies, params.terraces, params.hillside)[: chm.shape[0], : chm.shape[1]]
-    dtm = dtm - (dtm.min() - np.float32(base_elevation_m))                 # lowest point = base
-    return Site(dsm=dtm + chm, dtm=dtm, chm=chm, stand=np.full(chm.shape, STAND_UNKNOWN, np.uint8),
-                params=params, seed=seed)
+    base = params or SiteParams(strip_offset_m=0.0)
+    p = replace(base, size_px=max(max(chm.shape), 16), nodata_fraction=0.0, **overrides)
+    rng_terrain, rng_sensor = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    side = p.size_px
+    dtm = make_terrain(rng_terrain, (side, side), p.pixel_size_m, p.relief_m, p.max_slope_deg, p.ridges,
+                       p.gullies, p.terraces, p.hillside)[: chm.shape[0], : chm.shape[1]]
+    dtm = dtm - (dtm.min() - np.float32(p.base_elevation_m))                 # lowest point = base
+    canopy = chm
+    if p.sensor == "photogrammetry":
+        canopy = _photogrammetry(rng_sensor, np.nan_to_num(chm), p)
+        canopy[np.isnan(chm)] = np.nan
+    dsm = dtm + canopy
+    if p.strip_offset_m > 0:
+        dsm += _flight_lines(rng_sensor, dtm.shape, p)
+    return Site(dsm=dsm, dtm=dtm, chm=chm, stand=np.full(chm.shape, STAND_UNKNOWN, np.uint8), params=p, seed=seed)
+
+
+def random_hybrid_params(rng: np.random.Generator, size_px: int, pixel_size_m: float = 1.0) -> SiteParams:
+    """Terrain and sensor of a hybrid site, drawn like random_site_params (canopy fields are unused)."""
+    return replace(random_site_params(rng, size_px, pixel_size_m), nodata_fraction=0.0)
 
 
 def stand_tile_params(seed: int, stand_type: str | int, size_px: int, pixel_size_m: float = 1.0) -> SiteParams:

@@ -165,7 +165,7 @@ def make_terrain(rng: np.random.Generator, shape: tuple[int, int], pixel_size_m:
     yy, xx = np.arange(height, dtype=np.float32)[:, None], np.arange(width, dtype=np.float32)[None, :]
     dem += (incline_tan * pixel_size_m) * (np.cos(azimuth) * xx + np.sin(azimuth) * yy)
     half = ((height - 1) // 2 + 2, (width - 1) // 2 + 2)   # micro-relief on a 2-pixel grid: smooth at 1 px
-    micro = fractal_noise(rng, half, beta=4.0, corr_px=max(2.0, 6.0 / pixel_size_m))
+    micro = fractal_noise(rng, half, beta=4.0, corr_px=max(2.0, 3.0 / pixel_size_m))   # ~6 m blobs
     dem += min(0.15, 0.03 + 0.001 * relief_m) * upsample(micro, 2, shape)
     steepest = _steepest(dem, pixel_size_m)
     if steepest > 0.995 * max_tan:   # exact cap, on any crop too; 0.5% margin for float32 rounding

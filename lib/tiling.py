@@ -23,12 +23,21 @@ def tile_origins(height: int, width: int, tile_px: int, stride_px: int) -> np.nd
 
 
 def valid_fractions(valid: np.ndarray, origins: np.ndarray, tile_px: int) -> np.ndarray:
-    """Fraction of valid pixels in each tile, from one integral image (no per-tile loop over pixels)."""
-    integral = np.zeros((valid.shape[0] + 1, valid.shape[1] + 1), dtype=np.int64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(valid, axis=0, dtype=np.int64), axis=1)
+    """Fraction of valid pixels in each tile, (N,), from the integral image at the tile edge rows only.
+
+    A full (H + 1, W + 1) int64 integral image costs 0.5 GB and ~3 s for an 8192² site; the rows
+    between consecutive tile edges are summed band by band instead (one pass, loop over bands only).
+    """
+    if len(origins) == 0:
+        return np.zeros(0)
     r, c = origins[:, 0], origins[:, 1]
-    total = (integral[r + tile_px, c + tile_px] - integral[r, c + tile_px]
-             - integral[r + tile_px, c] + integral[r, c])
+    edges = np.union1d(0, np.concatenate([r, r + tile_px]))          # (E,) rows where tiles start or end
+    band_sums = [np.count_nonzero(valid[a:b], axis=0) for a, b in zip(edges[:-1], edges[1:])]
+    integral = np.zeros((len(edges), valid.shape[1] + 1), np.int64)  # valid[:edge, :col].sum()
+    integral[1:, 1:] = np.cumsum(np.cumsum(band_sums, axis=0), axis=1)
+    top, bottom = np.searchsorted(edges, r), np.searchsorted(edges, r + tile_px)
+    total = (integral[bottom, c + tile_px] - integral[top, c + tile_px]
+             - integral[bottom, c] + integral[top, c])
     return total / float(tile_px * tile_px)
 
 

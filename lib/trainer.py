@@ -15,8 +15,7 @@ from lib import __version__
 from lib.callbacks import CallbackList
 from lib.checkpoint import atomic_torch_save, rng_states, set_rng_states
 from lib.config import config_hash, config_to_dict
-from lib.distributed import all_reduce_sum, broadcast_flag
-from lib.ema import ModelEMA
+from lib.distributed import all_reduce_sum, broadcast_buffers, broadcast_flag
 from lib.optimizers import clip_gradients
 from lib.schedulers import set_lr
 
@@ -54,6 +53,8 @@ class Trainer:
         self.nonfinite_streak = 0
         self.should_stop, self.stop_reason = False, None
         self.last_metrics: dict = {}
+        # transfer learning: these get no update while epoch < train.freeze_encoder_epochs
+        self.frozen_params = list(raw_model.encoder_parameters()) if cfg.train.freeze_encoder_epochs else []
 
     # ---- state -------------------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
@@ -122,6 +123,9 @@ class Trainer:
         self.callbacks.on_train_begin(self)
         max_steps = self.cfg.train.max_steps
         while self.epoch < self.epochs and not self.should_stop:
+            if self.frozen_params and self.batch_in_epoch == 0:
+                frozen = self.epoch < self.cfg.train.freeze_encoder_epochs
+                log.info("epoch %d: encoder %s", self.epoch + 1, "frozen" if frozen else "trained")
             self.callbacks.on_epoch_begin(self)
             self.train_one_epoch()
             if max_steps and self.step >= max_steps:
@@ -165,8 +169,8 @@ class Trainer:
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype \
             else contextlib.nullcontext()
         with autocast:
-            logits = self.model(x, t)
-        return self.criterion(logits.float(), target, t_idx), x.shape[0]
+            out = self.model(x, t)
+        return self.criterion(self.task.output(out.float()), target, t_idx), x.shape[0]
 
     def train_step(self, batch: dict) -> dict:
         micro = self.batch_in_epoch % self.accumulate
@@ -181,6 +185,9 @@ class Trainer:
         if not last_micro:
             return logs
         self.scaler.unscale_(self.optimizer)
+        if self.epoch < self.cfg.train.freeze_encoder_epochs:
+            for p in self.frozen_params:  # no gradient: no step, no weight decay, no optimiser state change
+                p.grad = None
         self.callbacks.on_before_optimizer_step(self)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = clip_gradients(params, self.cfg.optim.clip_mode, self.cfg.optim.grad_clip)
@@ -202,19 +209,19 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """Every validation tile at every threshold; metrics from all-reduced counts."""
-        from lib.metrics import SegmentationMetrics
+        """Every validation tile at every threshold (the EMA model when enabled); all-reduced counts."""
         eval_model = self.ema.module if self.ema else self.raw_model
         eval_model.eval()
-        metrics = SegmentationMetrics(self.task.thresholds_m, device=self.device)
+        broadcast_buffers(eval_model)  # ranks updated their BatchNorm statistics from their own batches
+        metrics = self.task.metrics(self.device)
         loss_sum = torch.zeros(2, device=self.device, dtype=torch.float64)
         for batch in self.val_loader:
             batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             x, t, target, t_idx = self.task.eval_inputs(batch)
-            logits = eval_model(x, t).float()
-            loss_sum += torch.stack([self.criterion(logits, target, t_idx).double() * x.shape[0],
+            pred = self.task.output(eval_model(x, t).float())
+            loss_sum += torch.stack([self.criterion(pred, target, t_idx).double() * x.shape[0],
                                      torch.tensor(float(x.shape[0]), device=self.device, dtype=torch.float64)])
-            metrics.update(logits, target, t_idx)
+            self.task.update_metrics(metrics, pred, target, t_idx, batch)
         metrics.all_reduce()
         all_reduce_sum(loss_sum)
         values = {f"val/{k}": v for k, v in metrics.compute().items()}

@@ -3,12 +3,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "real"
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+# Tests use tiny tensors: one intra-op thread is faster than two fighting over the CI's 2 cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

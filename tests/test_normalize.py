@@ -114,3 +114,61 @@ def test_compute_height_stats_matches_numpy():
 def test_compute_height_stats_empty_split():
     with pytest.raises(DataError, match="scale"):
         compute_height_stats([(np.full((4, 4), np.nan, np.float32), None)])
+
+
+FEATURES = ["dsm", "relative_height_9m", "relative_height_15m"]
+
+
+def test_feature_channels_equal_the_classical_relative_height():
+    from lib.baselines import classical_relative_height
+    rng = np.random.default_rng(7)
+    dsm = quantised_dsm(rng, (2, 1, 32, 28))
+    dsm[1, 0, 4:9, 3:11] = float("nan")
+    norm = Normalizer(scale=4.0, validity=True, features=FEATURES, pixel_size_m=0.5)
+    out = norm(dsm)
+    assert out.shape == (2, 4, 32, 28) and norm.out_channels == 4 and torch.isfinite(out).all()
+    valid = torch.isfinite(dsm)[:, 0]
+    torch.testing.assert_close(out[:, 0], Normalizer(scale=4.0)(dsm)[:, 0])
+    for c, window_m in ((1, 9.0), (2, 15.0)):
+        want = classical_relative_height(dsm, window_m, 0.5)[:, 0] / 4.0   # 18 and 30 px windows
+        torch.testing.assert_close(out[:, c][valid], want[valid])
+        assert (out[:, c][~valid] == 0).all()
+    assert torch.equal(out[:, 3] == 1, valid)
+
+
+def test_features_ignore_absolute_elevation():
+    rng = np.random.default_rng(8)
+    dsm = quantised_dsm(rng, (2, 1, 40, 40))
+    dsm[0, 0, :6, :] = float("nan")
+    norm = Normalizer(scale=6.0, features=FEATURES)
+    ref = norm(dsm)
+    for shift in (500.0, -30.0):
+        # the opening commutes with a shift; float32 rounding of dsm + 500 is ~3e-5 m
+        torch.testing.assert_close(norm(dsm + shift), ref, atol=1e-4, rtol=0)
+
+
+def test_features_round_trip_through_stats_and_state_dict():
+    rng = np.random.default_rng(9)
+    dsm = quantised_dsm(rng, (2, 1, 24, 24))
+    a = Normalizer(scale=2.5, ref_quantile=0.1, features=FEATURES, pixel_size_m=2.0)
+    b = Normalizer.from_stats(json.loads(json.dumps(a.stats())))
+    assert b.features == FEATURES and b.pixel_size_m == 2.0 and torch.equal(a(dsm), b(dsm))
+    c = Normalizer.from_stats({"scale": 2.5, "ref_quantile": 0.1}, features=FEATURES, pixel_size_m=2.0)
+    c.load_state_dict(a.state_dict())
+    assert torch.equal(a(dsm), c(dsm))
+    old = Normalizer.from_stats({"scale": 2.5, "ref_quantile": 0.1})   # a manifest or an older checkpoint
+    assert old.features == ["dsm"] and old.out_channels == 1
+
+
+@pytest.mark.parametrize("bad", [["rgb"], ["relative_height_0m"], ["dsm", "dsm"], [], ["relative_height_5"]])
+def test_unknown_features_are_refused(bad):
+    with pytest.raises(DataError, match="relative_height_<W>m"):
+        Normalizer(features=bad)
+
+
+def test_traced_normaliser_with_features_matches():
+    rng = np.random.default_rng(10)
+    dsm = quantised_dsm(rng, (1, 1, 32, 32))
+    norm = Normalizer(scale=3.0, features=FEATURES)
+    traced = torch.jit.trace(norm, (dsm,), check_trace=False)
+    assert torch.equal(traced(dsm + 100), norm(dsm + 100))

@@ -14,6 +14,7 @@ import pytest
 import tifffile
 
 from lib.errors import RasterError
+from lib.geoinfo import geotiff_tags, parse_geoinfo
 from lib.raster import (GeoInfo, RasterWriter, check_same_grid, iter_strips, read_info,
                         read_pair, read_raster, write_raster)
 from tests.test_lzw import float_predict, lzw_encode, pack_codes
@@ -252,6 +253,16 @@ def test_check_same_grid_names_differences():
     coarse = GeoInfo(70, 300, (1.0, 1.0), INFO.origin, geokeys=NZTM_KEYS)
     with pytest.raises(RasterError, match=r"pixel size: a has \(0.5, 0.5\), b has \(1.0, 1.0\)"):
         check_same_grid({"a": INFO, "b": coarse})
+
+
+@pytest.mark.parametrize("keys", [NZTM_KEYS, (1, 1, 0, 1, 1025, 0, 1, 2), None])
+@pytest.mark.parametrize("nodata", [None, -9999, float("nan"), 0.25])
+def test_geotiff_tags_parse_back(keys, nodata):
+    info = replace(INFO, geokeys=keys, nodata=nodata)  # the second keys: PixelIsPoint
+    tags = {code: values for code, _, values in geotiff_tags(info, nodata)}
+    back = parse_geoinfo(tags, info.height, info.width, "t.tif")
+    assert replace(back, nodata=None) == replace(info, nodata=None)
+    assert back.nodata == nodata or (np.isnan(back.nodata) and np.isnan(nodata))
 
 
 def test_read_pair_with_dtm_and_chm(tmp_path):

@@ -131,7 +131,7 @@ def test_tta_average_is_d4_equivariant():
     conv = torch.nn.Conv2d(1, 1, 5, padding=2)  # not equivariant itself
 
     def net(x, t):
-        return torch.sigmoid(conv(x) + x.shape[-1] * 0 + torch.linspace(0, 1, x.shape[-1]))
+        return torch.sigmoid(conv(x) + torch.linspace(0, 1, x.shape[-1]))  # a column ramp: not D4-equivariant
 
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([2.0, 5.0])
     with torch.no_grad():
@@ -213,6 +213,9 @@ def test_scene_scores_against_a_reference(tmp_path):
     assert scores["model"]["10m"]["precision"] == 1.0
     assert set(scores["classical"]["mean"]) == {"iou", "f1", "precision", "recall"}
     assert np.array_equal(read_raster(tmp_path / "ref_gaps_10m.tif")[0] == 1, ref[1] == 1)
+    write_raster(tmp_path / "dtm.tif", dsm - chm, replace(info, height=64, width=80))     # CHM = DSM - DTM
+    from_dtm = score_scene(tmp_path, tmp_path / "dsm.tif", [2.0, 10.0], 1.0, 1e6, dtm_path=tmp_path / "dtm.tif")
+    assert from_dtm["model"] == scores["model"] and from_dtm["reference_kind"] == "dtm"
 
 
 MEMORY_SCRIPT = textwrap.dedent("""
@@ -288,5 +291,6 @@ def test_predict_cli_on_the_real_wellington_scene(tmp_path, real_data):
     scores = json.loads((out / "scores.json").read_text())
     assert set(scores) >= {"model", "classical", "reference", "thresholds_m"}
     assert set(scores["model"]) == set(scores["classical"]) == {"5m", "10m", "mean"}
+    assert (out / "quicklook.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "predict.json").read_text())
     assert summary["predict"]["window_px"] == 64 and summary["predict"]["batch_size"] == 2

@@ -103,11 +103,13 @@ def test_stand_ids_in_range_and_several_types_on_a_large_site():
 
 def test_tropical_canopy_is_taller_than_temperate():
     def heights(forest):
-        chm = generate_site(4, SiteParams(size_px=192, forest=forest, stand_weights=CLOSED, stand_area_ha=0.5,
-                                          gap_fraction=0.02, nodata_fraction=0.0)).chm   # ~7 stands averaged
+        chm = np.concatenate([generate_site(seed, SiteParams(size_px=160, forest=forest, stand_weights=CLOSED,
+                                                             stand_area_ha=0.5, gap_fraction=0.02,
+                                                             nodata_fraction=0.0)).chm.ravel()
+                              for seed in (4, 5)])                        # ~10 stands of each
         return np.median(chm), np.percentile(chm, 99)
     tropical, temperate = heights("tropical"), heights("temperate")
-    assert tropical[0] > temperate[0] and tropical[1] > temperate[1] + 3
+    assert tropical[0] > temperate[0] + 2 and tropical[1] > temperate[1] + 1
 
 
 def test_photogrammetry_has_fewer_pits_than_lidar():

@@ -49,11 +49,18 @@ def test_train_writes_run_directory_and_tensorboard_tags(tiny_dataset):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("val/iou_mean" in r for r in records) and any("train/loss" in r for r in records)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
     acc.Reload()
     tags = acc.Tags()
     assert {"train/loss", "train/lr", "val/iou_mean", "val/iou_2m", "val/iou_15m"} <= set(tags["scalars"])
     assert any(t.startswith("val_panel/") for t in tags["images"])
+    assert tags["graph"], "model graph missing"
+    histograms = set(tags["histograms"])
+    assert "weights/head.weight" in histograms and "grads/head.weight" in histograms
+    hparams = EventAccumulator(str(run_dir / "tb" / "hparams"), size_guidance={"scalars": 0})
+    hparams.Reload()
+    assert "_hparams_/experiment" in hparams.PluginTagToContent("hparams")
+    assert "hparam/val/iou_mean" in hparams.Tags()["scalars"]
     ckpt = load_checkpoint(run_dir / "best.ckpt")
     assert {"model", "optimizer", "config", "normalization", "rng", "callbacks", "version"} <= set(ckpt)
 

@@ -1,0 +1,60 @@
+"""Sanity checks before a long run: baselines, initial loss, batch shapes, gradients, overfitting, batch size.
+
+    python sanity_check.py --config configs/quick.json
+    python sanity_check.py --config configs/config.json --tiles 8 --steps 200
+    python sanity_check.py --config configs/config.json --max-batch 512 --run.device=cuda
+
+Exit status 0 when nothing failed (warnings allowed), 1 when a check failed, 2 on a config or data error.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lib.cli import handle_errors, setup_logging
+from lib.config import add_config_args, config_from_args
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Outputs in --out (default runs/<run.name>/sanity/): report.json "
+                                            "and tb/ (overfit curve, baseline scores, the report).")
+    add_config_args(parser, default="configs/config.json")
+    parser.add_argument("--tiles", type=int, default=4, help="tiles the model must overfit (default 4)")
+    parser.add_argument("--steps", type=int, default=100, help="most optimiser steps to overfit them (default 100)")
+    parser.add_argument("--target", type=float, default=0.5,
+                        help="overfitting passes when the loss falls to this fraction of its start (default 0.5)")
+    parser.add_argument("--max-batch", type=int,
+                        help="largest batch the batch-size finder tries (default 4096 on CUDA, 2 x train.batch_size "
+                             "on CPU)")
+    parser.add_argument("--out", metavar="DIR", help="output folder (default runs/<run.name>/sanity)")
+    return parser.parse_known_args(argv)
+
+
+@handle_errors
+def main(argv=None) -> int:
+    args, extra = parse_args(argv)
+    cfg = config_from_args(args, extra)
+    from lib import sanity
+    from lib.atomic import write_json
+    from lib.env import select_device
+    from lib.runner import run_dir_of
+
+    setup_logging()
+    device = select_device(cfg.run.device)
+    print(f"sanity checks of {cfg.model.name} on {cfg.data.root} ({device}) ...")
+    checks = sanity.run_sanity(cfg, device, args.tiles, args.steps, args.target, args.max_batch)
+    text = sanity.report(checks)
+    out = Path(args.out) if args.out else run_dir_of(cfg) / "sanity"
+    write_json(out / "report.json", [{"name": c.name, "status": c.status, "message": c.message,
+                                      "details": json.loads(json.dumps(c.details, default=str))} for c in checks])
+    sanity.log_tensorboard(out / "tb", checks, text)
+    curve = next(c.details["curve"] for c in checks if c.name == "overfit")
+    print(text)
+    print("overfit loss curve (step: loss): " + ", ".join(f"{s}: {loss:.3f}" for s, loss, _ in curve))
+    print(f"wrote {out}/report.json and {out}/tb")
+    return 1 if any(c.status == "fail" for c in checks) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

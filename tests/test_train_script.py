@@ -1,0 +1,42 @@
+"""train.py end to end: model summary and regularisers in train.log, --profile writes a trace, and
+--init-from with a frozen encoder keeps the pretrained encoder exactly."""
+import copy
+import json
+
+import torch
+
+import train
+from conftest import TINY
+from lib.checkpoint import load_checkpoint
+
+
+def _config_file(tmp_path, root):
+    data = copy.deepcopy(TINY)
+    data["data"]["root"] = str(root / "data")
+    data["run"]["output_root"] = str(tmp_path / "runs")
+    data["train"]["epochs"] = 1
+    data["log"]["images_every_epochs"] = 0
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_profile_summary_and_transfer_with_frozen_encoder(tiny_dataset, tmp_path):
+    config = _config_file(tmp_path, tiny_dataset)
+    assert train.main(["--config", config, "--run.name=pre", "--profile", "2"]) == 0
+    pre = tmp_path / "runs" / "pre"
+    events = json.loads((pre / "profile" / "trace.json").read_text())["traceEvents"]
+    assert any("conv" in str(e.get("name", "")) for e in events)
+    assert "Self CPU" in (pre / "profile" / "summary.txt").read_text()
+    log = (pre / "train.log").read_text()
+    assert "M parameters" in log and "GFLOP per 32x32 tile" in log and "regularisation: dropout" in log
+
+    assert train.main(["--config", config, "--run.name=fine", "--init-from", str(pre / "best.ckpt"),
+                       "--train.freeze_encoder_epochs=1", "--optim.encoder_lr_scale=0.1"]) == 0
+    before = load_checkpoint(pre / "best.ckpt")["model"]
+    after = load_checkpoint(tmp_path / "runs" / "fine" / "last.ckpt")["model"]
+    weights = [k for k, v in after.items() if torch.is_tensor(v) and v.is_floating_point()]
+    encoder = [k for k in weights if k.startswith("encoder.") and "running_" not in k]
+    assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
+    assert not torch.equal(before["head.weight"], after["head.weight"])
+    assert "encoder frozen" in (tmp_path / "runs" / "fine" / "train.log").read_text()
