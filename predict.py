@@ -1,15 +1,14 @@
-"""Map canopy gaps on a whole GeoTIFF scene of any size with a trained model.
+"""Map canopy gaps on whole GeoTIFF scenes with a trained model (the shipped one when --checkpoint is left out).
 
-    python predict.py --checkpoint runs/quick/best.ckpt --dsm scene_DSM.tif --out gaps_out
-    python predict.py --checkpoint runs/exp1/best.ckpt --dsm scene_DSM.tif --thresholds 2 5 10 15 --tta --write-prob --out out
-    python predict.py --checkpoint model.ts --dsm site_DSM.tif --chm site_CHM.tif --out out   # also scores.json
+    python predict.py --dsm scene_DSM.tif --thresholds 2 5 10 15 --out out            # weights/gaps_dsm_v1.pt
+    python predict.py --checkpoint runs/exp1/best.ckpt --dsm site_DSM.tif --chm site_CHM.tif --write-prob --out out
+    torchrun --nproc_per_node=4 predict.py --checkpoint model.ts --dsm-list tiles.txt --out region   # resumable
 """
 import argparse
 import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 from lib.cli import handle_errors
 
@@ -21,20 +20,32 @@ def parse_args(argv):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Outputs per threshold T: gaps_T.tif (uint8 1 gap / 0 / 255 nodata), gaps_T.csv (one row per gap: "
                "area, centroid, DSM stats; same area filter as the training labels), prob_T.tif with "
-               "--write-prob. Defaults come from the checkpoint's config (predict section); any key can be "
-               "overridden as --section.key=value.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint (.ckpt) or exported TorchScript (.ts)")
-    parser.add_argument("--dsm", required=True, help="DSM GeoTIFF of the scene (metres; nodata passes through)")
+               "--write-prob, on the input's grid (a DSM of another pixel size is resampled to the model's and "
+               "back). Many scenes (--dsm-list, or --dsm FOLDER): one folder per scene, finished scenes skipped "
+               "when run again, gaps_all_T.csv over all scenes; under torchrun each process maps its share. "
+               "Defaults come from the checkpoint's config (predict section); any key can be overridden as "
+               "--section.key=value.")
+    parser.add_argument("--checkpoint", help="checkpoint (.ckpt/.pt) or exported model (.ts/.pt2); "
+                                             "default: the shipped weights/gaps_dsm_v1.pt (sha256 checked)")
+    scenes = parser.add_mutually_exclusive_group(required=True)
+    scenes.add_argument("--dsm", help="DSM GeoTIFF of the scene (metres; nodata passes through), or a folder of them")
+    scenes.add_argument("--dsm-list", help="text file of DSM paths, one per line (relative to the file's folder)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--thresholds", type=float, nargs="+", metavar="T",
-                        help="CHM thresholds in metres (default: those seen in training)")
+                        help="CHM thresholds in metres (default: those of training; any value for a model "
+                             "trained with continuous thresholds)")
     parser.add_argument("--window", type=int, help="window side in pixels (predict.window_px)")
     parser.add_argument("--overlap", type=float, help="fraction of a window shared with each neighbour")
     parser.add_argument("--batch-size", type=int, help="windows per forward pass (each at every threshold)")
     parser.add_argument("--tta", action="store_true", default=None, help="average the 8 D4 transforms")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     parser.add_argument("--write-prob", action="store_true", default=None, help="also write prob_T.tif")
+    parser.add_argument("--nested", action=argparse.BooleanOptionalAction, default=None,
+                        help="make the maps nest over thresholds (predict.nested, default on)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default run.device)")
+    parser.add_argument("--resample", action=argparse.BooleanOptionalAction, default=True,
+                        help="resample a DSM of another pixel size to the model's and the maps back "
+                             "(--no-resample: refuse it)")
     parser.add_argument("--filter", action=argparse.BooleanOptionalAction, default=True,
                         help="apply the area filter and write gaps_T.csv (holds one whole uint8 mask in memory)")
     parser.add_argument("--quicklook", action=argparse.BooleanOptionalAction, default=True,
@@ -48,19 +59,9 @@ def parse_args(argv):
 def flag_overrides(args) -> list[str]:
     """The command-line flags as predict.* overrides, so the schema checks them like any config key."""
     pairs = (("window", "window_px"), ("overlap", "overlap"), ("batch_size", "batch_size"), ("tta", "tta"),
-             ("compile", "compile"), ("write_prob", "write_prob"))
+             ("compile", "compile"), ("write_prob", "write_prob"), ("nested", "nested"))
     return [f"--predict.{key}={json.dumps(getattr(args, flag))}" for flag, key in pairs
             if getattr(args, flag) is not None]
-
-
-def check_pixel_size(info, loaded, dsm_path, checkpoint) -> None:
-    from lib.errors import RasterError
-
-    expected = loaded.pixel_size_m
-    if any(abs(s - expected) > 0.01 * expected for s in info.pixel_size):
-        raise RasterError(f"{dsm_path} has {info.pixel_size[0]:g} x {info.pixel_size[1]:g} m pixels but the model "
-                          f"({checkpoint}) was trained on {expected:g} m pixels (more than 1 % apart)",
-                          hint=f"resample the DSM, e.g. gdalwarp -tr {expected:g} {expected:g} -r bilinear in.tif out.tif")
 
 
 def progress_printer(height: int, width: int):
@@ -78,78 +79,79 @@ def progress_printer(height: int, width: int):
     return progress
 
 
-def check_inputs(args, loaded):
-    """GeoInfo of the DSM after the pixel-size and reference-grid checks; the thresholds to map."""
-    from lib.raster import check_same_grid, read_info
+def build_settings(args, overrides):
+    """Load the model (default: the shipped weights) and resolve config, device and thresholds into MapSettings."""
+    import torch
 
-    info = read_info(args.dsm)
-    check_pixel_size(info, loaded, args.dsm, args.checkpoint)
-    if args.chm or args.dtm:
-        check_same_grid({args.dsm: info, args.chm or args.dtm: read_info(args.chm or args.dtm)})
-    thresholds = args.thresholds or loaded.thresholds_m
-    outside = [t for t in thresholds if not min(loaded.thresholds_m) <= t <= max(loaded.thresholds_m)]
-    if outside:
-        log.warning("thresholds %s are outside the trained range %s: the model extrapolates", outside,
-                    loaded.thresholds_m)
-    return info, list(thresholds)
+    from lib.config import build_config, config_to_dict
+    from lib.env import distributed_info, select_device
+    from lib.inference import InferenceModel, check_thresholds, load_model, resolve_checkpoint
+    from lib.scenes import MapSettings
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    loaded = load_model(checkpoint, "cpu")
+    base = config_to_dict(loaded.config) if loaded.config else loaded.meta.get("config") or {}
+    cfg = build_config(base, overrides + flag_overrides(args), source=f"{checkpoint} (embedded config) + options")
+    thresholds = check_thresholds(args.thresholds, loaded.thresholds_m, cfg.train)
+    device = select_device(args.device or cfg.run.device)
+    if device.type == "cuda" and device.index is None:  # under torchrun: one GPU per process
+        device = torch.device("cuda", distributed_info()[1])
+    net = loaded.net.to(device)
+    if cfg.predict.compile:
+        if isinstance(net, InferenceModel):
+            net.compile()  # in place: forward_thresholds runs the compiled normaliser and model
+        else:
+            net = torch.compile(net)
+    return MapSettings(net, cfg, thresholds, loaded.pixel_size_m, loaded.stride, device, str(checkpoint),
+                       args.resample, args.filter, args.quicklook)
 
 
-def finish(args, cfg, out: Path, thresholds: list[float], paths: dict) -> dict:
-    """After the strip pass: area filter + gap tables, quick-look, reference scores. Returns gap counts."""
-    from lib.evaluation import write_json
-    from lib.scene import filter_gaps, score_scene, write_quicklook
+def scene_paths(args):
+    """[the one DSM] or the DSMs of a region run (--dsm-list, or --dsm FOLDER); and whether it is a region."""
+    from pathlib import Path
 
-    counts = {}
-    for tag, path in paths.items() if args.filter else ():
-        counts[tag] = filter_gaps(path, args.dsm, cfg.data.min_area_m2, cfg.data.max_area_m2)
-        print(f"{tag:>6}: {counts[tag]:6d} gaps  -> {path}, {path.with_suffix('.csv').name}")
-    if args.quicklook:
-        write_quicklook(out / "quicklook.png", args.dsm, list(paths.values()))
-    if args.chm or args.dtm:
-        scores = score_scene(out, args.dsm, thresholds, cfg.data.min_area_m2, cfg.data.max_area_m2,
-                             chm_path=args.chm, dtm_path=args.dtm, classical_window_m=cfg.eval.classical_window_m)
-        write_json(out / "scores.json", scores)
-        for tag, model in scores["model"].items():
-            print(f"{tag:>6}: IoU {model['iou']:.4f}  F1 {model['f1']:.4f}  "
-                  f"(classical IoU {scores['classical'][tag]['iou']:.4f})")
-    return counts
+    from lib.scenes import list_scenes
+
+    if args.dsm_list or Path(args.dsm).is_dir():
+        return list_scenes(args.dsm, args.dsm_list), True
+    return [Path(args.dsm)], False
 
 
 @handle_errors
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
-    from lib.cli import setup_logging
-    from lib.config import build_config, config_to_dict
-    from lib.env import select_device
-    from lib.evaluation import write_json
-    from lib.inference import load_model
-    from lib.scene import plan_scene, write_scene
+    import torch
 
+    from lib.cli import setup_logging
+    from lib.distributed import cleanup_distributed, init_distributed
+    from lib.env import distributed_info
+    from lib.errors import ConfigError
+    from lib.scenes import map_region, map_scene
+
+    paths, region = scene_paths(args)
+    if distributed_info()[2] > 1 and not region:
+        raise ConfigError("torchrun splits the scenes of a region across processes: give --dsm-list FILE or "
+                          "--dsm FOLDER, or run one scene without torchrun")
+    if region and (args.chm or args.dtm):
+        raise ConfigError("--chm/--dtm score one scene: give a single --dsm file with them")
     setup_logging()
-    loaded = load_model(args.checkpoint, "cpu")
-    base = config_to_dict(loaded.config) if loaded.config else loaded.meta.get("config") or {}
-    cfg = build_config(base, overrides + flag_overrides(args), source=f"{args.checkpoint} (embedded config) + options")
-    opts = cfg.predict
-    device = select_device(args.device or cfg.run.device)
-    info, thresholds = check_inputs(args, loaded)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    net = loaded.net.to(device)
-    if opts.compile:
-        import torch
-        net = torch.compile(net)
-    plan = plan_scene(info.height, info.width, opts.window_px, opts.overlap, loaded.stride)
+    settings = build_settings(args, overrides)
+    if not region:
+        summary = map_scene(settings, paths[0], args.out, args.chm, args.dtm, progress_printer, echo=print)
+        rate = summary["nesting"]["before_nesting"]["rate"]
+        print(f"nesting violations before nesting: {'n/a' if rate is None or rate != rate else f'{100 * rate:.3f} %'}"
+              f"; {summary['megapixels_per_s']:.2f} MP/s; outputs in {args.out}")
+        return 0
+    rank, world = init_distributed(torch.device("cpu"))  # gloo: only a barrier crosses processes
+    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
     start = time.perf_counter()
-    paths = write_scene(net, args.dsm, out, plan, thresholds, opts.batch_size, opts.tta, device, opts.write_prob,
-                        opts.prob_threshold, pad_batches=opts.compile,
-                        progress=progress_printer(info.height, info.width))
-    seconds = time.perf_counter() - start
-    summary = {"checkpoint": str(args.checkpoint), "dsm": str(args.dsm), "thresholds_m": thresholds,
-               "predict": config_to_dict(opts), "device": str(device), "seconds": round(seconds, 3),
-               "megapixels_per_s": round(info.height * info.width / 1e6 / seconds, 3),
-               "gaps": finish(args, cfg, out, thresholds, paths)}
-    write_json(out / "predict.json", summary)
-    print(f"{info.height}x{info.width} px in {seconds:.1f} s ({summary['megapixels_per_s']:.2f} MP/s); outputs in {out}")
+    try:
+        status = map_region(settings, paths, args.out, rank, world, progress_printer,
+                            echo=lambda line: print(prefix + line, flush=True))
+    finally:
+        cleanup_distributed()
+    print(f"{prefix}{list(status.values()).count('mapped')} scenes mapped, {list(status.values()).count('skipped')} "
+          f"skipped in {time.perf_counter() - start:.1f} s; outputs in {args.out}")
     return 0
 
 

@@ -255,6 +255,8 @@ class PredictConfig:
     prob_threshold: float = opt(0.5, "probability above which a pixel is mapped as gap", min=0.0, max=1.0)
     write_prob: bool = opt(False, "also write prob_<T>.tif (float32 probabilities, NaN nodata)")
     compile: bool = opt(False, "torch.compile the model (pays off on large scenes)")
+    nested: bool = opt(True, "make the gap maps nest: probabilities cumulative-maxed over increasing "
+                             "thresholds, so the map at T lies inside the map at every T' > T")
 
 
 @dataclass

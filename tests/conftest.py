@@ -58,3 +58,23 @@ def tiny_dataset(tmp_path_factory):
     cfg = tiny_config(root)
     build_dataset(cfg, sources_from_config(cfg.data, cfg.run.seed), cfg.data.root)
     return root
+
+
+def make_checkpoint(path, **sections) -> str:
+    """An untrained but loadable checkpoint (tiny model) whose embedded config has `sections`.
+
+    The weights are jittered: a fresh FiLM is the identity, and its output would not depend on the threshold.
+    """
+    import torch
+    from lib.config import build_config, config_to_dict
+    from lib.models import build_model
+    cfg = build_config({"model": {"name": "unet_film_cbam", "base_channels": 4, "depth": 2},
+                        "data": {"tile_px": 32}, "train": {"batch_size": 4}, **sections})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, task="segmentation", in_channels=1, batch_size=cfg.train.batch_size)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    torch.save({"model": model.state_dict(), "config": config_to_dict(cfg), "version": {}, "metrics": {},
+                "normalization": {"scale": 5.0, "ref_quantile": 0.05}}, path)
+    return str(path)

@@ -10,6 +10,7 @@ import torch
 
 import evaluate
 import prepare_data
+from conftest import make_checkpoint
 from lib.baselines import classical_relative_height
 from lib.components import label_components
 from lib.config import build_config
@@ -19,7 +20,6 @@ from lib.evaluation import METHODS, Evaluator, GapSizes, MethodScores, PRHistogr
 from lib.gaps import IGNORE
 from lib.metrics import ThresholdMetrics
 from lib.shards import read_manifest
-from tests.test_scene import make_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

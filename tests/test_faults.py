@@ -254,3 +254,12 @@ def test_grid_search_killed_resumes_without_duplicate_trials(reference, tmp_path
     for record in whole:
         assert_same_run(*(tmp_path / "runs" / name / record["run_dir"] for name in ("killed", "whole")))
     assert not list((tmp_path / "runs" / "killed").glob("*.tmp"))
+
+
+def test_reliability_doc_names_tests_that_exist():
+    import re
+    doc = (REPO / "docs" / "reliability.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"(?:::|`)(test_\w+)`", doc))  # `tests/x.py::test_a`, `::test_b`, `test_c`
+    code = "".join(p.read_text(encoding="utf-8") for p in (REPO / "tests").glob("test_*.py"))
+    assert len(named) >= 20
+    assert not [name for name in named if f"def {name}(" not in code]

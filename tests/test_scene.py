@@ -14,34 +14,16 @@ import torch
 import torch.nn.functional as F
 
 import predict
-from lib.config import build_config, config_to_dict
+from conftest import make_checkpoint
 from lib.gaps import IGNORE, gap_labels, gap_masks
-from lib.models import build_model
 from lib.raster import GeoInfo, RasterWriter, read_info, read_raster, write_raster
-from lib.scene import (blend_ramp, d4_average, filter_gaps, iter_scene, plan_scene, predict_thresholds,
-                       score_scene, write_scene)
+from lib.scene import blend_ramp, d4_average, filter_gaps, iter_scene, plan_scene, predict_thresholds, write_scene
+from lib.scene_scores import score_scene
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NZTM_KEYS = (1, 1, 0, 4, 1024, 0, 1, 1, 1025, 0, 1, 1, 1026, 34737, 12, 0, 3072, 0, 1, 2193)
 INFO = GeoInfo(height=0, width=0, pixel_size=(1.0, 1.0), origin=(1802139.25, 5467490.5),
                geokeys=NZTM_KEYS, geo_ascii="NZTM2000 2|")
-
-
-def make_checkpoint(path, **sections) -> str:
-    """An untrained but loadable checkpoint (tiny model) whose embedded config has `sections`.
-
-    The weights are jittered: a fresh FiLM is the identity, and its output would not depend on the threshold.
-    """
-    cfg = build_config({"model": {"name": "unet_film_cbam", "base_channels": 4, "depth": 2},
-                        "data": {"tile_px": 32}, "train": {"batch_size": 4}, **sections})
-    torch.manual_seed(0)
-    model = build_model(cfg.model, task="segmentation", in_channels=1, batch_size=cfg.train.batch_size)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    torch.save({"model": model.state_dict(), "config": config_to_dict(cfg), "version": {}, "metrics": {},
-                "normalization": {"scale": 5.0, "ref_quantile": 0.05}}, path)
-    return str(path)
 
 
 class PointOracle(torch.nn.Module):
@@ -128,19 +110,21 @@ def test_all_thresholds_of_a_window_in_one_forward(tmp_path):
 
 def test_tta_average_is_d4_equivariant():
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(1, 1, 5, padding=2)  # not equivariant itself
+    conv = torch.nn.Conv2d(1, 2, 5, padding=2)  # not equivariant itself; 2 outputs like 2 thresholds
 
-    def net(x, t):
+    def fn(x):
         return torch.sigmoid(conv(x) + torch.linspace(0, 1, x.shape[-1]))  # a column ramp: not D4-equivariant
 
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([2.0, 5.0])
     with torch.no_grad():
-        base = d4_average(net, x, t)
-        assert torch.allclose(d4_average(net, x.flip(-1), t), base.flip(-1), atol=1e-6)
-        assert torch.allclose(d4_average(net, x.rot90(1, (-2, -1)), t), base.rot90(1, (-2, -1)), atol=1e-6)
-        point = PointOracle()
-        assert torch.allclose(d4_average(point, x + 300, t), point(x + 300, t), atol=1e-6)
-        assert predict_thresholds(point, x[:1] + 300, t, tta=True).shape == (1, 2, 16, 16)
+        base = d4_average(fn, x)
+        assert base.shape == (2, 2, 16, 16)
+        assert torch.allclose(d4_average(fn, x.flip(-1)), base.flip(-1), atol=1e-6)
+        assert torch.allclose(d4_average(fn, x.rot90(1, (-2, -1))), base.rot90(1, (-2, -1)), atol=1e-6)
+        point = PointOracle()                      # per pixel: D4-equivariant, TTA changes nothing
+        plain = predict_thresholds(point, x + 300, t)
+        assert torch.allclose(predict_thresholds(point, x + 300, t, tta=True), plain, atol=1e-6)
+        assert torch.allclose(plain[:, 1:], point(x + 300, t[1:].repeat(2)))
 
 
 def test_nodata_passes_through_to_every_output(tmp_path):
@@ -223,7 +207,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     sys.path.insert(0, sys.argv[3])
-    from tests.test_scene import PointOracle
+    sys.path.insert(0, sys.argv[3] + "/tests")
+    from test_scene import PointOracle
     from lib.raster import read_info
     from lib.scene import plan_scene, write_scene
 
@@ -263,12 +248,14 @@ def test_memory_is_bounded_by_the_strip_not_the_scene(tmp_path):
     assert read_info(tmp_path / "out" / "gaps_15m.tif").height == n
 
 
-def test_predict_rejects_another_pixel_size(tmp_path, capsys):
+def test_predict_refuses_another_pixel_size_without_resampling(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "m.ckpt")
     write_dsm(tmp_path / "dsm.tif", random_dsm(40, 40), pixel_m=0.5)
-    assert predict.main(["--checkpoint", ckpt, "--dsm", str(tmp_path / "dsm.tif"), "--out", str(tmp_path / "o")]) == 2
+    assert predict.main(["--checkpoint", ckpt, "--dsm", str(tmp_path / "dsm.tif"), "--out", str(tmp_path / "o"),
+                         "--no-resample"]) == 2
     err = capsys.readouterr().err
-    assert "0.5 x 0.5 m pixels" in err and "trained on 1 m pixels" in err
+    assert "0.5 x 0.5 m pixels" in err and "trained on 1 m pixels" in err and "--no-resample" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_predict_cli_on_the_real_wellington_scene(tmp_path, real_data):

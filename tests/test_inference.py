@@ -1,0 +1,125 @@
+"""The one loading path: thresholds in one pass with one normalisation per window, nodata output, the
+thresholds a model may map, and the shipped weights' default and sha256 card."""
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+import predict
+from conftest import make_checkpoint
+from lib import inference
+from lib.config import build_config
+from lib.errors import ConfigError, ModelError
+from lib.inference import check_thresholds, load_model, resolve_checkpoint
+from lib.scene import predict_thresholds
+from lib.weights import file_sha256
+from tests.test_scene import random_dsm, write_dsm
+
+
+def dsm_batch(b=3, size=32, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    dsm = 300 + 5 * torch.randn(b, 1, size, size, generator=g)
+    dsm[0, 0, 4:12, 3:9] = float("nan")
+    return dsm
+
+
+def test_forward_thresholds_equals_forward_on_repeated_windows(tmp_path):
+    net = load_model(make_checkpoint(tmp_path / "m.ckpt")).net
+    dsm, t = dsm_batch(), torch.tensor([2.0, 5.0, 10.0, 15.0])
+    with torch.no_grad():
+        once = net.forward_thresholds(dsm, t)                                  # (3, 4, 32, 32)
+        repeated = net(dsm.repeat_interleave(4, dim=0), t.repeat(3)).view(3, 4, 32, 32)
+    torch.testing.assert_close(once, repeated, atol=1e-6, rtol=0)
+    assert not torch.allclose(once[:, 0], once[:, 3], atol=1e-3)              # the threshold matters
+    assert torch.isfinite(once).all()  # the docstring's promise: nodata pixels get a finite value to mask
+
+
+def test_predict_thresholds_normalises_each_window_once(tmp_path):
+    net = load_model(make_checkpoint(tmp_path / "m.ckpt")).net
+    seen = []
+    net.normalizer.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        predict_thresholds(net, dsm_batch(), torch.tensor([2.0, 5.0, 10.0, 15.0]))
+        assert seen == [3]                                                      # not 3 x 4 windows
+        predict_thresholds(net, dsm_batch(), torch.tensor([2.0, 5.0]), tta=True)
+    assert seen == [3] + [3] * 8
+
+
+def test_fixed_threshold_models_map_only_their_thresholds():
+    fixed = build_config({}).train
+    assert check_thresholds(None, [2.0, 5.0], fixed) == [2.0, 5.0]
+    assert check_thresholds([5], [2.0, 5.0], fixed) == [5.0]
+    with pytest.raises(ConfigError, match=r"thresholds \[7.5\] m were not trained.*\[2.0, 5.0\]"):
+        check_thresholds([5, 7.5], [2.0, 5.0], fixed)
+    with pytest.raises(ConfigError, match="distinct"):
+        check_thresholds([5, 5], [2.0, 5.0], fixed)
+
+
+def test_continuous_models_map_any_threshold_and_warn_outside_their_range(caplog):
+    continuous = build_config({"train": {"threshold_sampling": "continuous", "threshold_range_m": [1, 30]}}).train
+    with caplog.at_level(logging.WARNING):
+        assert check_thresholds([3.3, 12.0], [2.0, 5.0], continuous) == [3.3, 12.0]
+        assert not caplog.records
+        check_thresholds([0.5, 12.0, 40.0], [2.0, 5.0], continuous)
+    assert "[0.5, 40.0] m are outside the range" in caplog.text and "[1, 30] m" in caplog.text
+
+
+def test_predict_maps_an_untrained_threshold_of_a_continuous_model(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", train={"threshold_sampling": "continuous"})
+    write_dsm(tmp_path / "dsm.tif", random_dsm(40, 48))
+    out = tmp_path / "out"
+    assert predict.main(["--checkpoint", ckpt, "--dsm", str(tmp_path / "dsm.tif"), "--out", str(out),
+                         "--thresholds", "3.5", "7", "--no-quicklook"]) == 0
+    assert json.loads((out / "predict.json").read_text())["thresholds_m"] == [3.5, 7.0]
+    assert (out / "gaps_3.5m.tif").is_file() and (out / "gaps_7m.csv").is_file()
+    fixed = make_checkpoint(tmp_path / "f.ckpt")
+    assert predict.main(["--checkpoint", fixed, "--dsm", str(tmp_path / "dsm.tif"), "--out", str(out),
+                         "--thresholds", "3.5"]) == 2
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch):
+    """A stand-in for weights/gaps_dsm_v1.pt in tmp_path/weights (the real one may not exist yet)."""
+    weights = tmp_path / "weights" / "gaps_dsm_v1.pt"
+    weights.parent.mkdir()
+    monkeypatch.setattr(inference, "DEFAULT_WEIGHTS", weights)
+    return weights
+
+
+def test_no_checkpoint_and_no_shipped_model_is_a_clear_error(shipped, tmp_path, capsys):
+    with pytest.raises(ModelError, match="no --checkpoint given and no shipped model at .*gaps_dsm_v1.pt"):
+        resolve_checkpoint(None)
+    write_dsm(tmp_path / "dsm.tif", random_dsm(32, 32))
+    assert predict.main(["--dsm", str(tmp_path / "dsm.tif"), "--out", str(tmp_path / "o")]) == 2
+    assert "no shipped model" in capsys.readouterr().err
+
+
+def test_shipped_weights_are_the_default_and_their_card_is_checked(shipped, tmp_path):
+    shutil.copy(make_checkpoint(tmp_path / "m.ckpt"), shipped)
+    card = shipped.with_suffix(".json")
+    card.write_text(json.dumps({"file": shipped.name, "sha256": file_sha256(shipped), "pixel_size_m": 1.0}))
+    assert resolve_checkpoint(None) == shipped
+    write_dsm(tmp_path / "dsm.tif", random_dsm(32, 40))
+    assert predict.main(["--dsm", str(tmp_path / "dsm.tif"), "--out", str(tmp_path / "o"), "--no-quicklook"]) == 0
+    assert json.loads((tmp_path / "o" / "predict.json").read_text())["checkpoint"] == str(shipped)
+    card.write_text(json.dumps({"file": shipped.name, "sha256": "0" * 64}))
+    with pytest.raises(ModelError, match="its card .* records 0000"):
+        load_model(shipped)
+    card.unlink()                                  # no JSON card: the shipped file needs weights/MODEL_CARD.md
+    with pytest.raises(ModelError, match="MODEL_CARD.md not found"):
+        load_model(shipped)
+    (shipped.parent / "MODEL_CARD.md").write_text(f"| sha256 | `{file_sha256(shipped)}` |\n")
+    assert load_model(shipped).pixel_size_m == 1.0
+
+
+def test_any_checkpoint_with_a_weights_card_is_verified(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "m.ckpt")
+    (tmp_path / "m.json").write_text(json.dumps({"file": "other.ckpt", "sha256": "0" * 64}))
+    assert load_model(ckpt).tile_px == 32         # a card about another file (e.g. an export's) is not this one's
+    (tmp_path / "m.json").write_text(json.dumps({"file": "m.ckpt", "sha256": "0" * 64}))
+    with pytest.raises(ModelError, match="sha256"):
+        load_model(ckpt)
+    (tmp_path / "m.json").write_text(json.dumps({"file": "m.ckpt", "sha256": file_sha256(ckpt)}))
+    assert load_model(ckpt).tile_px == 32
