@@ -7,7 +7,8 @@ over non-overlapping tiles (whole scene in memory, one forward per tile), with t
 Each run is its own process. Prints `case  ours  peer  ratio` (ratio = ours / peer): megapixels of scene
 per second and the peak RSS increase during prediction (after model load and a warm-up forward). Ours runs
 twice: with the peer's work (no overlap, one window per forward: the pipeline's own cost), and as used
-(overlap: about (1 / (1 - overlap))² more pixels through the model, blended; batched windows).
+(overlap: about (1 / (1 - overlap))² more pixels through the model, blended; batched windows). Last row:
+one forward of a window batch at every threshold with each window normalised once (ours) or K times.
 """
 import argparse
 import json
@@ -101,6 +102,25 @@ def worker(args) -> None:
     print(json.dumps({"seconds": time.perf_counter() - start, "peak_increase_mb": rss.peak - rss.start}))
 
 
+def normalise_once(ckpt, window: int, batch: int, repeats: int = 5) -> tuple[float, float]:
+    """Seconds per window batch at the 4 thresholds: each window normalised once (InferenceModel's
+    forward_thresholds) against K times (the same model seen as a plain callable: windows repeated K times)."""
+    import torch
+    from lib.inference import load_model
+    from lib.scene import predict_thresholds
+
+    net = load_model(ckpt).net
+    x = 300 + 5 * torch.randn(batch, 1, window, window, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(THRESHOLDS)
+    best = {}
+    with torch.no_grad():
+        for name, model in (("once", net), ("k_times", lambda d, th: net(d, th))) * (repeats + 1):
+            start = time.perf_counter()
+            predict_thresholds(model, x, t)
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+    return best["once"], best["k_times"]
+
+
 def make_inputs(folder: Path, size: int, base_channels: int, depth: int) -> tuple[Path, Path]:
     """A synthetic forest DSM (size x size, 1 m) and an untrained checkpoint of unet_film_cbam."""
     import torch
@@ -153,6 +173,7 @@ def main(argv=None) -> int:
                 run = json.loads(done.stdout.splitlines()[-1])
                 best = results.setdefault(name, run)
                 best["seconds"] = min(best["seconds"], run["seconds"])
+        once, k_times = normalise_once(ckpt, args.window, args.batch_size)
     mp = args.size ** 2 / 1e6
     print(f"# {args.size}x{args.size} scene, unet_film_cbam base {args.base_channels} depth {args.depth}, "
           f"{len(THRESHOLDS)} thresholds, window {args.window}; device {args.device}, torch {torch.__version__}, "
@@ -165,6 +186,8 @@ def main(argv=None) -> int:
         for case, a, b in ((f"MP/s, {label}", mp / ours["seconds"], mp / peer["seconds"]),
                            (f"peak RSS MB, {label}", ours["peak_increase_mb"], peer["peak_increase_mb"])):
             print(f"{case:44} {a:10.3f} {b:10.3f} {a / b if b else float('nan'):7.2f}")
+    case = f"s per forward of {args.batch_size} x {len(THRESHOLDS)}: norm once/K"
+    print(f"{case:44} {once:10.4f} {k_times:10.4f} {once / k_times:7.2f}")
     return 0
 
 

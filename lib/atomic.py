@@ -1,26 +1,44 @@
-"""Atomic text writes: a temp file in the same folder, fsync, then os.replace, so a kill never leaves half a file."""
+"""Atomic writes: a temp file in the same folder, fsync, then os.replace, so a kill never leaves half a file."""
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lib.errors import DataError
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Replace `path` with `text` in one step (readers see the old or the new file, never a mix)."""
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path` to write; on success fsync it and rename it onto `path`.
+
+    On any error the temp file is removed and `path` keeps its old content; an OSError (disk full,
+    read-only folder) becomes a DataError naming the file. Permissions follow the umask (not 0600).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise DataError(f"cannot write {path}: {exc.strerror or exc}",
+                        hint="check free disk space and that the folder is writable") from None
     finally:
         tmp.unlink(missing_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
-        stale.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Replace `path` with `data` in one step (readers see the old or the new file, never a mix)."""
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` in one step (readers see the old or the new file, never a mix)."""
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -8,12 +8,12 @@ import difflib
 import hashlib
 import json
 import math
-import os
 import types
 import typing
 from pathlib import Path
 
 from lib import yamllite
+from lib.atomic import write_text
 from lib.errors import ConfigError
 from lib.schema import Config
 
@@ -172,11 +172,7 @@ def config_hash(cfg) -> str:
 
 def save_config(cfg, path: str | Path) -> None:
     """Write the resolved config as JSON, atomically, so the run can be reproduced from it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(config_to_dict(cfg), indent=2) + "\n")
 
 
 def add_config_args(parser, default: str | None = None) -> None:

@@ -7,12 +7,11 @@ statistics are not rounded to 2 decimals. Nodata (NaN) is never gap and never fo
 numpy only: analysis without the training stack.
 """
 import csv
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from lib.atomic import replacing
 from lib.components import component_sizes, label_components
 from lib.errors import ConfigError, DataError
 
@@ -108,16 +107,10 @@ def write_gap_table(path, stats: dict[str, np.ndarray]) -> None:
     """Write the gap statistics as CSV (one row per gap, NaN as "NA"), atomically."""
     path = Path(path)
     columns = [_format_column(np.asarray(values)) for values in stats.values()]
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(stats.keys())
-            writer.writerows(zip(*columns))
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with replacing(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(stats.keys())
+        writer.writerows(zip(*columns))
 
 
 def _format_column(values: np.ndarray) -> list[str]:

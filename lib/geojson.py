@@ -6,11 +6,11 @@ counter-clockwise and holes clockwise, as RFC 7946 asks.
 """
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from lib.atomic import write_text
 
 
 def write_geojson(path, polygons, columns: dict[str, np.ndarray], epsg: int | None) -> None:
@@ -30,14 +30,7 @@ def write_json(path, obj, indent: int | None = 2) -> None:
     """Strict JSON (NaN and infinities as null, numpy values as plain ones), atomically."""
     path = Path(path)
     text = json.dumps(_plain(obj), indent=indent, separators=None if indent else (",", ":"), allow_nan=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, text + "\n")
 
 
 def _plain(obj):

@@ -4,15 +4,14 @@ One feature table of MULTIPOLYGONs: GPKG geometry blobs ("GP" header, SRS id, xy
 little-endian WKB. The CRS row carries the EPSG code from the GeoTIFF keys; its definition is
 "undefined" (no projection database here), which GDAL resolves from the EPSG code.
 """
-import os
 import sqlite3
 import struct
-import tempfile
 from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 
+from lib.atomic import replacing
 from lib.errors import DataError
 
 APPLICATION_ID, USER_VERSION = 0x47504B47, 10300        # "GPKG", version 1.3.0
@@ -50,9 +49,7 @@ def write_gpkg(path, polygons, columns: dict[str, np.ndarray], epsg: int | None,
     """
     path = Path(path)
     srs_id = int(epsg) if epsg else -1
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with replacing(path) as tmp:
         with closing(sqlite3.connect(tmp)) as db, db:
             db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             db.execute(f"PRAGMA user_version = {USER_VERSION}")
@@ -63,10 +60,6 @@ def write_gpkg(path, polygons, columns: dict[str, np.ndarray], epsg: int | None,
                              f"EPSG:{srs_id} from the GeoTIFF keys"))
             db.executemany("INSERT INTO gpkg_spatial_ref_sys VALUES (?, ?, ?, ?, ?, ?)", rows)
             _write_features(db, table, polygons, columns, srs_id)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_features(db, table: str, polygons, columns: dict, srs_id: int) -> None:

@@ -1,6 +1,5 @@
 """MonitoringSystem: one place that writes TensorBoard events and `metrics.jsonl` with the same keys."""
 import json
-import os
 import resource
 import time
 import warnings
@@ -8,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from lib.atomic import write_text
 from lib.callbacks import Callback
 
 
@@ -67,9 +67,7 @@ class MonitoringSystem:
         if not self.jsonl.exists():
             return
         kept = self.jsonl.read_text().splitlines(keepends=True)[:lines]
-        tmp = self.jsonl.with_suffix(".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.jsonl)
+        write_text(self.jsonl, "".join(kept))
         self.lines = len(kept)
 
     def log_scalars(self, values: dict[str, float], step: int, epoch: int | None = None) -> None:

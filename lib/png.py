@@ -7,12 +7,12 @@ a figure in a report, not a replacement for matplotlib.
 import math
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
+from lib.atomic import write_bytes
 from lib.analysis import zeta
 
 BLACK, GREY, RED, BLUE, GREEN = (0, 0, 0), (190, 190, 190), (200, 30, 30), (30, 70, 200), (34, 139, 34)
@@ -48,14 +48,7 @@ def write_png(path, image: np.ndarray) -> None:
     """Write an image as PNG, atomically (temp file + os.replace)."""
     path = Path(path)
     data = encode_png(image)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(path, data)
 
 
 # ----------------------------------------------------------------------------- drawing

@@ -137,7 +137,8 @@ def map_scene(s: MapSettings, dsm_path, out_dir, chm_path=None, dtm_path=None, p
 def echo_scores(scores: dict, echo) -> None:
     """Per threshold: IoU against the reference (and the classical method's), gap counts, λ and R side by side."""
     for tag, model in scores["model"].items():
-        line = f"{tag:>6}: IoU {model['iou']:.4f}  F1 {model['f1']:.4f}  (classical IoU {scores['classical'][tag]['iou']:.4f})"
+        line = (f"{tag:>6}: IoU {model['iou']:.4f}  F1 {model['f1']:.4f}  "
+                f"(classical IoU {scores['classical'][tag]['iou']:.4f})")
         stats = scores["gap_statistics"].get(tag)
         if stats:
             m, r = stats["model"], stats["reference"]

@@ -48,7 +48,13 @@ def test_exported_program_matches_eager(tmp_path):
     loaded = tiny(tmp_path, "unet_film_cbam")
     card = lib_export.export_model(loaded, "exported", tmp_path / "m.pt2")
     assert card["parity_max_abs_diff"] <= lib_export.PARITY_TOL and card["format"] == "exported"
-    assert (tmp_path / "m.pt2").is_file() and (tmp_path / "m.json").is_file()
+    reloaded = load_model(tmp_path / "m.pt2")                  # the one loading path reads it with its card
+    assert (reloaded.thresholds_m, reloaded.tile_px, reloaded.stride) == ([2.0, 5.0, 10.0, 15.0], 32, 4)
+    dsm = torch.from_numpy(random_dsm(64, 96))[None, None].repeat(3, 1, 1, 1)
+    dsm[1, 0, 5:20, 30:50] = float("nan")
+    t = torch.tensor([2.0, 10.0, 15.0])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.net(dsm, t), loaded.net(dsm, t), atol=1e-5, rtol=0)
 
 
 def test_model_card_holds_what_deployment_needs(tmp_path):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import predict
 from conftest import make_checkpoint
+from lib.analysis import summarize_gap_map
 from lib.gaps import IGNORE, gap_labels, gap_masks
 from lib.raster import GeoInfo, RasterWriter, read_info, read_raster, write_raster
 from lib.scene import blend_ramp, d4_average, filter_gaps, iter_scene, plan_scene, predict_thresholds, write_scene
@@ -197,6 +198,14 @@ def test_scene_scores_against_a_reference(tmp_path):
     assert scores["model"]["10m"]["precision"] == 1.0
     assert set(scores["classical"]["mean"]) == {"iou", "f1", "precision", "recall"}
     assert np.array_equal(read_raster(tmp_path / "ref_gaps_10m.tif")[0] == 1, ref[1] == 1)
+    stats = scores["gap_statistics"]
+    for k, tag in enumerate(("2m", "10m")):                       # the statistics of both maps, side by side
+        ref_labels, n_ref = gap_labels(chm, [2.0, 10.0][k], 1.0, 1e6, 1.0)
+        pred_labels, n_pred = gap_labels(np.where(pred[k] == 1, 0.0, 1.0), 0.5, 1.0, 1e6, 1.0)
+        assert stats[tag]["reference"] == summarize_gap_map(ref_labels, n_ref, info)
+        assert stats[tag]["model"] == summarize_gap_map(pred_labels, n_pred, info)
+    assert stats["10m"]["model"]["gap_area_m2"] < stats["10m"]["reference"]["gap_area_m2"]
+    assert set(stats["2m"]["model"]) >= {"n_gaps", "lambda_asner", "lambda_hanel", "clark_evans_r"}
     write_raster(tmp_path / "dtm.tif", dsm - chm, replace(info, height=64, width=80))     # CHM = DSM - DTM
     from_dtm = score_scene(tmp_path, tmp_path / "dsm.tif", [2.0, 10.0], 1.0, 1e6, dtm_path=tmp_path / "dtm.tif")
     assert from_dtm["model"] == scores["model"] and from_dtm["reference_kind"] == "dtm"
@@ -278,6 +287,8 @@ def test_predict_cli_on_the_real_wellington_scene(tmp_path, real_data):
     scores = json.loads((out / "scores.json").read_text())
     assert set(scores) >= {"model", "classical", "reference", "thresholds_m"}
     assert set(scores["model"]) == set(scores["classical"]) == {"5m", "10m", "mean"}
+    assert scores["gap_statistics"]["10m"]["reference"]["n_gaps"] > 0 and "lambda_hanel" in \
+        scores["gap_statistics"]["10m"]["model"]
     assert (out / "quicklook.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "predict.json").read_text())
     assert summary["predict"]["window_px"] == 64 and summary["predict"]["batch_size"] == 2
