@@ -28,6 +28,8 @@ def replacing(path: str | Path) -> Iterator[Path]:
                         hint="check free disk space and that the folder is writable") from None
     finally:
         tmp.unlink(missing_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

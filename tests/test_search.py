@@ -100,7 +100,7 @@ def test_results_append_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "results.jsonl"
     append_jsonl(path, {"trial": "a"})
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError):
+    with pytest.raises(DataError, match="cannot write .*results.jsonl"):
         append_jsonl(path, {"trial": "b"})
     monkeypatch.undo()
     assert read_jsonl(path) == [{"trial": "a"}] and sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]
