@@ -22,7 +22,8 @@ import tifffile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from lib.lzw import lzw_decode_many  # noqa: E402
-from tests.test_raster import lzw_encode, surface  # noqa: E402  (the reference encoder)
+from tests.test_lzw import lzw_encode  # noqa: E402  (the reference encoder)
+from tests.test_raster import surface  # noqa: E402
 
 try:
     import imagecodecs

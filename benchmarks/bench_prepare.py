@@ -69,8 +69,10 @@ def peer_tiling(site: SiteData, data) -> np.ndarray:
     """What one writes without an integral image: a mean per tile in a loop (no split)."""
     px, (h, w) = data.tile_px, site.dsm.shape
     valid = np.isfinite(site.dsm) & np.isfinite(site.chm)
-    origins = [(r, c) for r in range(0, h - px + 1, data.stride_px) for c in range(0, w - px + 1, data.stride_px)]
-    return np.array([o for o in origins if valid[o[0]:o[0] + px, o[1]:o[1] + px].mean() >= data.min_valid_fraction])
+    origins = [(r, c) for r in range(0, h - px + 1, data.stride_px)
+               for c in range(0, w - px + 1, data.stride_px)]
+    return np.array([(r, c) for r, c in origins
+                     if valid[r:r + px, c:c + px].mean() >= data.min_valid_fraction])
 
 
 def peer_masks(chm: np.ndarray, data, pixel_area: float) -> np.ndarray:
@@ -143,7 +145,8 @@ def timed_pair(ours_fn, peer_fn, repeats: int) -> tuple:
 
 def run_cases(site: SiteData, data, cfg, tmp: Path, repeats: int) -> dict:
     """Prints one row per stage and end to end; returns ours' CPU seconds per stage and 'total'."""
-    mp, max_bytes, pixel_area, px = site.dsm.size / 1e6, int(data.shard_mb * 2**20), site.info.pixel_area, data.tile_px
+    mp, max_bytes = site.dsm.size / 1e6, int(data.shard_mb * 2**20)
+    pixel_area, px = site.info.pixel_area, data.tile_px
     seconds = {}
 
     def case(name, ours_fn, peer_fn, note=lambda result: ""):
@@ -159,8 +162,8 @@ def run_cases(site: SiteData, data, cfg, tmp: Path, repeats: int) -> dict:
         (lambda: peer_masks(site.chm, data, pixel_area)) if ndimage else None)
     if scipy_masks is not None and not np.array_equal(masks, scipy_masks):
         print("# MISMATCH: our masks differ from scipy's")
-    origins, _ = case("tiling (filter + split)", lambda: ours_tiling(site, data), lambda: peer_tiling(site, data),
-                      lambda kept: f", {len(kept)} tiles kept")
+    origins, _ = case("tiling (filter + split)", lambda: ours_tiling(site, data),
+                      lambda: peer_tiling(site, data), lambda kept: f", {len(kept)} tiles kept")
     case("shard writing", lambda: ours_shards(tmp / "ours", samples(site, masks, origins, data), max_bytes),
          (lambda: peer_shards(tmp / "peer", samples(site, masks, origins, data), max_bytes)) if wds else None,
          lambda nbytes: f", {nbytes / 1e6:.0f} MB")
@@ -169,7 +172,8 @@ def run_cases(site: SiteData, data, cfg, tmp: Path, repeats: int) -> dict:
 
     def peer_total():
         kept = peer_tiling(site, data)
-        peer_shards(tmp / "peer_all", samples(site, peer_masks(site.chm, data, pixel_area), kept, data), max_bytes)
+        masks = peer_masks(site.chm, data, pixel_area)
+        peer_shards(tmp / "peer_all", samples(site, masks, kept, data), max_bytes)
         peer_stats([(site.dsm[r:r + px, c:c + px], site.chm[r:r + px, c:c + px]) for r, c in kept])
 
     source = SiteSource(site.name, lambda: site)
@@ -188,6 +192,8 @@ def main(argv=None) -> int:
 
     cfg = build_config({"data": {"root": "unused"}})
     data, mp = cfg.data, args.size**2 / 1e6
+    if args.size < 2 * data.block_px:  # one site: build_dataset splits it by blocks, needing >= 3
+        parser.error(f"--size must be at least {2 * data.block_px} (two {data.block_px} px split blocks)")
     site = mirrored_site(args.size)
     print(f"# {describe()}")
     print(f"# site {args.size}² ({mp:.0f} MP), tiles {data.tile_px} px, thresholds {data.thresholds_m} m;"

@@ -23,7 +23,8 @@ from benchmarks.machine import describe, row  # noqa: E402
 
 def make_batch(batch: int, px: int, pin: bool) -> dict:
     """dsm (B, 1, H, W) float32 and masks (B, 4, H, W) uint8 on the CPU, pinned or pageable."""
-    out = {"dsm": torch.rand(batch, 1, px, px), "masks": torch.randint(0, 2, (batch, 4, px, px), dtype=torch.uint8)}
+    out = {"dsm": torch.rand(batch, 1, px, px),
+           "masks": torch.randint(0, 2, (batch, 4, px, px), dtype=torch.uint8)}
     return {k: v.pin_memory() for k, v in out.items()} if pin else out
 
 

@@ -28,6 +28,7 @@ SMALL = {  # script stem -> arguments for a quick run; scripts not listed run wi
     "bench_prepare": ["--size", "2048", "--repeats", "1"],
     "bench_shards": ["--tiles", "64", "--repeats", "1"],
     "bench_synthetic": ["--sizes", "256", "512", "--repeats", "1", "--crown-size", "256"],
+    "bench_train_step": ["--cases", "eager,channels_last", "--reps", "1"],
     "bench_transfer": ["--repeats", "5"],
 }
 SKIP = {"bench_quality": "needs --checkpoint: a quality report of a trained model, not a speed benchmark"}
