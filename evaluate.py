@@ -29,6 +29,7 @@ def parse_args(argv):
 @handle_errors
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
+    from lib.atomic import write_text
     from lib.config import build_config, config_to_dict
     from lib.data import ShardDataset, build_loader
     from lib.env import default_workers, select_device
@@ -59,8 +60,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
     text = report_markdown(report)
     write_json(out / "report.json", report)
-    (out / "report.md.tmp").write_text(text, encoding="utf-8")
-    (out / "report.md.tmp").replace(out / "report.md")
+    write_text(out / "report.md", text)
     monitor = MonitoringSystem(out / f"eval_{split}", cfg.log.tensorboard)
     evaluator.log_tensorboard(monitor, report, f"eval_{split}", step=int(loaded.meta.get("step") or 0))
     monitor.close()

@@ -87,6 +87,7 @@ def build_settings(args, overrides):
     from lib.env import distributed_info, select_device
     from lib.inference import InferenceModel, check_thresholds, load_model, resolve_checkpoint
     from lib.scenes import MapSettings
+    from lib.weights import file_sha256
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     loaded = load_model(checkpoint, "cpu")
@@ -103,7 +104,7 @@ def build_settings(args, overrides):
         else:
             net = torch.compile(net)
     return MapSettings(net, cfg, thresholds, loaded.pixel_size_m, loaded.stride, device, str(checkpoint),
-                       args.resample, args.filter, args.quicklook)
+                       file_sha256(checkpoint), args.resample, args.filter, args.quicklook)
 
 
 def scene_paths(args):
@@ -134,13 +135,13 @@ def main(argv=None) -> int:
                           "--dsm FOLDER, or run one scene without torchrun")
     if region and (args.chm or args.dtm):
         raise ConfigError("--chm/--dtm score one scene: give a single --dsm file with them")
-    setup_logging()
+    setup_logging(rank=distributed_info()[0])
     settings = build_settings(args, overrides)
     if not region:
         summary = map_scene(settings, paths[0], args.out, args.chm, args.dtm, progress_printer, echo=print)
-        rate = summary["nesting"]["before_nesting"]["rate"]
-        print(f"nesting violations before nesting: {'n/a' if rate is None or rate != rate else f'{100 * rate:.3f} %'}"
-              f"; {summary['megapixels_per_s']:.2f} MP/s; outputs in {args.out}")
+        rate = summary["nesting"]["before_nesting"]["rate"]  # NaN with one threshold
+        print(f"nesting violations before nesting: {'n/a' if rate != rate else f'{100 * rate:.3f} %'}; "
+              f"{summary['megapixels_per_s']:.2f} MP/s; outputs in {args.out}")
         return 0
     rank, world = init_distributed(torch.device("cpu"))  # gloo: only a barrier crosses processes
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""

@@ -65,18 +65,20 @@ $PY - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-report = json.loads((out / "evaluate" / "report.json").read_text())
 print(f"artefacts in {out}/: main/ (checkpoints, metrics.jsonl, tb/), evaluate/report.md, "
       "predict_*/ (gap maps, scores.json), export/model.ts")
-model = report.get("methods", {}).get("model", report.get("model", {}))
-overall = model.get("overall", model)
-keys = sorted(k for k in overall if k.startswith("iou_"))
-print("test IoU (model):", ", ".join(f"{k[4:]} {overall[k]:.3f}" for k in keys if isinstance(overall[k], float)))
+methods = json.loads((out / "evaluate" / "report.json").read_text())["methods"]
+for name in ("model", "classical", "all_canopy", "random"):
+    metrics = methods[name]["metrics"]
+    ious = "  ".join(f"{k[4:]} {v:.3f}" for k, v in metrics.items() if k.startswith("iou_") and v is not None)
+    print(f"test split IoU, {name:10s}: {ious}")
 for scene in ("predict_synthetic", "predict_wellington"):
     path = out / scene / "scores.json"
     if path.exists():
         scores = json.loads(path.read_text())
-        print(f"{scene}: {json.dumps(scores.get('model', scores))[:200]}")
+        for name in ("model", "classical"):
+            ious = "  ".join(f"{tag} {s['iou']:.3f}" for tag, s in scores[name].items() if isinstance(s, dict))
+            print(f"{scene} IoU, {name:9s}: {ious}")
 EOF
 echo "time per step:"
 cat "$TIMES"

@@ -9,12 +9,11 @@ area filter at tile level (predict.py filters whole scenes).
 """
 import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from lib.atomic import write_text
 from lib.baselines import classical_gaps
 from lib.components import component_sizes, label_components
 from lib.errors import DataError
@@ -42,16 +41,8 @@ def _strict(obj):
 
 
 def write_json(path, obj) -> None:
-    """Write a report / model card as strict JSON (NaN -> null), atomically (temp file + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # open(): the umask's permissions, not mkstemp's 0600
-    try:
-        tmp.write_text(json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write a report / model card as strict JSON (NaN -> null), atomically (lib.atomic)."""
+    write_text(path, json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n")
 
 
 class GapSizes:

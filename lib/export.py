@@ -7,6 +7,7 @@ on random and synthetic-forest DSMs with NaN holes, at two sizes and batch sizes
 PARITY_TOL raises ExportError. A model card (same stem, .json) carries what lib/inference needs.
 """
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -115,11 +116,23 @@ def model_card(loaded, fmt: str, path: Path, difference: float) -> dict:
             "parity_max_abs_diff": difference}
 
 
+def _check_card_path(card_path: Path) -> None:
+    """The model card must not replace a weights card (lib/inference: it holds the sha256 of shipped weights)."""
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(card, dict) and "sha256" in card:
+        raise ExportError(f"{card_path} is the weights card of {card.get('file')}: the export's model card "
+                          "would replace it", hint="choose another --out (e.g. another stem or folder)")
+
+
 def export_model(loaded, fmt: str, out, seed: int = 0) -> dict:
     """Write loaded.net in `fmt` to `out`, check it against eager, write the model card; returns the card."""
     if fmt not in EXPORTERS:
         raise ExportError(f"unknown export format {fmt!r}; valid formats: {', '.join(FORMATS)}")
     out = Path(out)
+    _check_card_path(out.with_suffix(".json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     net = loaded.net.to("cpu").eval()
     cases = parity_inputs(loaded.tile_px, loaded.thresholds_m, seed)

@@ -13,7 +13,7 @@ import numpy as np
 
 from lib.errors import RasterError
 from lib.geoinfo import GeoInfo
-from lib.raster import RasterWriter, read_info, read_raster
+from lib.raster import RasterWriter, iter_strips, read_info
 
 METHODS = ("area", "bilinear", "nearest")
 SAME_SIZE = 0.01   # pixel sizes closer than 1 % are the same grid: no resampling
@@ -104,12 +104,27 @@ def _cast(values: np.ndarray, dtype, nodata) -> np.ndarray:
     return np.where(np.isnan(values), nodata, np.rint(values)).astype(dtype)
 
 
+class _RowReader:
+    """Rows [lo, hi) of a GeoTIFF for increasing lo and hi, each block of the file decoded once (iter_strips)."""
+
+    def __init__(self, path, width: int, strip_rows: int = 256):
+        self._strips = iter_strips(path, strip_rows)
+        self._start, self._rows = 0, np.empty((0, width), np.float32)
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        self._rows, self._start = self._rows[lo - self._start:], lo        # rows above lo are never asked again
+        while self._start + len(self._rows) < hi:
+            self._rows = np.concatenate([self._rows, next(self._strips)[1]])
+        return self._rows[:hi - lo]
+
+
 def resample_raster(src_path, dst_path, dst: GeoInfo, methods, dtype=np.float32, nodata=float("nan"),
-                    nodata_like=None, strip_rows: int = 256) -> None:
-    """Stream the GeoTIFF src_path onto dst's grid into dst_path (written atomically).
+                    nodata_like=None, strip_rows: int = 64, compress: bool = True) -> None:
+    """Stream the GeoTIFF src_path onto dst's grid into dst_path (written atomically; compress=False for
+    temporary files: deflate is most of the cost).
 
     Pixels that are NaN in nodata_like (a raster on dst's grid, e.g. the input DSM) become nodata too.
-    Memory: one strip of output rows and the source rows its taps reach.
+    Memory: one strip of output rows, the source rows its taps reach and one source strip of blocks.
     """
     src = read_info(src_path)
     (row_idx, row_w), cols = grid_taps(src, dst, methods)
@@ -117,12 +132,13 @@ def resample_raster(src_path, dst_path, dst: GeoInfo, methods, dtype=np.float32,
     if like is not None and (like.height, like.width) != (dst.height, dst.width):
         raise RasterError(f"{nodata_like} is {like.height}x{like.width}, not on the {dst.height}x{dst.width} "
                           f"output grid of {dst_path}")
-    with RasterWriter(dst_path, dst, dtype, nodata=nodata) as out:
+    source = _RowReader(src_path, src.width)
+    mask = _RowReader(nodata_like, dst.width) if like is not None else None
+    with RasterWriter(dst_path, dst, dtype, nodata=nodata, compress=compress) as out:
         for r0 in range(0, dst.height, strip_rows):
             idx, w = row_idx[r0:r0 + strip_rows], row_w[r0:r0 + strip_rows]
-            lo, hi = int(idx.min()), int(idx.max()) + 1
-            block, _ = read_raster(src_path, window=(lo, 0, hi - lo, src.width))
-            values = resample_block(block, (idx - lo, w), cols)             # (n, dst.width) float32
-            if like is not None:
-                values[np.isnan(read_raster(nodata_like, window=(r0, 0, len(idx), dst.width))[0])] = np.nan
+            lo = int(idx.min())
+            values = resample_block(source.rows(lo, int(idx.max()) + 1), (idx - lo, w), cols)  # (n, dst.width)
+            if mask is not None:
+                values[np.isnan(mask.rows(r0, r0 + len(idx)))] = np.nan
             out.write(r0, _cast(values, dtype, nodata))

@@ -3,8 +3,10 @@
 Memory is bounded by the window batch and one window-high strip of rows, not by the scene: the input is
 read as strips of `window_px` rows (the overlap with the next strip is the halo), the accumulator holds
 only the rows in flight, and finished rows go straight to `RasterWriter`s. All K thresholds of a window
-run in one forward pass (each window repeated K times). The area filter and the gap table need the whole
-mask (a gap may span many strips), so they run afterwards on the written uint8 maps.
+run in one forward pass (the window normalised once, repeated K times). Finished rows are made to nest
+over the thresholds (optional; lib.gapmaps), counting the raw maps' violations first. The area filter and
+the gap table need the whole mask (a gap may span many strips), so they run afterwards on the uint8 maps.
+The end-to-end driver (resampling, many scenes) is lib/scenes.py.
 """
 import functools
 import itertools
@@ -224,21 +226,21 @@ class WrittenScene:
 
 def write_scene(net, dsm_path, out_dir, plan: ScenePlan, thresholds_m, batch_size: int = 8, tta: bool = False,
                 device="cpu", write_prob: bool = False, prob_threshold: float = 0.5, pad_batches: bool = False,
-                progress=None, nested: bool = False) -> WrittenScene:
+                progress=None, nested: bool = False, compress: bool = True) -> WrittenScene:
     """Stream the scene into gaps_{tag}.tif (uint8, before the area filter) and optional prob_{tag}.tif.
 
     nested: probabilities made monotone over the thresholds (lib.gapmaps), so the gap map at T lies inside
     the one at every T' > T; the violations of the raw maps are counted either way.
-    progress(rows_done) is called after each finished block of rows.
+    progress(rows_done) is called after each finished block of rows; compress=False for temporary maps.
     """
     info, out_dir = read_info(dsm_path), Path(out_dir)
     tags = [threshold_tag(t) for t in thresholds_m]
     paths = {tag: out_dir / f"gaps_{tag}.tif" for tag in tags}
     nesting = NestingCount(thresholds_m)
     with ExitStack() as stack:
-        gaps = [stack.enter_context(RasterWriter(paths[tag], info, np.uint8, nodata=IGNORE)) for tag in tags]
-        probs = [stack.enter_context(RasterWriter(out_dir / f"prob_{tag}.tif", info, np.float32,
-                                                  nodata=float("nan"))) for tag in tags] if write_prob else []
+        gaps = [stack.enter_context(RasterWriter(paths[tag], info, np.uint8, IGNORE, compress)) for tag in tags]
+        probs = [stack.enter_context(RasterWriter(out_dir / f"prob_{tag}.tif", info, np.float32, float("nan"),
+                                                  compress)) for tag in tags] if write_prob else []
         for row0, block in iter_scene(net, dsm_path, plan, thresholds_m, batch_size, tta, device, pad_batches):
             nesting.add(block > prob_threshold)                              # (K, n, W); NaN compares False
             if nested:

@@ -46,6 +46,7 @@ class MapSettings:
     stride: int = 1
     device: object = "cpu"
     checkpoint: str = ""
+    model_sha256: str = ""         # of the checkpoint file: a retrained model at the same path is another model
     resample: bool = True          # resample other pixel sizes (else refuse them)
     filter: bool = True            # area filter + gap table
     quicklook: bool = True
@@ -53,11 +54,11 @@ class MapSettings:
     def fingerprint(self) -> dict:
         """What decides a scene's outputs: a finished scene is reused only when this is unchanged."""
         p = self.cfg.predict
-        return {"checkpoint": self.checkpoint, "thresholds_m": list(self.thresholds_m), "window_px": p.window_px,
-                "overlap": p.overlap, "tta": p.tta, "prob_threshold": p.prob_threshold, "nested": p.nested,
-                "write_prob": p.write_prob, "min_area_m2": self.cfg.data.min_area_m2,
-                "max_area_m2": self.cfg.data.max_area_m2, "resample": self.resample, "filter": self.filter,
-                "quicklook": self.quicklook}
+        return {"checkpoint": self.checkpoint, "model_sha256": self.model_sha256,
+                "thresholds_m": list(self.thresholds_m), "window_px": p.window_px, "overlap": p.overlap,
+                "tta": p.tta, "prob_threshold": p.prob_threshold, "nested": p.nested, "write_prob": p.write_prob,
+                "min_area_m2": self.cfg.data.min_area_m2, "max_area_m2": self.cfg.data.max_area_m2,
+                "resample": self.resample, "filter": self.filter, "quicklook": self.quicklook}
 
     def outputs(self) -> list[str]:
         """File names a finished scene has (without a reference)."""
@@ -67,13 +68,13 @@ class MapSettings:
                 + (["quicklook.png"] if self.quicklook else []))
 
 
-def _predict(s: MapSettings, dsm_path, out_dir: Path, grid, progress) -> WrittenScene:
+def _predict(s: MapSettings, dsm_path, out_dir: Path, grid, progress, compress: bool = True) -> WrittenScene:
     """The strip pass on a DSM already on the model's grid."""
     p = s.cfg.predict
     plan = plan_scene(grid.height, grid.width, p.window_px, p.overlap, s.stride)
     return write_scene(s.net, dsm_path, out_dir, plan, s.thresholds_m, p.batch_size, p.tta, s.device, p.write_prob,
                        p.prob_threshold, pad_batches=p.compile, nested=p.nested,
-                       progress=progress(grid.height, grid.width) if progress else None)
+                       progress=progress(grid.height, grid.width) if progress else None, compress=compress)
 
 
 def _predict_resampled(s: MapSettings, dsm_path: Path, info, out_dir: Path, progress) -> WrittenScene:
@@ -82,8 +83,8 @@ def _predict_resampled(s: MapSettings, dsm_path: Path, info, out_dir: Path, prog
     grid = resampled_grid(info, s.pixel_size_m)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".model_grid.") as work:
         work = Path(work)
-        resample_raster(dsm_path, work / "dsm.tif", grid, dsm_methods(info, s.pixel_size_m))
-        written = _predict(s, work / "dsm.tif", work, grid, progress)
+        resample_raster(dsm_path, work / "dsm.tif", grid, dsm_methods(info, s.pixel_size_m), compress=False)
+        written = _predict(s, work / "dsm.tif", work, grid, progress, compress=False)
         paths = {}
         for tag, path in written.paths.items():
             paths[tag] = out_dir / path.name
@@ -210,6 +211,7 @@ def map_region(s: MapSettings, paths, out_root, rank: int = 0, world: int = 1, p
             status[name] = "skipped"
             continue
         echo(f"{name}: mapping {dsm_path}")
+        (folder / DONE).unlink(missing_ok=True)   # a stale marker must not vouch for half-rewritten outputs
         summary = map_scene(s, dsm_path, folder, progress=progress, echo=lambda line: echo(f"{name} {line}"))
         write_json(folder / DONE, {"scene": name, "dsm": str(dsm_path), "settings": s.fingerprint(),
                                    "outputs": s.outputs(), "summary": summary})      # last: marks it finished

@@ -79,6 +79,14 @@ def test_a_model_that_drifts_fails_the_parity_check(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("m.*"))
 
 
+def test_export_never_replaces_a_weights_card(tmp_path):
+    card = tmp_path / "gaps_dsm_v1.json"
+    card.write_text(json.dumps({"file": "gaps_dsm_v1.pt", "sha256": "ab" * 32}))
+    with pytest.raises(ExportError, match="weights card of gaps_dsm_v1.pt"):
+        lib_export.export_model(tiny(tmp_path), "torchscript", tmp_path / "gaps_dsm_v1.ts")
+    assert json.loads(card.read_text())["sha256"] == "ab" * 32 and not (tmp_path / "gaps_dsm_v1.ts").exists()
+
+
 @pytest.mark.skipif(HAS_ONNX, reason="onnx and onnxruntime are installed")
 def test_onnx_without_its_packages_says_what_to_install(tmp_path):
     with pytest.raises(ExportError, match="pip install .*onnx"):
