@@ -4,6 +4,7 @@
     python prepare_data.py --config configs/config.json --dsm site_DSM.tif --chm site_CHM.tif
     python prepare_data.py --config configs/config.json --data.raster_folder=rasters/ --data.root=data/real
     python prepare_data.py --config configs/quick.json --export-scene scenes/   # a synthetic test scene
+    python prepare_data.py --config configs/quick.json --preview                # + PNG panels of tiles
 """
 import argparse
 import logging
@@ -30,6 +31,9 @@ def parse_args(argv):
                         help="only write one synthetic scene as <name>_DSM/_DTM/_CHM.tif GeoTIFFs into DIR "
                              "(to try gaps.py / predict.py without data), then exit")
     parser.add_argument("--scene-size", type=int, default=512, help="side in pixels of --export-scene")
+    parser.add_argument("--preview", action="store_true",
+                        help="also write preview_train_augmented.png and preview_val.png (tiles with their "
+                             "gap masks, train ones after augmentation) into the dataset folder")
     return parser.parse_known_args(argv)
 
 
@@ -72,6 +76,10 @@ def main(argv=None) -> int:
     manifest = build_dataset(cfg, sources, out)
     save_config(cfg, f"{out}/config.json")
     print_summary(manifest, out, time.time() - start)
+    if args.preview:
+        from lib.preview import write_previews
+        for path in write_previews(cfg, out, out):
+            print(f"preview: {path}")
     return 0
 
 

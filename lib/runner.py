@@ -10,7 +10,7 @@ import torch
 from lib.callbacks import EarlyStopping, GradientMonitor, ModelCheckpoint, NonFiniteGuard, Profiler, ProgressBar
 from lib.checkpoint import load_checkpoint, resume_trainer, seed_everything
 from lib.config import save_config
-from lib.data import ShardDataset, build_loader
+from lib.data import ShardDataset, build_loader, calibrate_loader
 from lib.distributed import cleanup_distributed, init_distributed
 from lib.ema import ModelEMA
 from lib.env import default_workers, select_device
@@ -54,7 +54,15 @@ def build_data(cfg, manifest_dir: Path, device):
                              buffer_size=cfg.data.shuffle_buffer, cache=cfg.data.cache)
     val_set = ShardDataset(manifest_dir, "val", seed=cfg.run.seed, shuffle=False, cache=cfg.data.cache,
                            equal_counts=False)
-    train_loader = build_loader(train_set, cfg.train.batch_size, workers, pin_memory=pin, drop_last=True)
+    prefetch = None
+    if cfg.data.calibrate:
+        best = calibrate_loader(train_set, cfg.train.batch_size, max_workers=default_workers(-1))
+        workers, prefetch = best["workers"], best["prefetch_factor"]
+        log.info("loader calibration: %s -> %d worker(s), prefetch %s", ", ".join(
+            f"{t['workers']}w/{t['prefetch_factor']}: {t['samples_per_s']:.0f}/s" for t in best["trials"]),
+            workers, prefetch)
+    train_loader = build_loader(train_set, cfg.train.batch_size, workers, pin_memory=pin, drop_last=True,
+                                prefetch_factor=prefetch)
     val_loader = build_loader(val_set, cfg.eval.batch_size, workers, pin_memory=pin)
 
     def train_loader_fn(epoch: int):
