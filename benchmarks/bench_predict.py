@@ -7,8 +7,9 @@ over non-overlapping tiles (whole scene in memory, one forward per tile), with t
 Each run is its own process. Prints `case  ours  peer  ratio` (ratio = ours / peer): megapixels of scene
 per second and the peak RSS increase during prediction (after model load and a warm-up forward). Ours runs
 twice: with the peer's work (no overlap, one window per forward: the pipeline's own cost), and as used
-(overlap: about (1 / (1 - overlap))² more pixels through the model, blended; batched windows). Last row:
-one forward of a window batch at every threshold with each window normalised once (ours) or K times.
+(overlap: about (1 / (1 - overlap))² more pixels through the model, blended; batched windows). Then: one
+forward of a window batch at every threshold with each window normalised once (ours) or K times, and
+predict.py on a 0.5 m copy of the scene (resampled to 1 m and back) against the 1 m scene itself.
 """
 import argparse
 import json
@@ -121,6 +122,32 @@ def normalise_once(ckpt, window: int, batch: int, repeats: int = 5) -> tuple[flo
     return best["once"], best["k_times"]
 
 
+def resampling_cost(folder: Path, dsm, ckpt, args) -> tuple[float, float]:
+    """Seconds of predict.py (area filter and gap tables included) on a 0.5 m copy of the scene (each pixel
+    split in four: resampled to the model's 1 m, the maps brought back to 4x the pixels) and on the scene."""
+    import contextlib
+    import io
+
+    import predict
+    from lib.raster import read_raster, write_raster
+    from lib.resample import resampled_grid
+
+    x, info = read_raster(dsm)
+    half = folder / "dsm_half.tif"
+    write_raster(half, np.kron(x, np.ones((2, 2), np.float32)), resampled_grid(info, 0.5), nodata=float("nan"))
+    best = {}
+    for _ in range(args.repeats):
+        for name, path in (("half", half), ("full", dsm)):
+            argv = ["--checkpoint", str(ckpt), "--dsm", str(path), "--out", str(folder / f"predict_{name}"),
+                    "--window", str(args.window), "--batch-size", str(args.batch_size), "--device", args.device,
+                    "--no-quicklook"]
+            start = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                assert predict.main(argv) == 0
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+    return best["half"], best["full"]
+
+
 def make_inputs(folder: Path, size: int, base_channels: int, depth: int) -> tuple[Path, Path]:
     """A synthetic forest DSM (size x size, 1 m) and an untrained checkpoint of unet_film_cbam."""
     import torch
@@ -174,6 +201,7 @@ def main(argv=None) -> int:
                 best = results.setdefault(name, run)
                 best["seconds"] = min(best["seconds"], run["seconds"])
         once, k_times = normalise_once(ckpt, args.window, args.batch_size)
+        half, full = resampling_cost(Path(tmp), dsm, ckpt, args)
     mp = args.size ** 2 / 1e6
     print(f"# {args.size}x{args.size} scene, unet_film_cbam base {args.base_channels} depth {args.depth}, "
           f"{len(THRESHOLDS)} thresholds, window {args.window}; device {args.device}, torch {torch.__version__}, "
@@ -188,6 +216,7 @@ def main(argv=None) -> int:
             print(f"{case:44} {a:10.3f} {b:10.3f} {a / b if b else float('nan'):7.2f}")
     case = f"s per forward of {args.batch_size} x {len(THRESHOLDS)}: norm once/K"
     print(f"{case:44} {once:10.4f} {k_times:10.4f} {once / k_times:7.2f}")
+    print(f"{'predict.py s, 0.5 m input (resampled) / 1 m':44} {half:10.3f} {full:10.3f} {half / full:7.2f}")
     return 0
 
 

@@ -112,9 +112,9 @@ class _RowReader:
         self._start, self._rows = 0, np.empty((0, width), np.float32)
 
     def rows(self, lo: int, hi: int) -> np.ndarray:
-        self._rows, self._start = self._rows[lo - self._start:], lo        # rows above lo are never asked again
         while self._start + len(self._rows) < hi:
             self._rows = np.concatenate([self._rows, next(self._strips)[1]])
+        self._rows, self._start = self._rows[lo - self._start:], lo        # rows above lo are never asked again
         return self._rows[:hi - lo]
 
 

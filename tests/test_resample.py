@@ -81,7 +81,8 @@ def test_grid_covers_the_extent_and_methods_follow_the_direction():
 
 
 @pytest.mark.parametrize("src_m, dst_m, methods", [(0.5, 1.0, "area"), (2.0, 1.0, "bilinear"),
-                                                   (1.0, 0.4, "nearest")])
+                                                   (1.0, 0.4, "nearest"), (1.0, 2.0, "nearest"),
+                                                   (0.3, 1.0, ("area", "bilinear"))])
 def test_streamed_strips_equal_the_whole_array(tmp_path, src_m, dst_m, methods):
     x = field(37, 29, seed=3)
     x[5:9, 3:20] = np.nan
