@@ -248,7 +248,7 @@ def run_script(argv) -> tuple[int, str, str]:
 
 
 def test_gaps_script_end_to_end(tmp_path):
-    chm = np.round(random_chm(9, shape=(50, 60)) * 64) / 64    # multiples of 1/64: DSM - DTM is exact
+    chm = np.round(np.clip(random_chm(9, shape=(50, 60)), 0, None) * 64) / 64  # multiples of 1/64: DSM - DTM exact
     info = geo(*chm.shape, pixel=(0.5, 0.5))
     terrain = np.round(np.linspace(400, 650, chm.size)).astype(np.float32).reshape(chm.shape)
     write_raster(tmp_path / "chm.tif", chm, info)
