@@ -248,8 +248,8 @@ def random_site_params(rng: np.random.Generator, size_px: int, pixel_size_m: flo
 
     lidar = rng.random() < 0.7
     weights = None
-    if rng.random() < 0.35:  # one closed stand, like most plots (and the classical method's hard case on slopes)
-        weights = (1.0, 0.0, 0.0, 0.0, 0.0)
+    if rng.random() < 0.25:
+        weights = (1.0, 0.0, 0.0, 0.0, 0.0)                            # one closed stand, like most plots
     elif rng.random() < 0.5:
         weights = tuple(float(w) for w in rng.dirichlet(np.ones(len(STAND_TYPES))))
     forest = str(rng.choice(list(FORESTS)))

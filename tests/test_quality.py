@@ -89,3 +89,18 @@ def test_classical_baseline_on_wellington_matches_the_published_figures(real_dat
     chm, _ = read_raster(real_data / "wellington_CHM.tif")
     scores = classical_ious(dsm, reference_gaps(chm, dsm, [2, 5, 10, 15]), [2, 5, 10, 15])
     assert scores["best"] == pytest.approx([0.052, 0.185, 0.463, 0.539], abs=0.001)  # the lead's measurement
+
+
+def test_shipped_model_beats_the_classical_method_on_wellington(real_data):
+    """Issue 12: the shipped weights beat the best classical window at every threshold on the unseen NZ scene."""
+    from lib.inference import load_model
+    from lib.quality import score_scene
+    from lib.weights import DEFAULT_WEIGHTS, verified_weights
+    if not DEFAULT_WEIGHTS.exists():
+        pytest.skip("no shipped weights in this checkout")
+    loaded = load_model(verified_weights())
+    thresholds = [2.0, 5.0, 10.0, 15.0]
+    report = score_scene(loaded.net, real_data / "wellington_DSM.tif", real_data / "wellington_CHM.tif", thresholds,
+                         window_px=loaded.config.predict.window_px, stride=loaded.stride, dense_thresholds_m=())
+    for t, model, classical in zip(thresholds, report["model_nested"], report["classical"]["best"]):
+        assert model > classical, f"at {t} m the shipped model ({model:.3f}) does not beat classical ({classical:.3f})"
