@@ -29,6 +29,9 @@ def parse_args(argv):
 @handle_errors
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
+    from lib import evaluation_cls
+    if evaluation_cls.checkpoint_task(args.checkpoint) == "classification":  # tile classes vs baselines
+        return evaluation_cls.main(args.checkpoint, args.split, args.device, args.out, overrides)
     from lib.atomic import write_text
     from lib.config import build_config, config_to_dict
     from lib.data import ShardDataset, build_loader

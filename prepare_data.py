@@ -64,6 +64,9 @@ def main(argv=None) -> int:
         print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
         return 0
     out = args.out or cfg.data.root
+    if cfg.data.task == "classification":  # labelled tiles, not sites: lib/class_builder.py
+        from lib.class_builder import build_class_dataset, print_class_summary
+        return print_class_summary(build_class_dataset(cfg, out), out)
     if args.dsm:
         if not (args.chm or args.dtm):
             raise DataError("--dsm needs --chm or --dtm")

@@ -20,7 +20,7 @@ from lib.errors import RasterError
 from lib.geoinfo import GeoInfo, check_same_grid, geotiff_tags, parse_geoinfo
 
 __all__ = ["GeoInfo", "RasterWriter", "check_same_grid", "iter_strips", "read_info", "read_pair",
-           "read_raster", "write_raster"]  # GeoInfo and check_same_grid live in lib/geoinfo.py
+           "read_bands", "read_raster", "write_raster"]  # GeoInfo and check_same_grid live in lib/geoinfo.py
 
 _FILL_VALUES = 9999.0  # +-9999 without a nodata tag is almost always an undeclared fill value
 _LOWEST_CHM_M = -1.0  # canopy heights below this are not interpolation noise but a DSM/DTM mismatch
@@ -185,6 +185,13 @@ def read_raster(path, window=None, band: int | None = None) -> tuple[np.ndarray,
     if blocks.info.nodata is None:
         _warn_fill(path, int(np.count_nonzero(np.abs(values) == _FILL_VALUES)), values.size)
     return values, blocks.info.window(row0, col0, h, w)
+
+
+def read_bands(path) -> np.ndarray:
+    """Every band of a (multi-band) GeoTIFF as float32 (C, H, W), nodata as NaN (EuroSAT-style tiles)."""
+    with _open(path) as tif:
+        bands = int(tif.pages[0].samplesperpixel)
+    return np.stack([read_raster(path, band=b)[0] for b in range(1, bands + 1)])
 
 
 def iter_strips(path, rows: int, band: int | None = None) -> Iterator[tuple[int, np.ndarray]]:

@@ -18,7 +18,7 @@ from lib.errors import ConfigError, ModelError, TrainingError
 from lib.losses import build_loss
 from lib.models import build_model, model_summary
 from lib.monitor import MonitorCallback, MonitoringSystem
-from lib.normalize import Normalizer
+from lib.bands import normalizer_from_stats
 from lib.optimizers import build_optimizer
 from lib.regularization import AdaptiveRegularization, build_regularization
 from lib.schedulers import ReduceOnPlateau, build_schedule
@@ -46,14 +46,14 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
-def build_data(cfg, manifest_dir: Path, device):
-    """(train loader factory, val loader, train sample count) for the run's dataset."""
+def build_data(cfg, manifest_dir: Path, device, arrays=("dsm", "chm", "mask_*"), meta_keys=("site",)):
+    """(train loader factory, val loader, train sample count) for the run's dataset (the task's arrays)."""
     workers = default_workers(cfg.data.workers)
     pin = device.type == "cuda"
-    train_set = ShardDataset(manifest_dir, "train", seed=cfg.run.seed, shuffle=True,
-                             buffer_size=cfg.data.shuffle_buffer, cache=cfg.data.cache)
+    train_set = ShardDataset(manifest_dir, "train", seed=cfg.run.seed, shuffle=True, arrays=arrays,
+                             meta_keys=meta_keys, buffer_size=cfg.data.shuffle_buffer, cache=cfg.data.cache)
     val_set = ShardDataset(manifest_dir, "val", seed=cfg.run.seed, shuffle=False, cache=cfg.data.cache,
-                           equal_counts=False)
+                           arrays=arrays, meta_keys=meta_keys, equal_counts=False)
     prefetch = None
     if cfg.data.calibrate:
         best = calibrate_loader(train_set, cfg.train.batch_size, max_workers=default_workers(-1))
@@ -147,12 +147,12 @@ def build_trainer(cfg, device, rank: int = 0, world: int = 1, init_from: str | N
     run_dir = run_dir_of(cfg)
     is_main = rank == 0
     manifest = read_manifest(cfg.data.root)
-    normalizer = Normalizer.from_stats(manifest["normalization"], features=cfg.data.input_features,
-                                       pixel_size_m=cfg.data.pixel_size_m).to(device)
+    normalizer = normalizer_from_stats(manifest["normalization"], cfg.data).to(device)
     task = build_task(cfg, normalizer, manifest, rank)
-    train_loader_fn, val_loader, n_train = build_data(cfg, Path(cfg.data.root), device)
+    train_loader_fn, val_loader, n_train = build_data(cfg, Path(cfg.data.root), device, task.arrays, task.meta_keys)
+    num_classes = len(manifest.get("class_names", [])) or None
     raw_model = build_model(cfg.model, task=cfg.data.task, in_channels=normalizer.out_channels,
-                            batch_size=cfg.train.batch_size).to(device)
+                            num_classes=num_classes, batch_size=cfg.train.batch_size).to(device)
     if init_from:
         _init_from(raw_model, init_from)
     if cfg.train.channels_last:
@@ -162,7 +162,8 @@ def build_trainer(cfg, device, rank: int = 0, world: int = 1, init_from: str | N
             raise ConfigError("train.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm has no CPU "
                               "kernel)", hint="set --train.sync_batchnorm=false for CPU/gloo runs")
         raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
-    criterion = build_loss(cfg.loss, task=cfg.data.task, num_thresholds=len(task.thresholds_m)).to(device)
+    criterion = build_loss(cfg.loss, task=cfg.data.task, num_thresholds=len(task.thresholds_m),
+                           num_classes=num_classes).to(device)
     optimizer = build_optimizer(cfg.optim, raw_model, extra_params=criterion.parameters())
     regularization = build_regularization(cfg, raw_model, optimizer)
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch(

@@ -7,19 +7,21 @@ The trainer knows only this interface (it never names a concrete task):
     scores, masks, rows_t_idx = task.gap_logits(pred, target, t_idx, batch)   # every tile at every threshold
 Segmentation draws one threshold PER SAMPLE (never one per batch), so loss weights and metrics follow
 each sample's own threshold. Regression predicts the CHM once per tile; its gaps at threshold T are the
-pixels it predicts at or below T, scored with the same gap metrics as segmentation.
+pixels it predicts at or below T, scored with the same gap metrics as segmentation. Classification
+maps a tile to class logits (one forward per tile, no threshold) and has no gap maps.
 """
 import torch
 
 from lib.errors import ConfigError
 from lib.gaps import IGNORE
-from lib.metrics import RegressionMetrics, SegmentationMetrics
+from lib.metrics import ClassificationMetrics, RegressionMetrics, SegmentationMetrics
 
 
 class Task:
     """Shared parts: thresholds, and gap metrics updated from `gap_logits`."""
 
     name = "task"
+    arrays, meta_keys = ("dsm", "chm", "mask_*"), ("site",)  # what ShardDataset reads for this task
 
     def __init__(self, thresholds_m: list[float], normalizer):
         self.thresholds_m = list(thresholds_m)
@@ -169,14 +171,57 @@ class HeightMetrics:
         return {**self.gaps.compute(), **self.heights.compute()}
 
 
+def topk_of(num_classes: int) -> int:
+    """The k of the reported top-k accuracy: 5, or half the classes when fewer (top-k of most classes says little)."""
+    return min(5, num_classes // 2)
+
+
+class ClassificationTask(Task):
+    """Tile classification: image (B, C, H, W) -> (B, num_classes) logits; one forward per tile, no threshold.
+
+    Batches hold "image" (B, C, H, W) and "label" (B,) from the json (ShardDataset arrays/meta_keys below).
+    """
+
+    name = "classification"
+    arrays, meta_keys = ("image",), ("label",)
+
+    def __init__(self, class_names: list[str], normalizer):
+        super().__init__([], normalizer)
+        self.class_names = list(class_names)
+
+    def _inputs(self, batch: dict):
+        """-> x (B,C,H,W), t (B,) zeros, target (B,) long, t_idx None."""
+        image = batch["image"]
+        return self.normalizer(image), image.new_zeros(image.shape[0]), batch["label"].long(), None
+
+    train_inputs = eval_inputs = _inputs
+
+    def metrics(self, device):
+        c = len(self.class_names)
+        return ClassificationMetrics(c, self.class_names, (1, topk_of(c)), device=device)
+
+    def update_metrics(self, metrics, pred, target, t_idx, batch: dict) -> None:
+        metrics.update(pred, target)
+
+    def gap_logits(self, pred, target, t_idx, batch: dict):
+        raise ConfigError("task 'classification' predicts tile classes, not gap maps",
+                          hint="set --log.images_every_epochs=0 (gap panels) for classification runs")
+
+
 def build_task(cfg, normalizer, manifest: dict, rank: int = 0):
-    """The task object for cfg.data.task, using the dataset's thresholds and class balance."""
+    """The task object for cfg.data.task, using the dataset's thresholds, class balance or class names."""
     name = cfg.data.task
     thresholds = manifest.get("thresholds_m", cfg.data.thresholds_m)
     if name == "regression":
         return RegressionTask(thresholds, normalizer)
+    if name == "classification":
+        if not manifest.get("class_names"):
+            raise ConfigError(f"data.task is 'classification' but the dataset in {cfg.data.root} lists no "
+                              f"class_names (found task {manifest.get('task')!r})",
+                              hint="prepare it with --data.task=classification")
+        return ClassificationTask(manifest["class_names"], normalizer)
     if name != "segmentation":
-        raise ConfigError(f"data.task {name!r} is not supported by train.py yet; valid: regression, segmentation")
+        raise ConfigError(f"data.task {name!r} is not supported; valid: classification, regression, segmentation")
     train = manifest.get("summary", {}).get("train", {}).get("gap_fraction", {})
     fractions = list(train.values()) if len(train) == len(thresholds) else None
     # each rank its own threshold draws (rank 0 keeps the single-process sequence)

@@ -83,10 +83,12 @@ def test_regression_perfect_prediction_scores_perfectly():
     assert out["iou_mean"] == pytest.approx(1.0) and out["mae_m"] == pytest.approx(1e-4, rel=1e-3)
 
 
-def test_build_task_rejects_unsupported_task(tmp_path):
+def test_classification_task_has_no_gap_maps(tmp_path):
     cfg = tiny_config(tmp_path, data={"task": "classification"})
-    with pytest.raises(ConfigError, match="regression, segmentation"):
-        build_task(cfg, Normalizer(), {"thresholds_m": THRESHOLDS})
+    task = build_task(cfg, Normalizer(), {"class_names": ["a", "b", "c"]})
+    assert task.name == "classification"
+    with pytest.raises(ConfigError):
+        task.gap_logits(None, None, None, None)
 
 
 def test_regression_trains_and_reports_heights_and_gaps(tiny_dataset):
