@@ -33,7 +33,7 @@ def write_config(tmp_path: Path, data_root: Path, name: str, **train) -> Path:
     cfg["data"]["root"] = str(data_root)
     cfg["run"].update(name=name, output_root=str(tmp_path / "runs"))
     cfg["train"].update({"epochs": 3, "checkpoint_every_steps": 3, **train})
-    cfg["log"].update(tensorboard=False)
+    cfg["log"].update(tensorboard=False, progress_every_steps=1)
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(cfg))
     return path
@@ -151,27 +151,24 @@ def test_train_killed_at_15_points_resumes_bitwise(reference, tmp_path):
 
 
 def test_train_killed_at_random_moments_resumes_bitwise(reference, tmp_path):
-    """Plain `python train.py`, SIGKILLed at seeded random moments once training has started."""
+    """Plain `python train.py`, SIGKILLed at seeded random moments: just after a random step's progress line."""
     ref_dir, data_root = reference
     config = write_config(tmp_path, data_root, "random")
-    run_dir, rng, kills = tmp_path / "runs" / "random", random.Random(9), 0
-    for attempt in range(4):
+    run_dir, rng = tmp_path / "runs" / "random", random.Random(9)
+    targets = sorted(rng.sample(range(2, 22), 3))  # of 27 steps; a resumed run logs the target again
+    for attempt, target in enumerate(targets):
         log = tmp_path / f"random{attempt}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen([sys.executable, "train.py", "--config", str(config), "--resume", "auto"],
                                     cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
-        while proc.poll() is None and " step " not in log.read_text():  # the first progress line
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.8))  # short: a fast machine finishes the 27 steps in seconds
-        if proc.poll() is not None:
-            break
+        while f" step {target} " not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.02))
         proc.send_signal(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL
-        kills += 1
+        assert proc.wait() == -signal.SIGKILL, log.read_text()[-3000:]  # 5+ steps were left: still running
         checkpoints_readable(run_dir)
-    assert kills >= 2, "the run finished before it could be killed twice"
     done = run_script("train", "--config", config, "--resume", "auto")
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(run_dir, ref_dir)
