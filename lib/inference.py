@@ -22,7 +22,7 @@ from lib.checkpoint import load_checkpoint
 from lib.config import build_config
 from lib.errors import ConfigError, ModelError
 from lib.models import build_model
-from lib.normalize import Normalizer
+from lib.normalize import Normalizer, relative_height_channels
 from lib.weights import DEFAULT_WEIGHTS, file_sha256, verified_weights
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def load_model(path: str | Path, device="cpu") -> LoadedModel:
     cfg = build_config(ckpt["config"], source=f"{path} (embedded config)")
     normalizer = Normalizer.from_stats(ckpt["normalization"])
     model = build_model(cfg.model, task=cfg.data.task, in_channels=normalizer.out_channels,
-                        batch_size=cfg.train.batch_size)
+                        batch_size=cfg.train.batch_size, prior_channels=relative_height_channels(normalizer.features))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:

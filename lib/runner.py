@@ -17,6 +17,7 @@ from lib.env import default_workers, select_device
 from lib.errors import ConfigError, ModelError, TrainingError
 from lib.losses import build_loss
 from lib.models import build_model, model_summary
+from lib.normalize import relative_height_channels
 from lib.monitor import MonitorCallback, MonitoringSystem
 from lib.bands import normalizer_from_stats
 from lib.optimizers import build_optimizer
@@ -152,7 +153,8 @@ def build_trainer(cfg, device, rank: int = 0, world: int = 1, init_from: str | N
     train_loader_fn, val_loader, n_train = build_data(cfg, Path(cfg.data.root), device, task.arrays, task.meta_keys)
     num_classes = len(manifest.get("class_names", [])) or None
     raw_model = build_model(cfg.model, task=cfg.data.task, in_channels=normalizer.out_channels,
-                            num_classes=num_classes, batch_size=cfg.train.batch_size).to(device)
+                            num_classes=num_classes, batch_size=cfg.train.batch_size,
+                            prior_channels=relative_height_channels(cfg.data.input_features)).to(device)
     if init_from:
         _init_from(raw_model, init_from)
     if cfg.train.channels_last:

@@ -95,6 +95,9 @@ class ModelConfig:
     drop_path: float = opt(0.0, "maximum DropPath rate (rises linearly with depth; residual models)",
                            min=0.0, max=1.0)
     positional: bool = opt(False, "append x, y and distance-to-centre channels (the model adds them itself)")
+    classical_prior: bool = opt(False, "segmentation: add the classical rule gain * (T - relative height) to the "
+                                "logits, so the network learns corrections to it; needs a relative_height_<W>m "
+                                "entry in data.input_features (lib/models/prior.py)")
     attention_gates: bool = opt(False, "additive attention gates on the U-Net skips (U-Net family)")
     spectral_norm: bool = opt(False, "spectral normalisation of every conv and linear weight except FiLM's")
     blocks_per_stage: int = opt(2, "cnn_dilated: conv-norm-act blocks per stage", min=1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lib.errors import DataError
-from lib.normalize import HIST_BIN_M, Normalizer, compute_height_stats, tile_reference
+from lib.normalize import HIST_BIN_M, Normalizer, compute_height_stats, tile_reference, tile_reference_numpy
 
 
 def quantised_dsm(rng, shape=(3, 1, 24, 20), base=40.0) -> torch.Tensor:
@@ -44,6 +44,18 @@ def test_reference_matches_numpy_nearest_rank():
             v = dsm[b].flatten().numpy()
             v = np.sort(v[np.isfinite(v)])
             assert ref[b].item() == v[int(np.floor(q * (v.size - 1)))]
+            assert tile_reference_numpy(dsm[b, 0].numpy(), q) == ref[b].item()
+    assert tile_reference_numpy(np.full((3, 3), np.nan, np.float32), 0.05) == 0.0 == tile_reference(
+        torch.full((1, 1, 3, 3), float("nan")), 0.05).item()
+
+
+def test_numpy_reference_equals_torch_on_large_tiles():
+    """Where float32 rank rounding could differ: many pixels, odd quantiles."""
+    rng = np.random.default_rng(3)
+    dsm = rng.normal(300, 15, (1, 1, 257, 263)).astype(np.float32)
+    dsm[0, 0, rng.random((257, 263)) < 0.1] = np.nan
+    for q in (0.05, 0.013, 0.333, 0.999):
+        assert tile_reference_numpy(dsm[0, 0], q) == tile_reference(torch.from_numpy(dsm), q).item()
 
 
 def test_nan_handling_and_validity_channel():

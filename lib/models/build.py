@@ -5,6 +5,7 @@ import difflib
 from lib.errors import ModelError
 from lib.models.blocks import apply_spectral_norm, resolve_norm
 from lib.models.classify import EncoderClassifier
+from lib.models.prior import ClassicalPrior
 from lib.models.registry import MODELS, ForestModel, ModelSpec
 
 TASKS = ("segmentation", "regression", "classification")
@@ -50,7 +51,8 @@ def _extra_options(cfg, spec: ModelSpec) -> dict:
     return options
 
 
-def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: str) -> ForestModel:
+def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: str,
+               prior_channels=()) -> ForestModel:
     spec = _spec(cfg.name)
     if task not in TASKS:
         raise ModelError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
@@ -69,18 +71,38 @@ def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: 
         model = EncoderClassifier(dense.encoder, num_classes, cfg.dropout, dense.stride)
     if cfg.spectral_norm:
         apply_spectral_norm(model)
+    prior_channels = _prior_channels(cfg, task, in_channels, prior_channels)
+    if prior_channels:
+        model.prior = ClassicalPrior(prior_channels)
     model.build_kwargs = {"name": cfg.name, "task": task, "in_channels": in_channels,
-                          "num_classes": num_classes if task == "classification" else None, "norm": norm}
+                          "num_classes": num_classes if task == "classification" else None, "norm": norm,
+                          "prior_channels": prior_channels}
     return model
 
 
+def _prior_channels(cfg, task: str, in_channels: int, channels) -> list[int]:
+    """The checked relative-height channel indices of model.classical_prior ([] when it is off)."""
+    if not cfg.classical_prior:
+        return []
+    if task != "segmentation":
+        raise ModelError(f"model.classical_prior is a gap-segmentation prior; task is {task!r}",
+                         hint="set --model.classical_prior=false")
+    channels = [int(c) for c in channels]
+    if not channels or not all(0 <= c < in_channels for c in channels):
+        raise ModelError(f"model.classical_prior needs relative-height input channels (of {in_channels}), found "
+                         f"{channels}", hint="add e.g. relative_height_51m to data.input_features")
+    return channels
+
+
 def build_model(cfg, task: str = "segmentation", in_channels: int = 1, num_classes: int | None = None,
-                batch_size: int | None = None) -> ForestModel:
+                batch_size: int | None = None, prior_channels=()) -> ForestModel:
     """A fresh model for `cfg` (a ModelConfig). in_channels: data channels only (positional ones are added
     by the model). batch_size: per-device batch, which decides model.norm='adaptive' (None: large enough).
+    prior_channels: indices of the relative-height input channels (lib.normalize.relative_height_channels),
+    read when cfg.classical_prior is set.
     Output: (B, 1, H, W) logits for segmentation/regression, (B, num_classes) for classification.
     """
-    return _construct(cfg, task, in_channels, num_classes, resolve_norm(cfg.norm, batch_size))
+    return _construct(cfg, task, in_channels, num_classes, resolve_norm(cfg.norm, batch_size), prior_channels)
 
 
 def rebuild_model(cfg, state_dict: dict) -> ForestModel:
@@ -91,6 +113,7 @@ def rebuild_model(cfg, state_dict: dict) -> ForestModel:
                          "model (or was saved from a wrapper: save raw_model.state_dict())")
     if record["name"] != cfg.name:
         raise ModelError(f"checkpoint holds model {record['name']!r} but model.name is {cfg.name!r}")
-    model = _construct(cfg, record["task"], record["in_channels"], record["num_classes"], record["norm"])
+    model = _construct(cfg, record["task"], record["in_channels"], record["num_classes"], record["norm"],
+                       record.get("prior_channels", ()))
     model.load_state_dict(state_dict)
     return model

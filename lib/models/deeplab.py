@@ -60,7 +60,8 @@ class DeepLabV3Plus(ForestModel):
         skip = feats[self.low]  # (B, widths[low], H / 2**low, ...)
         y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
         y = self.dropout(self.fuse(torch.cat([y, self.reduce(skip)], dim=1), thresholds))
-        return F.interpolate(self.head(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(self.head(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.add_prior(logits, x, thresholds)
 
 
 @register("deeplabv3plus", uses=("drop_path",), extra={"aspp_rates": [2, 4, 6], "film_hidden": 32})

@@ -20,6 +20,11 @@ class ForestModel(nn.Module):
     def __init__(self):
         super().__init__()
         self.build_kwargs: dict = {}
+        self.prior: nn.Module | None = None  # lib.models.prior.ClassicalPrior, set by build_model
+
+    def add_prior(self, logits: torch.Tensor, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        """The network's logits plus the classical prior's, when the model was built with one."""
+        return logits if self.prior is None else logits + self.prior(x, thresholds)
 
     def encoder_parameters(self):
         """Parameters of the encoder (to freeze, or to give a lower LR, in transfer learning)."""

@@ -98,7 +98,7 @@ class UNet(ForestModel):
         self.check_input(x)
         feats = self.encoder(x, thresholds)
         feats[-1] = self.dropout(feats[-1])  # the bottleneck
-        return self.head(self.decoder(feats, thresholds))
+        return self.add_prior(self.head(self.decoder(feats, thresholds)), x, thresholds)
 
 
 @register("unet", uses=("attention_gates",))

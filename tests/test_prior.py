@@ -1,0 +1,86 @@
+"""model.classical_prior: the classical rule as a starting logit, in every model, checkpoint and export."""
+import pytest
+import torch
+
+from conftest import tiny_config
+from lib.baselines import classical_relative_height
+from lib.errors import ModelError
+from lib.models import build_model, rebuild_model
+from lib.models.prior import ClassicalPrior
+from lib.normalize import Normalizer, relative_height_channels
+
+FEATURES = ["dsm", "relative_height_9m", "relative_height_15m"]
+
+
+def _dsm(seed: int = 0, size: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return 300 + 25 * torch.rand(2, 1, size, size, generator=g)
+
+
+def test_relative_height_channels_index_the_features():
+    assert relative_height_channels(FEATURES) == [1, 2]
+    assert relative_height_channels(["relative_height_51m", "dsm"]) == [0]
+    assert relative_height_channels(["dsm"]) == []
+
+
+def test_prior_at_init_is_the_classical_rule_on_the_mean_relative_height():
+    norm = Normalizer(scale=5.0, features=FEATURES)
+    dsm = _dsm()
+    x = norm(dsm)
+    prior = ClassicalPrior(relative_height_channels(FEATURES))
+    for t_m in (2.0, 5.0, 10.0):
+        logits = prior(x, norm.normalise_threshold(torch.full((2,), t_m)))
+        mean_rel = (classical_relative_height(dsm, 9.0, 1.0) + classical_relative_height(dsm, 15.0, 1.0)) / 2
+        decided = (mean_rel - t_m).abs() > 1e-3  # pixels exactly at T may round either way
+        assert torch.equal((logits > 0)[decided], (mean_rel <= t_m)[decided])
+        assert decided.float().mean() > 0.95
+
+
+@pytest.mark.parametrize("name", ["unet_film_cbam", "unet", "deeplabv3plus"])
+def test_models_with_the_prior_add_it_rebuild_and_trace(tmp_path, name):
+    cfg = tiny_config(tmp_path, model={"name": name, "base_channels": 8, "depth": 3, "classical_prior": True})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, in_channels=3, prior_channels=[1, 2]).eval()
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0.2, 0.8])
+    with torch.no_grad():
+        with_prior = model(x, t)
+        prior = model.prior(x, t)
+        model.prior, kept = None, model.prior
+        without = model(x, t)
+        model.prior = kept
+        torch.testing.assert_close(with_prior, without + prior)
+        again = rebuild_model(cfg.model, model.state_dict()).eval()
+        torch.testing.assert_close(again(x, t), with_prior)
+        traced = torch.jit.trace(model, (x, t), check_trace=False)
+        torch.testing.assert_close(traced(x.flip(-1), t.flip(0)), model(x.flip(-1), t.flip(0)))
+
+
+def test_prior_needs_relative_height_channels_and_segmentation(tmp_path):
+    cfg = tiny_config(tmp_path, model={"classical_prior": True})
+    with pytest.raises(ModelError, match="relative-height input channels"):
+        build_model(cfg.model, in_channels=1, prior_channels=[])
+    with pytest.raises(ModelError, match="relative-height input channels"):
+        build_model(cfg.model, in_channels=2, prior_channels=[2])
+    with pytest.raises(ModelError, match="segmentation prior"):
+        build_model(cfg.model, task="regression", in_channels=2, prior_channels=[1])
+    plain = build_model(tiny_config(tmp_path).model, in_channels=2, prior_channels=[1])
+    assert plain.prior is None and not any("prior" in k for k in plain.state_dict())
+
+
+def test_training_with_the_prior_gives_a_checkpoint_predict_can_load(tiny_dataset, tmp_path):
+    """Train on relative-height features with the prior, then load the checkpoint as predict does."""
+    from lib.builder import build_dataset
+    from lib.inference import load_model
+    from lib.runner import train_model
+    from lib.sources import sources_from_config
+    cfg = tiny_config(tmp_path, data={"input_features": ["dsm", "relative_height_9m"]},
+                      model={"classical_prior": True}, train={"epochs": 1, "max_steps": 3},
+                      log={"tensorboard": False, "images_every_epochs": 0})
+    build_dataset(cfg, sources_from_config(cfg.data, cfg.run.seed), cfg.data.root)
+    run_dir = train_model(cfg)
+    loaded = load_model(run_dir / "last.ckpt")
+    assert loaded.net.model.prior is not None
+    assert loaded.net.model.prior.mix.shape == (1,)
+    with torch.no_grad():
+        probs = loaded.net(_dsm(1), torch.tensor([2.0, 20.0]))
+    assert probs.shape == (2, 1, 32, 32) and torch.isfinite(probs).all()
