@@ -91,6 +91,12 @@ def build_settings(args, overrides):
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     loaded = load_model(checkpoint, "cpu")
+    if loaded.task == "classification":
+        from lib.errors import ConfigError
+        raise ConfigError(f"{checkpoint} is a tile classifier (data.task 'classification', classes "
+                          f"{', '.join(loaded.class_names)}): predict.py maps gaps on DSM scenes",
+                          hint="score labelled tiles with evaluate.py --checkpoint ...; classify your own tiles with "
+                               "lib.inference.load_model(path).net(image) -> (B, classes) probabilities")
     base = config_to_dict(loaded.config) if loaded.config else loaded.meta.get("config") or {}
     cfg = build_config(base, overrides + flag_overrides(args), source=f"{checkpoint} (embedded config) + options")
     thresholds = check_thresholds(args.thresholds, loaded.thresholds_m, cfg.train)

@@ -140,7 +140,7 @@ class _Build:
 def build_dataset(cfg, sources, out: str | Path) -> dict:
     """Write shards for every split and the manifest into `out`; returns the manifest.
 
-    Everything is built in `out/.staging` and moved in only once complete (see _commit): a crash, a kill
+    Everything is built in `out/.staging` and moved in only once complete (see commit_staged): a crash, a kill
     or a full disk while building leaves the previous dataset in `out` whole.
     """
     from lib.normalize import compute_height_stats
@@ -171,11 +171,11 @@ def build_dataset(cfg, sources, out: str | Path) -> dict:
                             hint="check free disk space and that the folder is writable; the previous "
                                  "dataset there, if any, is unchanged") from None
         raise
-    _commit(stage, out, manifest)
+    commit_staged(stage, out, manifest)
     return manifest
 
 
-def _commit(stage: Path, out: Path, manifest: dict) -> None:
+def commit_staged(stage: Path, out: Path, manifest: dict) -> None:
     """Old manifest out, new shards in, new manifest in last (renames only); then stale files deleted.
 
     A kill in here leaves no manifest, so readers refuse the folder until a rerun completes; they never

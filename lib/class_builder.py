@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from lib.bands import BandStats
-from lib.builder import FORMAT_VERSION, _commit
+from lib.builder import FORMAT_VERSION, commit_staged
 from lib.errors import DataError
 from lib.shards import ShardWriter, write_manifest
 from lib.tiling import SPLITS
@@ -186,7 +186,7 @@ def build_class_dataset(cfg, out) -> dict:
         writer.abort()
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    _commit(stage, out, manifest)
+    commit_staged(stage, out, manifest)
     return manifest
 
 

@@ -4,6 +4,7 @@ confusion matrix (text, PNG, TensorBoard image).
 Baselines: "majority" always predicts the train split's most frequent class; "random" draws a uniform
 class per tile (seeded). Every method is scored with lib.metrics.ClassificationMetrics on the same tiles.
 """
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from lib.checkpoint import load_checkpoint
 from lib.config import build_config
 from lib.data import ShardDataset, build_loader
 from lib.env import select_device
-from lib.errors import DataError
+from lib.errors import DataError, ModelError
 from lib.metrics import ClassificationMetrics
 from lib.models import rebuild_model
 from lib.shards import read_manifest
@@ -26,8 +27,14 @@ CELL_PX = 24  # side of one confusion-matrix cell in the image
 
 
 def checkpoint_task(path) -> str:
-    """data.task of a checkpoint's embedded config ('segmentation' for exported models, which hold none)."""
-    if Path(path).suffix in (".ts", ".pt2"):
+    """data.task of a checkpoint's embedded config; exported models say it in their model card."""
+    path = Path(path)
+    if path.suffix in (".ts", ".pt2"):
+        card = path.with_suffix(".json")
+        task = json.loads(card.read_text(encoding="utf-8")).get("task") if card.is_file() else None
+        if task == "classification":
+            raise ModelError(f"{path} is an exported classifier: evaluate.py scores classifiers from their training "
+                             f"checkpoint", hint="pass the .ckpt it was exported from")
         return "segmentation"
     return load_checkpoint(path).get("config", {}).get("data", {}).get("task", "segmentation")
 

@@ -1,5 +1,6 @@
-"""Checkpoint -> a model that takes raw DSM metres and thresholds in metres: the one loading path shared
-by evaluate, predict and export, so deployment cannot drift from training.
+"""Checkpoint -> a model that takes raw DSM metres and thresholds in metres (or, for a tile classifier,
+raw band values): the one loading path shared by evaluate, predict and export, so deployment cannot
+drift from training.
 
 Shipped weights (`weights/gaps_dsm_v1.pt`, used when no checkpoint is named) are checked against the
 sha256 of their card before loading. A weights card is `<stem>.json` beside the file:
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from lib.bands import normalizer_from_stats
 from lib.checkpoint import load_checkpoint
 from lib.config import build_config
 from lib.errors import ConfigError, ModelError
-from lib.models import build_model
+from lib.models import build_model, rebuild_model
 from lib.normalize import Normalizer, relative_height_channels
 from lib.weights import DEFAULT_WEIGHTS, file_sha256, verified_weights
 
@@ -61,6 +63,18 @@ class InferenceModel(torch.nn.Module):
         self.model.compile(*args, **kwargs)
 
 
+class ClassifierModel(torch.nn.Module):
+    """normalise bands -> model -> softmax. forward(image (B,C,H,W) raw band values, NaN = nodata) -> (B, classes)."""
+
+    def __init__(self, normalizer: torch.nn.Module, model: torch.nn.Module):
+        super().__init__()
+        self.normalizer, self.model = normalizer, model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits = self.model(self.normalizer(image))                         # (B, classes)
+        return torch.softmax(logits.float(), dim=1)
+
+
 @dataclass
 class LoadedModel:
     net: torch.nn.Module          # InferenceModel, or an exported module with the same forward
@@ -70,6 +84,8 @@ class LoadedModel:
     stride: int
     config: object = None         # lib.schema.Config, None for exported models
     meta: dict = field(default_factory=dict)  # metrics, version, normalisation
+    task: str = "segmentation"    # data.task: segmentation and regression map gaps, classification labels tiles
+    class_names: list[str] = field(default_factory=list)  # classification only, in output order
 
 
 def resolve_checkpoint(path=None) -> Path:
@@ -108,6 +124,8 @@ def load_model(path: str | Path, device="cpu") -> LoadedModel:
     check_weights_card(path)
     ckpt = load_checkpoint(path, map_location="cpu")
     cfg = build_config(ckpt["config"], source=f"{path} (embedded config)")
+    if cfg.data.task == "classification":
+        return _load_classifier(path, ckpt, cfg, device)
     normalizer = Normalizer.from_stats(ckpt["normalization"])
     model = build_model(cfg.model, task=cfg.data.task, in_channels=normalizer.out_channels,
                         batch_size=cfg.train.batch_size, prior_channels=relative_height_channels(normalizer.features))
@@ -120,6 +138,20 @@ def load_model(path: str | Path, device="cpu") -> LoadedModel:
             "normalization": ckpt["normalization"], "step": ckpt.get("step")}
     return LoadedModel(net, list(cfg.data.thresholds_m), cfg.data.pixel_size_m, cfg.data.tile_px,
                        getattr(model, "stride", 1), cfg, meta)
+
+
+def _load_classifier(path: Path, ckpt: dict, cfg, device) -> LoadedModel:
+    """A tile classifier: per-band normaliser + model + softmax, and its class names."""
+    try:
+        model = rebuild_model(cfg.model, ckpt["model"])
+    except RuntimeError as exc:
+        raise ModelError(f"{path}: weights do not fit model {cfg.model.name!r}: {str(exc).splitlines()[0]}") from None
+    classes = model.build_kwargs["num_classes"]
+    names = ckpt.get("task", {}).get("class_names") or [f"class_{i}" for i in range(classes)]  # older checkpoints
+    net = ClassifierModel(normalizer_from_stats(ckpt["normalization"]), model).to(device).eval()
+    meta = {"metrics": ckpt.get("metrics", {}), "version": ckpt.get("version", {}),
+            "normalization": ckpt["normalization"], "step": ckpt.get("step")}
+    return LoadedModel(net, [], cfg.data.pixel_size_m, cfg.data.tile_px, 1, cfg, meta, "classification", names)
 
 
 def _load_exported(path: Path, device) -> LoadedModel:
@@ -140,7 +172,7 @@ def _load_exported(path: Path, device) -> LoadedModel:
     except Exception as exc:  # torch raises RuntimeError, ValueError... for foreign or truncated files
         raise ModelError(f"cannot load exported model {path}: {str(exc).splitlines()[0][:200]}") from None
     return LoadedModel(net, card["thresholds_m"], card["pixel_size_m"], card["tile_px"], card["stride"],
-                       None, card)
+                       None, card, card.get("task", "segmentation"), card.get("class_names", []))
 
 
 def check_thresholds(requested, trained_m, train_cfg) -> list[float]:

@@ -46,6 +46,18 @@ def prediction_panel(dsm: torch.Tensor, target: torch.Tensor, prob: torch.Tensor
     return torch.cat(rgb, dim=2)
 
 
+def class_panel(images: torch.Tensor, correct: torch.Tensor, border_px: int = 2) -> torch.Tensor:
+    """Tiles (N, C, H, W) -> (3, H, N*W) RGB of their first band, each framed green when its class was
+    predicted right and red when wrong."""
+    grey = torch.stack([_unit_range(tile[0].float().cpu()) for tile in images])   # (N, H, W)
+    rgb = grey[:, None].repeat(1, 3, 1, 1)                                          # (N, 3, H, W)
+    frame = torch.ones_like(grey, dtype=torch.bool)
+    frame[:, border_px:-border_px, border_px:-border_px] = False
+    colour = torch.where(correct.cpu().view(-1, 1), torch.tensor([0.0, 0.8, 0.0]), torch.tensor([0.9, 0.0, 0.0]))
+    rgb = torch.where(frame[:, None], colour.view(-1, 3, 1, 1), rgb)
+    return torch.cat(list(rgb), dim=2)
+
+
 class MonitoringSystem:
     """TensorBoard (optional) + append-only metrics.jsonl in the run directory; rank 0 only."""
 
@@ -193,11 +205,16 @@ class MonitorCallback(Callback):
 
     @torch.no_grad()
     def _log_panels(self, trainer, max_tiles: int = 4):
+        task = trainer.task
+        max_tiles = 2 * max_tiles if task.name == "classification" else max_tiles   # a tile is a small image
         batch = {k: v[:max_tiles].to(trainer.device) if torch.is_tensor(v) else v
                  for k, v in self.panel_batch.items()}
         model = trainer.ema.module if trainer.ema else trainer.raw_model
         model.eval()
-        task = trainer.task
+        if task.name == "classification":
+            self._log_class_panel(trainer, model, batch)
+            trainer.model.train()
+            return
         x, t, target, t_idx = task.eval_inputs(batch)
         scores, masks, _ = task.gap_logits(task.output(model(x, t).float()), target, t_idx, batch)
         prob = torch.sigmoid(scores)  # (tiles * K, 1, H, W), row = tile * K + threshold
@@ -213,9 +230,22 @@ class MonitorCallback(Callback):
                                    trainer.step)
         trainer.model.train()
 
+    def _log_class_panel(self, trainer, model, batch: dict) -> None:
+        """The tiles framed by right/wrong, and their true and predicted classes as text (evaluate.py logs
+        the confusion matrix of whole splits)."""
+        x, t, target, _ = trainer.task.eval_inputs(batch)
+        prob = torch.softmax(model(x, t).float(), dim=1)                   # (N, classes)
+        confidence, pred = prob.max(1)
+        names = trainer.task.class_names
+        self.monitor.log_image("val_panel/tiles", class_panel(batch["image"], pred == target), trainer.step)
+        lines = [f"tile {i}: true {names[a]}, predicted {names[b]} ({p:.2f})"
+                 for i, (a, b, p) in enumerate(zip(target.tolist(), pred.tolist(), confidence.tolist()))]
+        self.monitor.log_text("val_panel/classes", "\n".join(lines), trainer.step)
+
     def on_train_end(self, trainer):
         hp = {"model": trainer.cfg.model.name, "lr": trainer.cfg.optim.lr,
               "batch_size": trainer.cfg.train.batch_size, "optimizer": trainer.cfg.optim.name}
-        final = {k: v for k, v in trainer.last_metrics.items() if k.endswith("_mean") or k == "val/loss"}
+        final = {k: v for k, v in trainer.last_metrics.items()
+                 if k.endswith("_mean") or k in ("val/loss", "val/accuracy", "val/macro_f1")}
         self.monitor.log_hparams(hp, final)
         self.monitor.close()

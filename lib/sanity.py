@@ -1,5 +1,7 @@
 """Checks before a long run (Karpathy's recipe): the floor to beat, the initial loss, batch shapes and
 value ranges, finite weights, a gradient for every parameter, overfitting a few tiles, the largest batch.
+Every task: gap maps (segmentation, regression) and tile classes (classification: initial loss vs ln C,
+majority/random baselines, overfit scored by accuracy).
 
 Each check returns a Check(name, status, message, details) with status "ok", "warn" or "fail" and a
 message in plain words. They use the run's own Trainer (`build_trainer`), never a copy of its wiring.
@@ -28,6 +30,16 @@ class Check:
 
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def batch_count(batch: dict) -> int:
+    """Samples in a batch (the leading dimension of its tensors)."""
+    return next(v.shape[0] for v in batch.values() if torch.is_tensor(v))
+
+
+def score_key(task) -> str:
+    """The metric that tells whether the model learned a subset: accuracy for classes, IoU for gap maps."""
+    return "accuracy" if task.name == "classification" else "iou_mean"
 
 
 def first_batch(trainer) -> dict:
@@ -67,49 +79,76 @@ def _range(t: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def check_batch(trainer, batch: dict) -> Check:
-    """Shapes of a batch and of the model output, value ranges of the inputs, mask labels."""
-    dsm, masks = batch["dsm"], batch["masks"]                      # (B, 1, H, W), (B, K, H, W)
-    k, px = len(trainer.task.thresholds_m), trainer.cfg.data.tile_px
-    problems, warnings = [], []
-    if dsm.dim() != 4 or dsm.shape[1] != 1 or masks.shape != (dsm.shape[0], k, *dsm.shape[2:]):
-        problems.append(f"dsm {tuple(dsm.shape)} and masks {tuple(masks.shape)} should be (B, 1, H, W) and "
-                        f"(B, {k}, H, W)")
-    if tuple(dsm.shape[2:]) != (px, px):
-        warnings.append(f"tiles are {tuple(dsm.shape[2:])} px but data.tile_px is {px}")
-    labels = sorted(torch.unique(masks).tolist())
-    if not set(labels) <= {0, 1, IGNORE}:
-        problems.append(f"mask values {labels}: expected only 0 (canopy), 1 (gap) and {IGNORE} (nodata)")
-    nodata = float((~torch.isfinite(dsm)).float().mean())
-    if nodata > 0.5:
-        warnings.append(f"{100 * nodata:.0f}% of the DSM pixels are nodata")
+def model_io(trainer, batch: dict) -> tuple[list[str], list[str], str]:
+    """(problems, warnings, description) of the model's input and output on the batch."""
     x, t, target, _ = trainer.task.train_inputs(batch)
     pred = predict(trainer, x, t)
+    classes = len(getattr(trainer.task, "class_names", ()))
+    expected = (target.shape[0], classes) if classes else target.shape   # (B, classes) or the target's shape
+    problems, warnings = [], []
     if not torch.isfinite(x).all() or not torch.isfinite(pred).all():
         problems.append("the model input or output holds NaN or Inf")
-    if pred.shape != target.shape:
-        problems.append(f"output {tuple(pred.shape)} does not match the target {tuple(target.shape)}")
+    if pred.shape != expected:
+        problems.append(f"output {tuple(pred.shape)} does not match the target: expected {tuple(expected)}")
     if x.abs().max() > 50:
         warnings.append(f"model inputs reach {float(x.abs().max()):.0f}: the normalisation looks off")
-    message = (f"dsm {tuple(dsm.shape)} {str(dsm.dtype)[6:]} {_range(dsm[torch.isfinite(dsm)])}, nodata "
-               f"{100 * nodata:.1f}%; masks {tuple(masks.shape)} values {labels}; model input {tuple(x.shape)} "
-               f"{_range(x)}; threshold input {_range(t)}; output {tuple(pred.shape)}")
+    return problems, warnings, (f"model input {tuple(x.shape)} {_range(x)}; threshold input {_range(t)}; "
+                                f"output {tuple(pred.shape)}")
+
+
+def batch_layout(trainer, batch: dict):
+    """(input name, input (B,C,H,W), label name, labels, shape problem or False, allowed labels, their text)."""
+    if trainer.task.name == "classification":
+        image, labels, c = batch["image"], batch["label"], len(trainer.task.class_names)   # (B, C, H, W), (B,)
+        bad = image.dim() != 4 or labels.shape != image.shape[:1]
+        return ("image", image, "labels", labels, bad and "should be (B, C, H, W) and (B,)", set(range(c)),
+                f"0 to {c - 1} ({c} classes)")
+    dsm, masks, k = batch["dsm"], batch["masks"], len(trainer.task.thresholds_m)       # (B, 1, H, W), (B, K, H, W)
+    bad = dsm.dim() != 4 or dsm.shape[1] != 1 or masks.shape != (dsm.shape[0], k, *dsm.shape[2:])
+    return ("dsm", dsm, "masks", masks, bad and f"should be (B, 1, H, W) and (B, {k}, H, W)", {0, 1, IGNORE},
+            f"only 0 (canopy), 1 (gap) and {IGNORE} (nodata)")
+
+
+@torch.no_grad()
+def check_batch(trainer, batch: dict) -> Check:
+    """Shapes of a batch and of the model output, value ranges of the inputs, mask values or class labels."""
+    name, image, label_name, labels, shape_problem, allowed, allowed_text = batch_layout(trainer, batch)
+    px = trainer.cfg.data.tile_px
+    problems, warnings, io = model_io(trainer, batch)
+    if shape_problem:
+        problems.append(f"{name} {tuple(image.shape)} and {label_name} {tuple(labels.shape)} {shape_problem}")
+    if tuple(image.shape[2:]) != (px, px):
+        warnings.append(f"tiles are {tuple(image.shape[2:])} px but data.tile_px is {px}")
+    found = sorted(torch.unique(labels).tolist())
+    if not set(found) <= allowed:
+        problems.append(f"{label_name} values {found}: expected {allowed_text}")
+    nodata = float((~torch.isfinite(image)).float().mean())
+    if nodata > 0.5:
+        warnings.append(f"{100 * nodata:.0f}% of the {name} pixels are nodata")
+    message = (f"{name} {tuple(image.shape)} {str(image.dtype)[6:]} {_range(image[torch.isfinite(image)])}, nodata "
+               f"{100 * nodata:.1f}%; {label_name} {tuple(labels.shape)} values {found}; {io}")
     status = "fail" if problems else "warn" if warnings else "ok"
     return Check("batch", status, "; ".join(problems + warnings + [message]))
 
 
 @torch.no_grad()
 def check_initial_loss(trainer, batch: dict, tolerance: float = 0.25) -> Check:
-    """The untrained model's loss beside an uninformed model's (zero output) and the textbook value."""
+    """The untrained model's loss beside an uninformed model's (zero output) and the textbook value
+    (classification: -ln(1/C), whatever the label smoothing or class weights)."""
     x, t, target, t_idx = trainer.task.train_inputs(batch)
-    pred = predict(trainer, x, t)                                     # (B, 1, H, W)
+    pred = predict(trainer, x, t)                                     # (B, 1, H, W) or (B, classes)
     loss = float(trainer.criterion(pred, target, t_idx))
     zero = float(trainer.criterion(torch.zeros_like(pred), target, t_idx))
-    gap_fraction = float((batch["masks"] == 1).sum() / (batch["masks"] != IGNORE).sum().clamp_min(1))
-    expected = expected_initial_loss(trainer.cfg.loss, trainer.cfg.data.task, pos_fraction=gap_fraction)
+    classes = len(getattr(trainer.task, "class_names", ())) or None
+    if classes:
+        gap_fraction, why = None, f"-ln(1/{classes}) for {classes} classes"
+    else:
+        gap_fraction = float((batch["masks"] == 1).sum() / (batch["masks"] != IGNORE).sum().clamp_min(1))
+        why = f"gap fraction {gap_fraction:.2f}"
+    expected = expected_initial_loss(trainer.cfg.loss, trainer.cfg.data.task, classes, gap_fraction)
     textbook = f"; the formula for {trainer.cfg.loss.name} gives {expected:.4g}" if expected is not None else ""
     message = (f"initial loss {loss:.4g}; a zero output (an uninformed model) scores {zero:.4g} on this batch"
-               f"{textbook} (gap fraction {gap_fraction:.2f}); initial output {_range(pred)}")
+               f"{textbook} ({why}); initial output {_range(pred)}")
     details = {"initial": loss, "zero_output": zero, "expected": expected}
     ratio = loss / max(zero, 1e-12)
     if abs(ratio - 1) > tolerance:
@@ -119,8 +158,29 @@ def check_initial_loss(trainer, batch: dict, tolerance: float = 0.25) -> Check:
 
 
 @torch.no_grad()
+def check_class_baselines(trainer) -> Check:
+    """Majority-class and uniform-random scores on the validation split (lib.evaluation_cls): the floor to beat."""
+    from lib.evaluation_cls import majority_class, score_split
+    names, model = trainer.task.class_names, trainer.raw_model
+    majority = majority_class(read_manifest(trainer.cfg.data.root))
+    model.eval()
+    try:
+        scores = score_split(model, trainer.task.normalizer, trainer.cfg, "val", names, majority)
+    finally:
+        model.train()
+    values = {m: {f"val/{k}": v for k, v in scores[m].compute().items() if k in ("accuracy", "macro_f1")}
+              for m in ("majority", "random")}
+    tiles = int(scores["model"].confusion.sum())
+    parts = [f"{m} ({names[majority]})" if m == "majority" else m for m in values]
+    text = "; ".join(f"{p}: " + ", ".join(f"{k} {v:.3f}" for k, v in values[m].items()) for p, m in zip(parts, values))
+    return Check("baselines", "ok", f"floor to beat on {tiles} validation tiles: {text}", values)
+
+
+@torch.no_grad()
 def check_baselines(trainer, seed: int = 0) -> Check:
     """All-canopy and random-at-the-train-gap-rate scores on the validation split: the floor to beat."""
+    if trainer.task.name == "classification":
+        return check_class_baselines(trainer)
     from lib.evaluation import train_gap_rates
     task, device = trainer.task, trainer.device
     rates = train_gap_rates(read_manifest(trainer.cfg.data.root), task.thresholds_m).to(device)   # (K,)
@@ -157,18 +217,18 @@ def overfit_config(cfg, tiles: int):
 
 @torch.no_grad()
 def subset_scores(trainer, batch: dict) -> tuple[float, float]:
-    """(loss, gap IoU mean) of the model on every (tile, threshold) pair of the batch, in eval mode."""
+    """(loss, score_key metric) of the model on every (tile, threshold) pair of the batch, in eval mode."""
     x, t, target, t_idx = trainer.task.eval_inputs(batch)
     pred = predict(trainer, x, t)
     metrics = trainer.task.metrics(trainer.device)
     trainer.task.update_metrics(metrics, pred, target, t_idx, batch)
-    return float(trainer.criterion(pred, target, t_idx)), metrics.compute()["iou_mean"]
+    return float(trainer.criterion(pred, target, t_idx)), metrics.compute()[score_key(trainer.task)]
 
 
 def overfit(trainer, batch: dict, steps: int = 100, target: float = 0.5, every: int = 10) -> Check:
     """Train on one fixed batch; pass once its loss (all thresholds) falls to `target` x the start."""
-    loss0, iou0 = subset_scores(trainer, batch)
-    curve = [[0, loss0, iou0]]
+    loss0, score0 = subset_scores(trainer, batch)
+    curve = [[0, loss0, score0]]
     trainer.model.train()
     for step in range(1, steps + 1):
         trainer.train_step(batch)
@@ -177,11 +237,11 @@ def overfit(trainer, batch: dict, steps: int = 100, target: float = 0.5, every: 
             curve.append([step, *subset_scores(trainer, batch)])
             if curve[-1][1] <= target * loss0:
                 break
-    step, loss, iou = curve[-1]
-    n = batch["masks"].shape[0]
+    step, loss, score = curve[-1]
+    n, key = batch_count(batch), score_key(trainer.task)
     text = (f"{n} tiles, loss {loss0:.4g} -> {loss:.4g} ({100 * loss / loss0:.0f}% of the start) in {step} "
-            f"steps, IoU on them {iou0:.2f} -> {iou:.2f}; target <= {100 * target:.0f}%")
-    details = {"curve": curve, "tiles": n, "target": target}
+            f"steps, {key} on them {score0:.2f} -> {score:.2f}; target <= {100 * target:.0f}%")
+    details = {"curve": curve, "tiles": n, "target": target, "score": key}
     if loss <= target * loss0:
         return Check("overfit", "ok", f"the model memorises a few tiles: {text}", details)
     return Check("overfit", "fail", f"the model cannot overfit {text}. That is a bug: any working pipeline "
@@ -265,7 +325,7 @@ def _free(device) -> None:
 
 def try_batch(trainer, batch: dict, size: int) -> bool:
     """One real training step at `size` samples (the batch repeated); False on out-of-memory."""
-    index = torch.arange(size) % batch["masks"].shape[0]
+    index = torch.arange(size) % batch_count(batch)
     big = {k: v[index.to(v.device)] for k, v in batch.items() if torch.is_tensor(v)}
     trainer.batch_in_epoch = trainer.accumulate - 1                 # this micro-batch steps the optimiser
     fits = True
@@ -354,9 +414,9 @@ def log_tensorboard(folder, checks: list[Check], text: str) -> None:
     with SummaryWriter(log_dir=str(folder)) as writer:
         for c in checks:
             if c.name == "overfit":
-                for step, loss, iou in c.details["curve"]:
+                for step, loss, score in c.details["curve"]:
                     writer.add_scalar("sanity/overfit_loss", loss, step)
-                    writer.add_scalar("sanity/overfit_iou_mean", iou, step)
+                    writer.add_scalar(f"sanity/overfit_{c.details['score']}", score, step)
             if c.name == "baselines":
                 for name, values in c.details.items():
                     for key, value in values.items():

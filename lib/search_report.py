@@ -13,7 +13,7 @@ from lib.atomic import write_text
 from lib.config import config_to_dict, save_config
 from lib.search import params_text, point_id, with_values
 
-SHOWN = ("val/f1_mean", "val/loss")              # shown beside the monitored metric
+SHOWN = ("val/f1_mean", "val/macro_f1", "val/loss")  # shown beside the monitored metric, those the task has
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -51,7 +51,7 @@ def model_cost(cfg, device, steps: int = 5) -> dict:
     from lib.checkpoint import seed_everything
     from lib.models import model_summary
     from lib.runner import build_trainer
-    from lib.sanity import first_batch
+    from lib.sanity import batch_count, first_batch
     seed_everything(cfg.run.seed)
     trainer = build_trainer(cfg, device, callbacks=[])
     info = model_summary(trainer.raw_model, (cfg.data.tile_px, cfg.data.tile_px))
@@ -64,7 +64,7 @@ def model_cost(cfg, device, steps: int = 5) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    rate = batch["masks"].shape[0] / float(np.median(times[1:]))
+    rate = batch_count(batch) / float(np.median(times[1:]))
     return {"params": info["params"], "gflops": info["flops"] / 1e9, "samples_per_s": rate}
 
 
@@ -95,14 +95,15 @@ def _value(v) -> str:
 
 def table(rows: list[dict], grid_keys: list[str], monitor: str, costs: dict) -> str:
     """Markdown table, best first."""
-    header = ["rank", *grid_keys, monitor, *SHOWN, "epochs", "folds", "params (M)", "GFLOP/tile", "samples/s",
+    shown = [k for k in SHOWN if any(k in r["metrics"] for r in rows)]
+    header = ["rank", *grid_keys, monitor, *shown, "epochs", "folds", "params (M)", "GFLOP/tile", "samples/s",
               "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, row in enumerate(rows, start=1):
         cost = costs.get(row["point"], {})
         status = "ok" if not row["failed"] else f"{row['failed']} failed"
         cells = [str(i), *(_value(row["params"][k]) for k in grid_keys), _cell(row["value"], row["folds"]),
-                 *(_cell(row["metrics"].get(k, (math.nan, math.nan)), row["folds"]) for k in SHOWN),
+                 *(_cell(row["metrics"].get(k, (math.nan, math.nan)), row["folds"]) for k in shown),
                  str(row["epochs"]), str(row["folds"]),
                  f"{cost['params'] / 1e6:.3f}" if cost else "-", f"{cost['gflops']:.3f}" if cost else "-",
                  f"{cost['samples_per_s']:.1f}" if cost else "-", status]
@@ -111,8 +112,9 @@ def table(rows: list[dict], grid_keys: list[str], monitor: str, costs: dict) -> 
 
 
 def metric_table(rows: list[dict]) -> str:
-    """Every threshold-averaged validation metric per point (mean ± std over folds), best first."""
-    keys = sorted({k for r in rows for k in r["metrics"] if k.endswith("_mean")}) + ["val/loss"]
+    """Every threshold-averaged (or, for classes, overall) validation metric per point (mean ± std over folds)."""
+    keys = sorted({k for r in rows for k in r["metrics"] if k.endswith(("_mean", "accuracy", "macro_f1"))})
+    keys.append("val/loss")
     lines = ["| rank | point | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
     for i, row in enumerate(rows, start=1):
         cells = [_cell(row["metrics"].get(k, (math.nan, math.nan)), row["folds"]) for k in keys]

@@ -189,6 +189,16 @@ class ClassificationTask(Task):
         super().__init__([], normalizer)
         self.class_names = list(class_names)
 
+    def state_dict(self) -> dict:
+        """The class names travel in every checkpoint, so inference and export need no dataset."""
+        return {"class_names": self.class_names}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("class_names", self.class_names)  # older checkpoints hold none
+        if saved != self.class_names:
+            raise ConfigError(f"the checkpoint was trained on classes {saved}, the dataset lists {self.class_names}",
+                              hint="resume on the dataset the run was trained on (data.root)")
+
     def _inputs(self, batch: dict):
         """-> x (B,C,H,W), t (B,) zeros, target (B,) long, t_idx None."""
         image = batch["image"]
