@@ -29,9 +29,6 @@ def parse_args(argv):
 @handle_errors
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
-    from lib import evaluation_cls
-    if evaluation_cls.checkpoint_task(args.checkpoint) == "classification":  # tile classes vs baselines
-        return evaluation_cls.main(args.checkpoint, args.split, args.device, args.out, overrides)
     from lib.atomic import write_text
     from lib.config import build_config, config_to_dict
     from lib.data import ShardDataset, build_loader
@@ -46,6 +43,9 @@ def main(argv=None) -> int:
     cfg = build_config(base, overrides, source=f"{args.checkpoint} (embedded config) + overrides")
     device = select_device(args.device or cfg.run.device)
     loaded.net.to(device)
+    if loaded.task == "classification":                                   # tile classes vs the baselines
+        from lib import evaluation_cls
+        return evaluation_cls.main(args.checkpoint, loaded, cfg, device, args.split, args.out)
     split = args.split or cfg.eval.split
     if args.tta:
         cfg.eval.tta = True

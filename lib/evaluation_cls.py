@@ -1,24 +1,20 @@
 """Evaluate a tile classifier on val and test beside the baselines it must beat: per-class report,
 confusion matrix (text, PNG, TensorBoard image).
 
-Baselines: "majority" always predicts the train split's most frequent class; "random" draws a uniform
-class per tile (seeded). Every method is scored with lib.metrics.ClassificationMetrics on the same tiles.
+The model comes from lib.inference.load_model (band normaliser + model + softmax; a checkpoint or an
+exported file). Baselines: "majority" always predicts the train split's most frequent class; "random"
+draws a uniform class per tile (seeded). Every method is scored with lib.metrics.ClassificationMetrics
+on the same tiles.
 """
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lib.bands import BandNormalizer
-from lib.checkpoint import load_checkpoint
-from lib.config import build_config
 from lib.data import ShardDataset, build_loader
-from lib.env import select_device
-from lib.errors import DataError, ModelError
+from lib.errors import DataError
 from lib.metrics import ClassificationMetrics
-from lib.models import rebuild_model
 from lib.shards import read_manifest
 from lib.tasks import topk_of
 
@@ -26,45 +22,21 @@ METHODS = ("model", "majority", "random")
 CELL_PX = 24  # side of one confusion-matrix cell in the image
 
 
-def checkpoint_task(path) -> str:
-    """data.task of a checkpoint's embedded config; exported models say it in their model card."""
-    path = Path(path)
-    if path.suffix in (".ts", ".pt2"):
-        card = path.with_suffix(".json")
-        task = json.loads(card.read_text(encoding="utf-8")).get("task") if card.is_file() else None
-        if task == "classification":
-            raise ModelError(f"{path} is an exported classifier: evaluate.py scores classifiers from their training "
-                             f"checkpoint", hint="pass the .ckpt it was exported from")
-        return "segmentation"
-    return load_checkpoint(path).get("config", {}).get("data", {}).get("task", "segmentation")
-
-
-def load_classifier(path, overrides=(), device=None):
-    """(cfg, normaliser, model in eval mode, checkpoint) from a classification checkpoint, overrides applied;
-    on `device`, or on run.device when None."""
-    ckpt = load_checkpoint(path)
-    cfg = build_config(ckpt["config"], list(overrides), source=f"{path} (embedded config) + overrides")
-    device = select_device(device or cfg.run.device)
-    normalizer = BandNormalizer.from_stats(ckpt["normalization"]).to(device)
-    model = rebuild_model(cfg.model, ckpt["model"]).to(device).eval()
-    return cfg, normalizer, model, ckpt
-
-
 @torch.no_grad()
-def score_split(model, normalizer, cfg, split: str, class_names: list[str], majority: int) -> dict:
-    """{method: ClassificationMetrics} of the model and the two baselines on one split."""
+def score_split(net, cfg, split: str, class_names: list[str], majority: int, device) -> dict:
+    """{method: ClassificationMetrics} of the model and the two baselines on one split. net maps raw band
+    values (B, C, H, W) to class scores (B, classes) on `device`; only their ranking counts."""
     dataset = ShardDataset(cfg.data.root, split, shuffle=False, equal_counts=False, arrays=("image",),
                            meta_keys=("label",))
     loader = build_loader(dataset, cfg.eval.batch_size, 0)
-    c, device = len(class_names), normalizer.mean.device
+    c = len(class_names)
     scores = {m: ClassificationMetrics(c, class_names, topk=(1, topk_of(c)), device=device) for m in METHODS}
     gen = torch.Generator().manual_seed(cfg.run.seed)
     for batch in loader:
-        x = normalizer(batch["image"].to(device))                          # (B, C, H, W)
+        x = batch["image"].to(device)                                      # (B, C, H, W) raw bands
         target = batch["label"].long().to(device)                          # (B,)
-        logits = model(x).float()                                          # (B, classes)
         b = target.shape[0]
-        scores["model"].update(logits, target)
+        scores["model"].update(net(x).float(), target)                     # (B, classes)
         # a constant ranking with the majority class on top (its top-k is a fixed guess too)
         scores["majority"].update(F.one_hot(torch.full((b,), majority), c).float(), target)
         scores["random"].update(torch.rand(b, c, generator=gen).to(device), target)
@@ -96,20 +68,22 @@ def split_report(scores: dict) -> dict:
     return out
 
 
-def evaluate_classifier(path, splits=("val", "test"), overrides=(), device=None) -> dict:
-    """Report of the model and the baselines on each split: {"class_names", "splits": {split: ...}}."""
-    cfg, normalizer, model, ckpt = load_classifier(path, overrides, device)
+def evaluate_classifier(path, loaded, cfg, device, splits=("val", "test")) -> dict:
+    """Report of the model and the baselines on each split: {"class_names", "splits": {split: ...}}.
+
+    loaded: lib.inference.load_model(path) of a classifier, its net on `device`; cfg: its config with the
+    command line's overrides (data.root, eval.batch_size, ...)."""
     manifest = read_manifest(cfg.data.root)
-    names = manifest.get("class_names")
-    if not names or model.build_kwargs["num_classes"] != len(names):
-        raise DataError(f"{cfg.data.root}: dataset lists classes {names}, the checkpoint {path} was trained on "
-                        f"{model.build_kwargs['num_classes']} classes", hint="pass the dataset it was trained on "
+    names, trained = manifest.get("class_names"), len(loaded.class_names)
+    if not names or trained != len(names):
+        raise DataError(f"{cfg.data.root}: dataset lists classes {names}, the model {path} was trained on "
+                        f"{trained} classes {loaded.class_names}", hint="pass the dataset it was trained on "
                         "with --data.root=...")
     majority = majority_class(manifest)
     report = {"checkpoint": str(path), "data_root": cfg.data.root, "class_names": names,
-              "majority_class": names[majority], "step": ckpt.get("step"), "splits": {}}
+              "majority_class": names[majority], "step": loaded.meta.get("step"), "splits": {}}
     for split in splits:
-        report["splits"][split] = split_report(score_split(model, normalizer, cfg, split, names, majority))
+        report["splits"][split] = split_report(score_split(loaded.net, cfg, split, names, majority, device))
     return report
 
 
@@ -164,10 +138,11 @@ def write_reports(report: dict, out, tensorboard: bool = True) -> str:
     return text
 
 
-def main(checkpoint, split: str | None, device: str | None, out, overrides) -> int:
-    """evaluate.py for classification checkpoints: the model and the baselines on val and test (and `split`)."""
+def main(checkpoint, loaded, cfg, device, split: str | None, out) -> int:
+    """evaluate.py for classifiers (checkpoint or exported): the model and the baselines on val and test (and
+    `split`). loaded, cfg, device: as evaluate_classifier takes them."""
     splits = ["val", "test"] + ([split] if split not in (None, "val", "test") else [])
-    report = evaluate_classifier(checkpoint, splits, overrides, device)
+    report = evaluate_classifier(checkpoint, loaded, cfg, device, splits)
     out = Path(out) if out else Path(checkpoint).parent
     print(write_reports(report, out))
     print(f"report.json, report.md and confusion_<split>.png in {out}")

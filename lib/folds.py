@@ -4,12 +4,13 @@ fold i validates on group i and trains on the others. Test sites are never read.
 Each fold is an ordinary dataset folder (shards + manifest) that the Trainer reads unchanged; its
 normalisation and gap fractions are recomputed from its own train tiles, so no statistic of a fold's
 validation sites leaks into its training. Folds are rebuilt only when the source dataset changes.
+Tile-classification datasets have no sites and are refused with what to do instead.
 """
 from pathlib import Path
 
 import numpy as np
 
-from lib.errors import DataError
+from lib.errors import ConfigError, DataError
 from lib.gaps import IGNORE, threshold_tag
 from lib.normalize import compute_height_stats
 from lib.shards import ShardWriter, iter_shard, read_manifest, write_manifest
@@ -84,6 +85,14 @@ def prepare_folds(data_root: str | Path, out_dir: str | Path, k: int, seed: int)
     """Dataset folders out_dir/fold<i> (built, or reused when built from the same source); their paths."""
     source, out_dir = Path(data_root), Path(out_dir)
     manifest = read_manifest(source)
+    if manifest.get("task") == "classification":
+        tiles = sum(manifest["summary"][s]["tiles"] for s in SPLITS)
+        raise ConfigError(f"search.folds={k}: k-fold here is by site, for segmentation and regression datasets; "
+                          f"{source} is a classification dataset ({tiles} train+val tiles in "
+                          f"{len(manifest['class_names'])} classes, no sites)",
+                          hint="drop --folds (search.folds=0): points are then compared on the dataset's own "
+                               "val split; to see seed noise, repeat the search with another "
+                               "--run.seed and --name")
     shards = [s["sha256"] for split in SPLITS for s in manifest["splits"][split]["shards"]]
     roots = []
     for i, val_sites in enumerate(site_folds(manifest, k, seed)):

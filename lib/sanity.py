@@ -6,15 +6,16 @@ majority/random baselines, overfit scored by accuracy).
 Each check returns a Check(name, status, message, details) with status "ok", "warn" or "fail" and a
 message in plain words. They use the run's own Trainer (`build_trainer`), never a copy of its wiring.
 """
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from lib.baselines import random_gaps
+from lib.batch_finder import batch_count, find_batch_size
 from lib.config import build_config, config_to_dict
 from lib.gaps import IGNORE
 from lib.losses import expected_initial_loss
-from lib.lr_finder import endless_batches, preserved_state
+from lib.lr_finder import endless_batches
 from lib.metrics import SegmentationMetrics
 from lib.models.blocks import resolve_norm
 from lib.shards import read_manifest
@@ -30,11 +31,6 @@ class Check:
 
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def batch_count(batch: dict) -> int:
-    """Samples in a batch (the leading dimension of its tensors)."""
-    return next(v.shape[0] for v in batch.values() if torch.is_tensor(v))
 
 
 def score_key(task) -> str:
@@ -163,9 +159,10 @@ def check_class_baselines(trainer) -> Check:
     from lib.evaluation_cls import majority_class, score_split
     names, model = trainer.task.class_names, trainer.raw_model
     majority = majority_class(read_manifest(trainer.cfg.data.root))
+    net = torch.nn.Sequential(trainer.task.normalizer, model)             # raw bands -> logits
     model.eval()
     try:
-        scores = score_split(model, trainer.task.normalizer, trainer.cfg, "val", names, majority)
+        scores = score_split(net, trainer.cfg, "val", names, majority, trainer.device)
     finally:
         model.train()
     values = {m: {f"val/{k}": v for k, v in scores[m].compute().items() if k in ("accuracy", "macro_f1")}
@@ -289,85 +286,20 @@ class GradientTally:
         return Check("gradients", "ok", f"all {len(self.params)} parameters received a non-zero gradient", details)
 
 
-def largest_fitting(fits, start: int = 1, limit: int = 4096) -> tuple[int, list[int]]:
-    """Largest size in [start, limit] for which fits(size) is True, assuming it is monotone: doubling
-    until a failure (or the limit), then bisection. Returns (size or 0, sizes tried in order)."""
-    tried = []
-
-    def attempt(size: int) -> bool:
-        tried.append(size)
-        return fits(size)
-
-    if not attempt(start):
-        return 0, tried
-    good, bad = start, None
-    while bad is None and good < limit:
-        size = min(2 * good, limit)
-        good, bad = (size, None) if attempt(size) else (good, size)
-    while bad is not None and bad - good > 1:
-        mid = (good + bad) // 2
-        good, bad = (mid, bad) if attempt(mid) else (good, mid)
-    return good, tried
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA OOM, or an allocator failure on another device (MPS, CPU)."""
-    text = str(exc).lower()
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate" in text
-
-
-def _free(device) -> None:
-    import gc
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def try_batch(trainer, batch: dict, size: int) -> bool:
-    """One real training step at `size` samples (the batch repeated); False on out-of-memory."""
-    index = torch.arange(size) % batch_count(batch)
-    big = {k: v[index.to(v.device)] for k, v in batch.items() if torch.is_tensor(v)}
-    trainer.batch_in_epoch = trainer.accumulate - 1                 # this micro-batch steps the optimiser
-    fits = True
-    try:
-        trainer.train_step(big)
-    except RuntimeError as exc:                                    # torch.cuda.OutOfMemoryError included
-        if not is_out_of_memory(exc):
-            raise
-        fits = False
-    # Freed outside the except block: the caught exception's traceback holds the step's tensors.
-    trainer.optimizer.zero_grad(set_to_none=True)
-    del big
-    if not fits and trainer.scaler.is_enabled():                   # an OOM inside step() leaves it half-way
-        trainer.scaler = torch.amp.GradScaler("cuda", init_scale=trainer.scaler.get_scale())
-    _free(trainer.device)
-    return fits
-
-
-def find_batch_size(trainer, batch: dict, limit: int) -> Check:
-    """Largest batch whose training step fits in memory (up to `limit`), with the peak memory it used."""
-    from lib.monitor import process_memory_mb
-    device, peak = trainer.device, {}
-
-    def fits(size: int) -> bool:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        ok = try_batch(trainer, batch, size)
-        peak[size] = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
-                      else process_memory_mb()["sys/rss_peak_mb"])      # MB
-        return ok
-
-    with preserved_state(trainer):
-        best, tried = largest_fitting(fits, 1, limit)
-    where = (f"{peak.get(best, 0) / 1024:.2f} GiB peak allocated on {device}" if device.type == "cuda" else
-             f"process peak RSS {peak.get(best, 0) / 1024:.2f} GiB; CPU RAM is not probed beyond {limit}")
-    details = {"largest": best, "limit": limit, "tried": tried, "peak_mb": peak}
-    configured = trainer.cfg.train.batch_size
-    if best < configured:
+def check_batch_size(trainer, batch: dict, limit: int) -> Check:
+    """Does train.batch_size fit? The largest batch that does (lib.batch_finder, up to `limit`) and its peak memory."""
+    found = find_batch_size(trainer, batch, limit)
+    device, peak_gib = trainer.device, found.peak_mb.get(found.largest, 0) / 1024
+    where = (f"{peak_gib:.2f} GiB peak allocated on {device}" if device.type == "cuda" else
+             f"process peak RSS {peak_gib:.2f} GiB; CPU RAM is not probed beyond {limit}")
+    details, configured = asdict(found), trainer.cfg.train.batch_size
+    if found.largest < configured:
         return Check("batch size", "fail", f"train.batch_size={configured} does not fit: the largest batch "
-                     f"that does is {best} ({where})", details)
-    reach = f"every size up to the limit {limit} fits" if best == limit else f"the largest batch that fits is {best}"
-    return Check("batch size", "ok", f"{reach} ({where}); train.batch_size is {configured}; tried {tried}", details)
+                     f"that does is {found.largest} ({where})", details)
+    reach = (f"every size up to the limit {limit} fits" if found.largest == limit else
+             f"the largest batch that fits is {found.largest}")
+    return Check("batch size", "ok", f"{reach} ({where}); train.batch_size is {configured}; tried {found.tried}",
+                 details)
 
 
 def _all_parameters(trainer):
@@ -387,7 +319,7 @@ def run_sanity(cfg, device, tiles: int = 4, steps: int = 100, target: float = 0.
     checks = [check_weights(trainer.raw_model), check_batch(trainer, batch), check_initial_loss(trainer, batch),
               check_baselines(trainer)]
     limit = max_batch or (4096 if device.type == "cuda" else 2 * cfg.train.batch_size)
-    checks.append(find_batch_size(trainer, batch, limit))
+    checks.append(check_batch_size(trainer, batch, limit))
     del trainer, batch
     seed_everything(cfg.run.seed)
     small = build_trainer(overfit_config(cfg, tiles), device, callbacks=[])

@@ -38,7 +38,8 @@ class DataConfig:
     task: str = opt("segmentation", "what the model predicts",
                     choices=("segmentation", "regression", "classification"))
     root: str = opt("data/synthetic", "dataset folder: shards and manifest.json")
-    synthetic_sites: int = opt(12, "number of synthetic sites when no real site is listed", min=0)
+    synthetic_sites: int = opt(12, "number of synthetic sites when no real site is listed; for task "
+                               "classification without class_folder, synthetic tiles per stand type", min=0)
     synthetic_size_px: int = opt(1024, "side of each synthetic site in pixels", min=64)
     sites: list[dict] = opt([], "real sites: [{name, dsm, chm | dtm}] paths to GeoTIFFs")
     raster_folder: str = opt("", "folder of <site>_DSM.tif with <site>_CHM.tif or <site>_DTM.tif")

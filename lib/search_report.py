@@ -51,7 +51,8 @@ def model_cost(cfg, device, steps: int = 5) -> dict:
     from lib.checkpoint import seed_everything
     from lib.models import model_summary
     from lib.runner import build_trainer
-    from lib.sanity import batch_count, first_batch
+    from lib.batch_finder import batch_count
+    from lib.sanity import first_batch
     seed_everything(cfg.run.seed)
     trainer = build_trainer(cfg, device, callbacks=[])
     info = model_summary(trainer.raw_model, (cfg.data.tile_px, cfg.data.tile_px))

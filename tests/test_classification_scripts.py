@@ -1,6 +1,7 @@
 """Every script on a classification run (data.task: classification): train with the monitor's tile panels,
-sanity_check, export (TorchScript and ExportedProgram match eager), predict's refusal, lr_finder and
-grid_search. One tiny class-folder dataset and one trained checkpoint are shared by the whole module."""
+sanity_check, export (TorchScript and ExportedProgram match eager), evaluate (checkpoint and exported
+model), predict's refusal, lr_finder and grid_search (and its refusal of k-fold by site). One tiny
+class-folder dataset and one trained checkpoint are shared by the whole module."""
 import json
 import math
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate
 import export
 import grid_search
 import lr_finder
@@ -141,3 +143,41 @@ def test_grid_search_over_cnn_dilated(run, tmp_path):
     assert "val/accuracy" in summary and "val/macro_f1" in summary
     best = json.loads((tmp_path / "g" / "best_config.json").read_text())
     assert best["model"]["blocks_per_stage"] in (1, 2) and best["data"]["task"] == "classification"
+
+
+def test_grid_search_refuses_site_folds_on_classification_saying_what_to_do(run, tmp_path, capsys):
+    config, _ = run
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"optim.lr": [0.01, 0.001]}))
+    code = grid_search.main(["--config", str(config), "--grid", str(grid), "--name", "f", "--folds", "2",
+                             f"--run.output_root={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "classification dataset" in err and "segmentation" in err, err
+    assert "search.folds=0" in err and "--run.seed" in err                              # what to do instead
+    assert not (tmp_path / "f" / "folds").exists()                                      # nothing built
+
+
+def test_evaluate_scores_checkpoint_and_exported_classifier_like_brute_force(run, tmp_path):
+    config, ckpt = run
+    exported = tmp_path / "cls.ts"
+    assert export.main(["--checkpoint", str(ckpt), "--format", "torchscript", "--out", str(exported)]) == 0
+    images, labels = val_images(config)
+    with torch.no_grad():
+        predicted = load_model(ckpt).net(images).argmax(1)
+    confusion = np.zeros((len(CLASSES), len(CLASSES)), np.int64)
+    np.add.at(confusion, (labels.numpy(), predicted.numpy()), 1)                         # rows true
+    manifest = read_manifest(json.loads(config.read_text())["data"]["root"])
+    train_counts = [manifest["summary"]["train"]["per_class"][c] for c in CLASSES]
+    majority_hits = int((labels == int(np.argmax(train_counts))).sum())
+    reports = []
+    for model in (ckpt, exported):
+        out = tmp_path / model.suffix[1:]
+        assert evaluate.main(["--checkpoint", str(model), "--out", str(out)]) == 0
+        reports.append(json.loads((out / "report.json").read_text()))
+        val = reports[-1]["splits"]["val"]
+        assert val["confusion"] == confusion.tolist()
+        assert val["model"]["accuracy"] == pytest.approx(np.trace(confusion) / len(labels))
+        assert val["majority"]["accuracy"] == pytest.approx(majority_hits / len(labels))
+        assert (out / "confusion_test.png").is_file() and "| majority |" in (out / "report.md").read_text()
+    for split in ("val", "test"):                                                        # seeded random too
+        assert reports[0]["splits"][split] == reports[1]["splits"][split]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from lib import sanity
+from lib import batch_finder, sanity
 from lib.checkpoint import seed_everything
 from lib.config import save_config
 from lib.runner import build_trainer
@@ -38,7 +38,7 @@ def _tally(trainer, batch, steps=3):
 @pytest.mark.parametrize("largest", [0, 1, 2, 37, 64, 99, 100, 500])
 def test_largest_fitting_finds_the_boundary_in_logarithmic_tries(largest):
     limit = 100
-    best, tried = sanity.largest_fitting(lambda size: size <= largest, start=1, limit=limit)
+    best, tried = batch_finder.largest_fitting(lambda size: size <= largest, start=1, limit=limit)
     assert best == min(largest, limit)
     assert max(tried) <= limit and len(tried) == len(set(tried))
     assert len(tried) <= 2 * math.ceil(math.log2(limit)) + 1
@@ -149,22 +149,25 @@ def test_batch_size_finder_catches_out_of_memory_and_restores_the_trainer(tiny_d
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_step(b)
     monkeypatch.setattr(trainer, "train_step", step)
-    check = sanity.find_batch_size(trainer, batch, limit=64)
-    assert check.details["largest"] == 6 and check.status == "ok"        # tiny train.batch_size is 4
-    assert check.details["tried"] == [1, 2, 4, 8, 6, 7]
+    found = batch_finder.find_batch_size(trainer, batch, limit=64)
+    assert found.largest == 6 and found.tried == [1, 2, 4, 8, 6, 7]
+    assert set(found.peak_mb) == set(found.tried) and all(mb > 0 for mb in found.peak_mb.values())
     after = trainer.raw_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in trainer.raw_model.parameters())
     monkeypatch.setattr(trainer, "train_step", lambda b: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):           # only memory errors are caught
-        sanity.find_batch_size(trainer, batch, limit=4)
+        batch_finder.find_batch_size(trainer, batch, limit=4)
 
 
-def test_configured_batch_that_does_not_fit_fails(tiny_dataset, monkeypatch):
-    trainer = _trainer(tiny_config(tiny_dataset))
-    monkeypatch.setattr(sanity, "try_batch", lambda trainer, batch, size: size <= 2)
-    check = sanity.find_batch_size(trainer, sanity.first_batch(trainer), limit=64)
-    assert check.status == "fail" and "train.batch_size=4 does not fit" in check.message
+@pytest.mark.parametrize("largest, status", [(2, "fail"), (4, "ok"), (64, "ok")])
+def test_batch_size_check_fails_only_when_the_configured_batch_does_not_fit(tiny_dataset, monkeypatch,
+                                                                           largest, status):
+    trainer = _trainer(tiny_config(tiny_dataset))                      # train.batch_size is 4
+    monkeypatch.setattr(batch_finder, "try_batch", lambda trainer, batch, size: size <= largest)
+    check = sanity.check_batch_size(trainer, sanity.first_batch(trainer), limit=64)
+    assert check.status == status and check.details["largest"] == largest
+    assert ("train.batch_size=4 does not fit" in check.message) == (status == "fail")
 
 
 def test_sanity_script_passes_a_tiny_run_and_fails_one_that_cannot_learn(tiny_dataset, tmp_path, capsys):
