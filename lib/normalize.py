@@ -111,7 +111,9 @@ class Normalizer(torch.nn.Module):
 
     def normalise_threshold(self, threshold_m) -> torch.Tensor:
         """CHM threshold(s) in metres -> the same units as forward's output (for FiLM conditioning)."""
-        return torch.as_tensor(threshold_m, dtype=torch.float32, device=self.scale.device) / self.scale
+        # type_as, not as_tensor(device=...): a trace would bake the export-time device in
+        t = threshold_m if torch.is_tensor(threshold_m) else torch.as_tensor(threshold_m, dtype=torch.float32)
+        return t.type_as(self.scale) / self.scale
 
     def stats(self) -> dict:
         """JSON-safe statistics; `Normalizer.from_stats(n.stats())` rebuilds the same normalisation."""

@@ -184,3 +184,18 @@ def test_traced_normaliser_with_features_matches():
     norm = Normalizer(scale=3.0, features=FEATURES)
     traced = torch.jit.trace(norm, (dsm,), check_trace=False)
     assert torch.equal(traced(dsm + 100), norm(dsm + 100))
+
+
+def test_traced_threshold_normalisation_has_no_baked_device():
+    """A traced model moved to CUDA must not send its thresholds back to the export-time device."""
+    class Thresholds(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = Normalizer(scale=4.0)
+
+        def forward(self, t):
+            return self.norm.normalise_threshold(t)
+
+    traced = torch.jit.trace(Thresholds(), (torch.tensor([2.0, 5.0]),))
+    assert "Device" not in str(traced.graph)
+    torch.testing.assert_close(traced(torch.tensor([8.0, 1.0])), torch.tensor([2.0, 0.25]))
