@@ -2,10 +2,10 @@
 raw band values): the one loading path shared by evaluate, predict and export, so deployment cannot
 drift from training.
 
-Shipped weights (`weights/gaps_dsm_v1.pt`, used when no checkpoint is named) are checked against the
+Shipped weights (`weights/gaps_dsm_v2.pt`, used when no checkpoint is named) are checked against the
 sha256 of their card before loading. A weights card is `<stem>.json` beside the file:
 
-    {"file": "gaps_dsm_v1.pt", "sha256": "<64 hex digits>", "bytes": 1234567, "pixel_size_m": 1.0,
+    {"file": "gaps_dsm_v2.pt", "sha256": "<64 hex digits>", "bytes": 1234567, "pixel_size_m": 1.0,
      "threshold_range_m": [1.0, 30.0], "command": "python train.py --config configs/pretrain.json", ...}
 
 ("file" and "sha256" are required, the rest is provenance), or, for the shipped file only,
@@ -179,12 +179,12 @@ def check_thresholds(requested, trained_m, train_cfg) -> list[float]:
     """The thresholds to map: the trained ones when none are requested.
 
     A model trained on fixed thresholds maps only those; one trained with continuous thresholds
-    (train.threshold_sampling = "continuous") maps any, with a warning outside train.threshold_range_m.
+    (train.threshold_sampling continuous or continuous_log) maps any, with a warning outside train.threshold_range_m.
     """
     thresholds = [float(t) for t in (requested or trained_m)]
     if len(set(thresholds)) != len(thresholds):
         raise ConfigError(f"--thresholds must be distinct, found {thresholds}")
-    if getattr(train_cfg, "threshold_sampling", None) == "continuous":
+    if str(getattr(train_cfg, "threshold_sampling", "")).startswith("continuous"):
         low, high = train_cfg.threshold_range_m
         outside = [t for t in thresholds if not low <= t <= high]
         if outside:

@@ -174,8 +174,10 @@ class TrainConfig:
     channels_last: bool = opt(False, "channels_last memory format")
     ema_decay: float = opt(0.0, "EMA of weights; 0 disables", min=0.0, max=1.0)
     threshold_sampling: str = opt("uniform", "per-sample threshold draw: one of data.thresholds_m (uniform, "
-                                  "rare), or continuous T ~ U(threshold_range_m) with target CHM <= T "
-                                  "and no area filter", choices=("uniform", "rare", "continuous"))
+                                  "rare), or continuous T in threshold_range_m with target CHM <= T and no area "
+                                  "filter: T ~ U(range) (continuous) or log T ~ U(log range) (continuous_log: "
+                                  "as many draws in 1-5 m as in 5-25 m)",
+                                  choices=("uniform", "rare", "continuous", "continuous_log"))
     threshold_range_m: list[float] = opt([1.0, 30.0], "continuous sampling: lowest and highest threshold, metres")
     early_stopping_patience: int = opt(10, "epochs without improvement before stopping; 0 disables", min=0)
     monitor: str = opt("val/iou_mean", "metric that picks best.ckpt and drives early stopping")
@@ -198,6 +200,8 @@ class TrainConfig:
         r = self.threshold_range_m
         if len(r) != 2 or not 0 <= r[0] < r[1]:
             raise ConfigError(f"train.threshold_range_m must be two increasing thresholds >= 0 metres, found {r}")
+        if self.threshold_sampling == "continuous_log" and r[0] <= 0:
+            raise ConfigError(f"train.threshold_sampling continuous_log needs threshold_range_m above 0 m, found {r}")
 
 
 @dataclass

@@ -55,7 +55,8 @@ class SegmentationTask(Task):
     def __init__(self, thresholds_m: list[float], normalizer, sampling: str = "uniform",
                  gap_fractions: list[float] | None = None, seed: int = 0, threshold_range_m=(1.0, 30.0)):
         super().__init__(thresholds_m, normalizer)
-        self.range_m = tuple(threshold_range_m) if sampling == "continuous" else None
+        self.range_m = tuple(threshold_range_m) if sampling.startswith("continuous") else None
+        self.log_sampling = sampling == "continuous_log"
         self.weights = self._sampling_weights("uniform" if self.range_m else sampling, gap_fractions)
         self.generator = torch.Generator().manual_seed(seed + 7)
 
@@ -89,12 +90,13 @@ class SegmentationTask(Task):
         return x, self.normalizer.normalise_threshold(t_m), target, t_idx
 
     def _continuous_inputs(self, batch: dict):
-        """T ~ U(threshold_range_m) per sample; target = CHM <= T, IGNORE where the CHM or the stored masks
-        are nodata. No area filter (prepare the data with min_area_m2 <= one pixel). t_idx: the listed
-        threshold nearest to T, for per-threshold loss weights."""
+        """T ~ U(threshold_range_m) (or log T ~ U(log range)) per sample; target = CHM <= T, IGNORE where the
+        CHM or the stored masks are nodata. No area filter (prepare the data with min_area_m2 <= one pixel).
+        t_idx: the listed threshold nearest to T, for per-threshold loss weights."""
         chm, masks = batch["chm"], batch["masks"]  # (B, 1, H, W) metres, (B, K, H, W) uint8
         b, (lo, hi) = chm.shape[0], self.range_m
-        t_m = (lo + (hi - lo) * torch.rand(b, generator=self.generator)).to(chm.device)  # (B,)
+        u = torch.rand(b, generator=self.generator)
+        t_m = (lo * (hi / lo) ** u if self.log_sampling else lo + (hi - lo) * u).to(chm.device)  # (B,)
         valid = torch.isfinite(chm) & (masks[:, :1] != IGNORE)
         target = torch.where(valid, (chm <= t_m.view(b, 1, 1, 1)).to(torch.uint8), IGNORE)
         listed = self.thresholds_tensor(chm.device)

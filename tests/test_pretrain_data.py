@@ -49,6 +49,16 @@ def test_continuous_draws_resume_exactly_and_fixed_sampling_is_unchanged():
     assert set(t.tolist()) <= {2.0, 5.0} and torch.equal(t, torch.tensor([2.0, 5.0])[t_idx])
 
 
+def test_log_uniform_draws_cover_the_range_with_equal_mass_per_ratio():
+    task = SegmentationTask([2.0, 5.0], Normalizer(), "continuous_log", seed=4, threshold_range_m=(1.0, 25.0))
+    t = torch.cat([task.train_inputs(_batch())[1] for _ in range(400)])              # 2400 draws, metres
+    assert ((t >= 1.0) & (t <= 25.0)).all()
+    assert abs(float((t <= 5.0).float().mean()) - 0.5) < 0.05                         # log 5 / log 25 = 1/2
+    uniform = SegmentationTask([2.0, 5.0], Normalizer(), "continuous", seed=4, threshold_range_m=(1.0, 25.0))
+    u = torch.cat([uniform.train_inputs(_batch())[1] for _ in range(400)])
+    assert abs(float((u <= 5.0).float().mean()) - 4 / 24) < 0.05
+
+
 def test_validation_stays_on_the_listed_thresholds():
     task = SegmentationTask([2.0, 5.0, 10.0], Normalizer(), "continuous", seed=0)
     batch = _batch(b=2)
@@ -64,6 +74,8 @@ def test_config_validates_the_range():
     assert cfg.train.threshold_range_m == [1, 30]
     with pytest.raises(ConfigError, match="threshold_range_m"):
         build_config({"train": {"threshold_range_m": [30, 1]}})
+    with pytest.raises(ConfigError, match="continuous_log needs threshold_range_m above 0"):
+        build_config({"train": {"threshold_sampling": "continuous_log", "threshold_range_m": [0, 30]}})
 
 
 def test_hybrid_sources_keep_the_chm_in_every_orientation(real_data):
