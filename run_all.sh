@@ -54,6 +54,9 @@ step predict_synthetic $PY predict.py --checkpoint "$CKPT" --dsm "$OUT/scene/syn
 if [ -f "$REAL/wellington_DSM.tif" ]; then
     step predict_wellington $PY predict.py --checkpoint "$CKPT" --dsm "$REAL/wellington_DSM.tif" \
                         --chm "$REAL/wellington_CHM.tif" --out "$OUT/predict_wellington"
+    # the same scene with the shipped pretrained model (no --checkpoint: weights/gaps_dsm_v2.pt)
+    step predict_shipped $PY predict.py --dsm "$REAL/wellington_DSM.tif" --thresholds 2 5 10 15 \
+                        --chm "$REAL/wellington_CHM.tif" --out "$OUT/predict_shipped"
 else
     echo "(skipping the real-scene prediction: $REAL/wellington_DSM.tif not found)"
 fi
@@ -72,7 +75,7 @@ for name in ("model", "classical", "all_canopy", "random"):
     metrics = methods[name]["metrics"]
     ious = "  ".join(f"{k[4:]} {v:.3f}" for k, v in metrics.items() if k.startswith("iou_") and v is not None)
     print(f"test split IoU, {name:10s}: {ious}")
-for scene in ("predict_synthetic", "predict_wellington"):
+for scene in ("predict_synthetic", "predict_wellington", "predict_shipped"):
     path = out / scene / "scores.json"
     if path.exists():
         scores = json.loads(path.read_text())
