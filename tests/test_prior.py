@@ -1,4 +1,6 @@
 """model.classical_prior: the classical rule as a starting logit, in every model, checkpoint and export."""
+import math
+
 import pytest
 import torch
 
@@ -6,7 +8,7 @@ from conftest import tiny_config
 from lib.baselines import classical_relative_height
 from lib.errors import ModelError
 from lib.models import build_model, rebuild_model
-from lib.models.prior import ClassicalPrior
+from lib.models.prior import TRUST_RANGE, ClassicalPrior
 from lib.normalize import Normalizer, relative_height_channels
 
 FEATURES = ["dsm", "relative_height_9m", "relative_height_15m"]
@@ -29,30 +31,50 @@ def test_prior_at_init_is_the_classical_rule_on_the_mean_relative_height():
     x = norm(dsm)
     prior = ClassicalPrior(relative_height_channels(FEATURES))
     for t_m in (2.0, 5.0, 10.0):
-        logits = prior(x, norm.normalise_threshold(torch.full((2,), t_m)))
+        logits = prior.rule(x, norm.normalise_threshold(torch.full((2,), t_m)))
         mean_rel = (classical_relative_height(dsm, 9.0, 1.0) + classical_relative_height(dsm, 15.0, 1.0)) / 2
         decided = (mean_rel - t_m).abs() > 1e-3  # pixels exactly at T may round either way
         assert torch.equal((logits > 0)[decided], (mean_rel <= t_m)[decided])
         assert decided.float().mean() > 0.95
 
 
+@pytest.mark.parametrize("trust", [False, True])
 @pytest.mark.parametrize("name", ["unet_film_cbam", "unet", "deeplabv3plus"])
-def test_models_with_the_prior_add_it_rebuild_and_trace(tmp_path, name):
-    cfg = tiny_config(tmp_path, model={"name": name, "base_channels": 8, "depth": 3, "classical_prior": True})
+def test_models_with_the_prior_add_it_rebuild_and_trace(tmp_path, name, trust):
+    cfg = tiny_config(tmp_path, model={"name": name, "base_channels": 8, "depth": 3, "classical_prior": True,
+                                       "prior_trust_map": trust})
     torch.manual_seed(0)
     model = build_model(cfg.model, in_channels=3, prior_channels=[1, 2]).eval()
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([0.2, 0.8])
     with torch.no_grad():
         with_prior = model(x, t)
-        prior = model.prior(x, t)
         model.prior, kept = None, model.prior
-        without = model(x, t)
+        network = model(x, t)
         model.prior = kept
-        torch.testing.assert_close(with_prior, without + prior)
+        assert network.shape == (2, 1 + trust, 32, 32) and with_prior.shape == (2, 1, 32, 32)
+        rule = model.prior.rule(x, t, network[:, 1:] if trust else None)
+        torch.testing.assert_close(with_prior, network[:, :1] + rule)
         again = rebuild_model(cfg.model, model.state_dict()).eval()
         torch.testing.assert_close(again(x, t), with_prior)
         traced = torch.jit.trace(model, (x, t), check_trace=False)
         torch.testing.assert_close(traced(x.flip(-1), t.flip(0)), model(x.flip(-1), t.flip(0)))
+
+
+def test_trust_map_scales_the_gain_within_its_bound_and_leaves_the_decision_boundary():
+    prior = ClassicalPrior([0], trust_map=True)
+    x, t = torch.linspace(-1, 1, 9).view(1, 1, 3, 3), torch.tensor([0.1])
+    plain = prior.rule(x, t)
+    for raw, factor in ((0.0, 1.0), (2.0, math.exp(TRUST_RANGE * math.tanh(2.0 / TRUST_RANGE))),
+                        (1e4, math.exp(TRUST_RANGE)), (-1e4, math.exp(-TRUST_RANGE))):
+        scaled = prior.rule(x, t, torch.full_like(x, raw))
+        torch.testing.assert_close(scaled, plain * factor, rtol=1e-5, atol=1e-6)
+        assert torch.equal(scaled > 0, plain > 0)  # bias is 0 at init: trust moves confidence, not the boundary
+
+
+def test_trust_map_needs_the_prior(tmp_path):
+    cfg = tiny_config(tmp_path, model={"prior_trust_map": True})
+    with pytest.raises(ModelError, match="classical_prior is off"):
+        build_model(cfg.model, in_channels=2, prior_channels=[1])
 
 
 def test_prior_needs_relative_height_channels_and_segmentation(tmp_path):
@@ -74,13 +96,13 @@ def test_training_with_the_prior_gives_a_checkpoint_predict_can_load(tiny_datase
     from lib.runner import train_model
     from lib.sources import sources_from_config
     cfg = tiny_config(tmp_path, data={"input_features": ["dsm", "relative_height_9m"]},
-                      model={"classical_prior": True}, train={"epochs": 1, "max_steps": 3},
+                      model={"classical_prior": True, "prior_trust_map": True}, train={"epochs": 1, "max_steps": 3},
                       log={"tensorboard": False, "images_every_epochs": 0})
     build_dataset(cfg, sources_from_config(cfg.data, cfg.run.seed), cfg.data.root)
     run_dir = train_model(cfg)
     loaded = load_model(run_dir / "last.ckpt")
     assert loaded.net.model.prior is not None
-    assert loaded.net.model.prior.mix.shape == (1,)
+    assert loaded.net.model.prior.mix.shape == (1,) and loaded.net.model.prior.trust_map
     with torch.no_grad():
         probs = loaded.net(_dsm(1), torch.tensor([2.0, 20.0]))
     assert probs.shape == (2, 1, 32, 32) and torch.isfinite(probs).all()

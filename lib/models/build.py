@@ -52,7 +52,7 @@ def _extra_options(cfg, spec: ModelSpec) -> dict:
 
 
 def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: str,
-               prior_channels=()) -> ForestModel:
+               prior_channels=(), prior_trust_map: bool = False) -> ForestModel:
     spec = _spec(cfg.name)
     if task not in TASKS:
         raise ModelError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
@@ -62,8 +62,10 @@ def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: 
         raise ModelError(f"model {cfg.name!r} is a tile classifier; task {task!r} needs a segmentation model")
     _check_fields(cfg, spec)
     options = _extra_options(cfg, spec)
+    prior_channels = _prior_channels(cfg, task, in_channels, prior_channels)
+    prior = ClassicalPrior(prior_channels, prior_trust_map) if prior_channels else None
     if task != "classification":
-        model = spec.build(cfg, in_channels, 1, norm, **options)
+        model = spec.build(cfg, in_channels, prior.network_channels if prior else 1, norm, **options)
     elif spec.classifier_only:
         model = spec.build(cfg, in_channels, num_classes, norm, **options)
     else:
@@ -71,12 +73,10 @@ def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: 
         model = EncoderClassifier(dense.encoder, num_classes, cfg.dropout, dense.stride)
     if cfg.spectral_norm:
         apply_spectral_norm(model)
-    prior_channels = _prior_channels(cfg, task, in_channels, prior_channels)
-    if prior_channels:
-        model.prior = ClassicalPrior(prior_channels)
+    model.prior = prior
     model.build_kwargs = {"name": cfg.name, "task": task, "in_channels": in_channels,
                           "num_classes": num_classes if task == "classification" else None, "norm": norm,
-                          "prior_channels": prior_channels}
+                          "prior_channels": prior_channels, "prior_trust_map": bool(prior and prior.trust_map)}
     return model
 
 
@@ -102,7 +102,11 @@ def build_model(cfg, task: str = "segmentation", in_channels: int = 1, num_class
     read when cfg.classical_prior is set.
     Output: (B, 1, H, W) logits for segmentation/regression, (B, num_classes) for classification.
     """
-    return _construct(cfg, task, in_channels, num_classes, resolve_norm(cfg.norm, batch_size), prior_channels)
+    if cfg.prior_trust_map and not cfg.classical_prior:
+        raise ModelError("model.prior_trust_map scales the classical prior, but model.classical_prior is off",
+                         hint="set --model.classical_prior=true, or --model.prior_trust_map=false")
+    return _construct(cfg, task, in_channels, num_classes, resolve_norm(cfg.norm, batch_size), prior_channels,
+                      cfg.prior_trust_map)
 
 
 def rebuild_model(cfg, state_dict: dict) -> ForestModel:
@@ -114,6 +118,6 @@ def rebuild_model(cfg, state_dict: dict) -> ForestModel:
     if record["name"] != cfg.name:
         raise ModelError(f"checkpoint holds model {record['name']!r} but model.name is {cfg.name!r}")
     model = _construct(cfg, record["task"], record["in_channels"], record["num_classes"], record["norm"],
-                       record.get("prior_channels", ()))
+                       record.get("prior_channels", ()), record.get("prior_trust_map", False))
     model.load_state_dict(state_dict)
     return model

@@ -5,6 +5,12 @@ DSM) is at most T. Given that quantity as input channels, a network still has to
 scratch, and a short training run learns it badly where the rule is nearly exact (flat, closed
 canopy). Added to the network's logits, the rule is where the model starts; the network learns only
 the corrections (steep slopes, where the opening follows the canopy).
+
+With model.prior_trust_map the network also says, per pixel, how far to trust the rule: a second output
+channel scales the rule's gain. One global gain must be a compromise between flat ground, where the
+rule is exact to the pixel (LiDAR pits included), and slopes, where it is wrong; a per-pixel gain lets
+the rule decide sharply where it is right and fade where it is not, without the network redrawing
+one-pixel detail it cannot see as well as the rule does.
 """
 import math
 
@@ -14,6 +20,7 @@ from torch import nn
 from lib.errors import ModelError
 
 INITIAL_GAIN = 16.0  # logits per normalised unit: about 1 logit per metre at the usual ~17 m scale
+TRUST_RANGE = 4.0    # the trust channel scales the gain by at most e^4 either way (bounded: no overflow)
 
 
 class ClassicalPrior(nn.Module):
@@ -21,22 +28,37 @@ class ClassicalPrior(nn.Module):
 
     Inputs and threshold are in the same normalised units (lib.normalize), so T - h compares metres.
     At init the mix is uniform and the bias zero: p = 0.5 exactly where h = T, as in the classical rule.
+    trust_map: the network's output has a second channel, the log of a per-pixel factor on the gain.
     """
 
-    def __init__(self, channels):
+    def __init__(self, channels, trust_map: bool = False):
         super().__init__()
         channels = [int(c) for c in channels]
         if not channels or min(channels) < 0:
             raise ModelError(f"classical prior needs the indices of relative-height input channels, found "
                              f"{channels}", hint="add a relative_height_<W>m entry to data.input_features")
         self.register_buffer("channels", torch.tensor(channels, dtype=torch.long), persistent=False)
+        self.trust_map = bool(trust_map)
         self.mix = nn.Parameter(torch.zeros(len(channels)))
         self.log_gain = nn.Parameter(torch.tensor(math.log(INITIAL_GAIN)))
         self.bias = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-        # x (B, C, H, W), thresholds (B,) -> (B, 1, H, W) logits
+    @property
+    def network_channels(self) -> int:
+        """Output channels the network must give: its correction, and the trust map when there is one."""
+        return 2 if self.trust_map else 1
+
+    def rule(self, x: torch.Tensor, thresholds: torch.Tensor, trust: torch.Tensor | None = None) -> torch.Tensor:
+        """The rule's logits (B, 1, H, W) from x (B, C, H, W), thresholds (B,) and an optional raw trust map."""
         weights = self.mix.softmax(0).to(x.dtype).view(1, -1, 1, 1)
         height = (x.index_select(1, self.channels) * weights).sum(1, keepdim=True)
         t = thresholds.to(x.dtype).view(-1, 1, 1, 1)
-        return self.log_gain.exp().to(x.dtype) * (t - height) + self.bias.to(x.dtype)
+        log_gain = self.log_gain.to(x.dtype)
+        if trust is not None:
+            log_gain = log_gain + TRUST_RANGE * torch.tanh(trust / TRUST_RANGE)
+        return log_gain.exp() * (t - height) + self.bias.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, thresholds: torch.Tensor, network: torch.Tensor) -> torch.Tensor:
+        """The model's logits (B, 1, H, W): the network's correction (its first channel) plus the rule."""
+        trust = network[:, 1:2] if self.trust_map else None
+        return network[:, :1] + self.rule(x, thresholds, trust)

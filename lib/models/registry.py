@@ -23,8 +23,8 @@ class ForestModel(nn.Module):
         self.prior: nn.Module | None = None  # lib.models.prior.ClassicalPrior, set by build_model
 
     def add_prior(self, logits: torch.Tensor, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-        """The network's logits plus the classical prior's, when the model was built with one."""
-        return logits if self.prior is None else logits + self.prior(x, thresholds)
+        """The network's logits combined with the classical prior's, when the model was built with one."""
+        return logits if self.prior is None else self.prior(x, thresholds, logits)
 
     def encoder_parameters(self):
         """Parameters of the encoder (to freeze, or to give a lower LR, in transfer learning)."""
