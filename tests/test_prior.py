@@ -71,6 +71,20 @@ def test_trust_map_scales_the_gain_within_its_bound_and_leaves_the_decision_boun
         assert torch.equal(scaled > 0, plain > 0)  # bias is 0 at init: trust moves confidence, not the boundary
 
 
+@pytest.mark.parametrize("spectral", [False, True])
+def test_with_a_trust_map_the_untrained_model_is_exactly_the_rule(tmp_path, spectral):
+    cfg = tiny_config(tmp_path, model={"name": "unet_film_cbam", "base_channels": 8, "depth": 3,
+                                       "classical_prior": True, "prior_trust_map": True, "spectral_norm": spectral})
+    model = build_model(cfg.model, in_channels=3, prior_channels=[1, 2]).eval()
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0.2, 0.8])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), model.prior.rule(x, t), rtol=0, atol=0)
+    loss = model(x, t).square().mean() + model(x, t).mean()
+    loss.backward()
+    assert model.head.weight.grad.abs().sum() > 0  # the zero layer learns, and through it the network
+    assert not hasattr(model.head, "parametrizations")  # spectral norm of a zero weight would divide by 0
+
+
 def test_trust_map_needs_the_prior(tmp_path):
     cfg = tiny_config(tmp_path, model={"prior_trust_map": True})
     with pytest.raises(ModelError, match="classical_prior is off"):

@@ -169,11 +169,13 @@ def add_input_channels(x: torch.Tensor, thresholds: torch.Tensor | None, *, thre
     return torch.cat(parts, dim=1) if len(parts) > 1 else x
 
 
-def apply_spectral_norm(model: nn.Module) -> nn.Module:
-    """Spectral normalisation on every conv and linear weight except FiLM's (zero-initialised: sigma = 0)."""
-    skip = {id(m) for film in model.modules() if isinstance(film, FiLM) for m in film.modules()}
+def apply_spectral_norm(model: nn.Module, skip=()) -> nn.Module:
+    """Spectral normalisation on every conv and linear weight except FiLM's and `skip`'s (zero-initialised
+    layers: sigma = 0)."""
+    excluded = [m for m in model.modules() if isinstance(m, FiLM)] + list(skip)
+    excluded_ids = {id(m) for layer in excluded for m in layer.modules()}
     layers = [m for m in model.modules()
-              if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and id(m) not in skip]
+              if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and id(m) not in excluded_ids]
     for layer in layers:
         nn.utils.parametrizations.spectral_norm(layer)
     return model

@@ -10,7 +10,10 @@ With model.prior_trust_map the network also says, per pixel, how far to trust th
 channel scales the rule's gain. One global gain must be a compromise between flat ground, where the
 rule is exact to the pixel (LiDAR pits included), and slopes, where it is wrong; a per-pixel gain lets
 the rule decide sharply where it is right and fade where it is not, without the network redrawing
-one-pixel detail it cannot see as well as the rule does.
+one-pixel detail it cannot see as well as the rule does. In that mode the network's output layer starts
+at zero (start_from_rule), so training begins exactly at the rule, with full trust and no correction,
+and a correction grows only where the data asks for it. (Only that last layer: the layers before it
+still get gradients through its weights after the first step, unlike a FiLM scale initialised to 0.)
 """
 import math
 
@@ -47,6 +50,14 @@ class ClassicalPrior(nn.Module):
     def network_channels(self) -> int:
         """Output channels the network must give: its correction, and the trust map when there is one."""
         return 2 if self.trust_map else 1
+
+    def start_from_rule(self, head: nn.Module) -> None:
+        """Zero the network's output layer (a conv with bias), so the model's first output is the rule."""
+        if not isinstance(head, nn.Conv2d) or head.out_channels != self.network_channels or head.bias is None:
+            raise ModelError(f"the classical prior's trust map needs the model's output layer `head` to be a "
+                             f"Conv2d with {self.network_channels} outputs and a bias, found {head!r}")
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
 
     def rule(self, x: torch.Tensor, thresholds: torch.Tensor, trust: torch.Tensor | None = None) -> torch.Tensor:
         """The rule's logits (B, 1, H, W) from x (B, C, H, W), thresholds (B,) and an optional raw trust map."""
