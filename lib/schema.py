@@ -99,10 +99,11 @@ class ModelConfig:
     classical_prior: bool = opt(False, "segmentation: add the classical rule gain * (T - relative height) to the "
                                 "logits, so the network learns corrections to it; needs a relative_height_<W>m "
                                 "entry in data.input_features (lib/models/prior.py)")
-    prior_trust_map: bool = opt(False, "with classical_prior: the network also outputs a per-pixel trust that "
-                                "scales the rule's gain, so the rule decides sharply where it is exact (flat "
-                                "ground) and fades where it is not (slopes); the output layer starts at zero, so "
-                                "training starts from the rule itself")
+    prior_trust_map: bool = opt(False, "with classical_prior: the network also sets the rule's knobs per pixel (a "
+                                "trust that scales its gain; with several relative-height features, the window "
+                                "mix), so the rule decides sharply where it is exact (flat ground) and fades "
+                                "where it is not (slopes); the output layer starts at zero, so training starts "
+                                "from the rule itself")
     attention_gates: bool = opt(False, "additive attention gates on the U-Net skips (U-Net family)")
     spectral_norm: bool = opt(False, "spectral normalisation of every conv and linear weight except FiLM's")
     blocks_per_stage: int = opt(2, "cnn_dilated: conv-norm-act blocks per stage", min=1)

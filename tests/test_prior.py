@@ -51,7 +51,8 @@ def test_models_with_the_prior_add_it_rebuild_and_trace(tmp_path, name, trust):
         model.prior, kept = None, model.prior
         network = model(x, t)
         model.prior = kept
-        assert network.shape == (2, 1 + trust, 32, 32) and with_prior.shape == (2, 1, 32, 32)
+        # correction, then with the trust map: trust and one mix offset per window (2 windows here)
+        assert network.shape == (2, 4 if trust else 1, 32, 32) and with_prior.shape == (2, 1, 32, 32)
         rule = model.prior.rule(x, t, network[:, 1:] if trust else None)
         torch.testing.assert_close(with_prior, network[:, :1] + rule)
         again = rebuild_model(cfg.model, model.state_dict()).eval()
@@ -85,6 +86,18 @@ def test_with_a_trust_map_the_untrained_model_is_exactly_the_rule(tmp_path, spec
     assert not hasattr(model.head, "parametrizations")  # spectral norm of a zero weight would divide by 0
 
 
+def test_trust_map_picks_the_window_per_pixel():
+    prior = ClassicalPrior([0, 1], trust_map=True)
+    x, t = torch.randn(1, 2, 4, 4), torch.tensor([0.3])
+    only = [ClassicalPrior([c]).rule(x, t) for c in (0, 1)]                  # each window alone
+    offsets = torch.zeros(1, 3, 4, 4)
+    offsets[:, 1, :, :2], offsets[:, 2, :, 2:] = 50.0, 50.0                  # left: window 0, right: window 1
+    picked = prior.rule(x, t, offsets)
+    torch.testing.assert_close(picked[..., :2], only[0][..., :2])
+    torch.testing.assert_close(picked[..., 2:], only[1][..., 2:])
+    torch.testing.assert_close(prior.rule(x, t, torch.zeros(1, 3, 4, 4)), prior.rule(x, t))  # 0: the global mix
+
+
 def test_trust_map_needs_the_prior(tmp_path):
     cfg = tiny_config(tmp_path, model={"prior_trust_map": True})
     with pytest.raises(ModelError, match="classical_prior is off"):
@@ -116,7 +129,7 @@ def test_training_with_the_prior_gives_a_checkpoint_predict_can_load(tiny_datase
     run_dir = train_model(cfg)
     loaded = load_model(run_dir / "last.ckpt")
     assert loaded.net.model.prior is not None
-    assert loaded.net.model.prior.mix.shape == (1,) and loaded.net.model.prior.trust_map
+    assert loaded.net.model.prior.mix is None and loaded.net.model.prior.trust_map  # one window: nothing to mix
     with torch.no_grad():
         probs = loaded.net(_dsm(1), torch.tensor([2.0, 20.0]))
     assert probs.shape == (2, 1, 32, 32) and torch.isfinite(probs).all()

@@ -6,14 +6,17 @@ scratch, and a short training run learns it badly where the rule is nearly exact
 canopy). Added to the network's logits, the rule is where the model starts; the network learns only
 the corrections (steep slopes, where the opening follows the canopy).
 
-With model.prior_trust_map the network also says, per pixel, how far to trust the rule: a second output
-channel scales the rule's gain. One global gain must be a compromise between flat ground, where the
-rule is exact to the pixel (LiDAR pits included), and slopes, where it is wrong; a per-pixel gain lets
-the rule decide sharply where it is right and fade where it is not, without the network redrawing
-one-pixel detail it cannot see as well as the rule does. In that mode the network's output layer starts
-at zero (start_from_rule), so training begins exactly at the rule, with full trust and no correction,
-and a correction grows only where the data asks for it. (Only that last layer: the layers before it
-still get gradients through its weights after the first step, unlike a FiLM scale initialised to 0.)
+With model.prior_trust_map the network also sets the rule's two knobs per pixel: how far to trust it
+(an output channel that scales its gain) and, with several relative-height channels, which opening
+window to use (one output channel per window, offsets to the learned mix). One global gain and one
+window must be a compromise between flat ground, where the wide window is exact to the pixel (LiDAR
+pits included), and slopes, where narrow windows follow the ground better and the rule is still often
+wrong; per pixel, the rule can decide sharply where it is right and fade where it is not, without the
+network redrawing one-pixel detail it cannot see as well as the rule does. In that mode the network's
+output layer starts at zero (start_from_rule), so training begins exactly at the rule, with full trust,
+the global mix and no correction, and a correction grows only where the data asks for it. (Only that
+last layer: the layers before it still get gradients through its weights after the first step, unlike
+a FiLM scale initialised to 0.)
 """
 import math
 
@@ -31,7 +34,7 @@ class ClassicalPrior(nn.Module):
 
     Inputs and threshold are in the same normalised units (lib.normalize), so T - h compares metres.
     At init the mix is uniform and the bias zero: p = 0.5 exactly where h = T, as in the classical rule.
-    trust_map: the network's output has a second channel, the log of a per-pixel factor on the gain.
+    trust_map: the network's output has more channels, per-pixel knobs of the rule (see rule()).
     """
 
     def __init__(self, channels, trust_map: bool = False):
@@ -42,14 +45,18 @@ class ClassicalPrior(nn.Module):
                              f"{channels}", hint="add a relative_height_<W>m entry to data.input_features")
         self.register_buffer("channels", torch.tensor(channels, dtype=torch.long), persistent=False)
         self.trust_map = bool(trust_map)
-        self.mix = nn.Parameter(torch.zeros(len(channels)))
+        # one channel: no mix to learn (a softmax over one weight has no gradient)
+        self.mix = nn.Parameter(torch.zeros(len(channels))) if len(channels) > 1 else None
         self.log_gain = nn.Parameter(torch.tensor(math.log(INITIAL_GAIN)))
         self.bias = nn.Parameter(torch.zeros(()))
 
     @property
     def network_channels(self) -> int:
-        """Output channels the network must give: its correction, and the trust map when there is one."""
-        return 2 if self.trust_map else 1
+        """Output channels the network must give: its correction, then with a trust map the trust and one
+        window-mix offset per relative-height channel (none for a single channel)."""
+        if not self.trust_map:
+            return 1
+        return 2 + (len(self.channels) if self.mix is not None else 0)
 
     def start_from_rule(self, head: nn.Module) -> None:
         """Zero the network's output layer (a conv with bias), so the model's first output is the rule."""
@@ -59,17 +66,23 @@ class ClassicalPrior(nn.Module):
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
 
-    def rule(self, x: torch.Tensor, thresholds: torch.Tensor, trust: torch.Tensor | None = None) -> torch.Tensor:
-        """The rule's logits (B, 1, H, W) from x (B, C, H, W), thresholds (B,) and an optional raw trust map."""
-        weights = self.mix.softmax(0).to(x.dtype).view(1, -1, 1, 1)
-        height = (x.index_select(1, self.channels) * weights).sum(1, keepdim=True)
-        t = thresholds.to(x.dtype).view(-1, 1, 1, 1)
+    def rule(self, x: torch.Tensor, thresholds: torch.Tensor, modulation: torch.Tensor | None = None) -> torch.Tensor:
+        """The rule's logits (B, 1, H, W) from x (B, C, H, W) and thresholds (B,).
+
+        modulation: the network's raw per-pixel knobs (B, network_channels - 1, H, W): trust, then mix offsets.
+        """
+        height = x.index_select(1, self.channels)                                   # (B, n, H, W)
         log_gain = self.log_gain.to(x.dtype)
-        if trust is not None:
-            log_gain = log_gain + TRUST_RANGE * torch.tanh(trust / TRUST_RANGE)
+        if modulation is not None:
+            log_gain = log_gain + TRUST_RANGE * torch.tanh(modulation[:, :1] / TRUST_RANGE)
+        if self.mix is not None:
+            mix = self.mix.to(x.dtype).view(1, -1, 1, 1)
+            if modulation is not None:
+                mix = mix + modulation[:, 1:]
+            height = (height * mix.softmax(1)).sum(1, keepdim=True)
+        t = thresholds.to(x.dtype).view(-1, 1, 1, 1)
         return log_gain.exp() * (t - height) + self.bias.to(x.dtype)
 
     def forward(self, x: torch.Tensor, thresholds: torch.Tensor, network: torch.Tensor) -> torch.Tensor:
         """The model's logits (B, 1, H, W): the network's correction (its first channel) plus the rule."""
-        trust = network[:, 1:2] if self.trust_map else None
-        return network[:, :1] + self.rule(x, thresholds, trust)
+        return network[:, :1] + self.rule(x, thresholds, network[:, 1:] if self.trust_map else None)
