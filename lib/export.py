@@ -5,8 +5,8 @@ Formats: TorchScript (.ts, torch.jit.trace), ExportedProgram (.pt2, torch.export
 size) and ONNX (.onnx; needs the optional packages onnx + onnxruntime). The normaliser is inside the
 graph, NaN handling included. After writing, the file is loaded back and compared with the eager model
 on random and synthetic-forest DSMs (classifiers: random band values) with NaN holes, at two sizes and
-batch sizes; a difference above
-PARITY_TOL raises ExportError. A model card (same stem, .json) carries what lib/inference needs.
+batch sizes; a difference above PARITY_TOL raises ExportError. A model card (same stem, .json) carries
+what lib/inference needs.
 """
 import importlib.util
 import inspect

@@ -72,12 +72,12 @@ def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: 
         dense = spec.build(cfg, in_channels, 1, norm, **options)
         model = EncoderClassifier(dense.encoder, num_classes, cfg.dropout, dense.stride)
     model.prior = prior
-    starts_at_zero = []
+    zero_layers = ()
     if prior is not None and prior.trust_map:
-        starts_at_zero.append(getattr(model, "head", None))
-        prior.start_from_rule(starts_at_zero[0])
+        prior.start_from_rule(getattr(model, "head", None))
+        zero_layers = (model.head,)
     if cfg.spectral_norm:
-        apply_spectral_norm(model, skip=starts_at_zero)
+        apply_spectral_norm(model, skip=zero_layers)
     model.build_kwargs = {"name": cfg.name, "task": task, "in_channels": in_channels,
                           "num_classes": num_classes if task == "classification" else None, "norm": norm,
                           "prior_channels": prior_channels, "prior_trust_map": bool(prior and prior.trust_map)}
