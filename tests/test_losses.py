@@ -101,7 +101,7 @@ def test_loss_matches_direct_formula_with_per_sample_weights(case):
         "lovasz": lambda: (LovaszHingeLoss(WEIGHTS),
                            sum(wi * ref_lovasz(*s) for s, wi in zip(sample_terms(logits, target), w)) / len(w)),
     }[case]()
-    assert float(loss(logits, target, t_idx)) == pytest.approx(ref, rel=1e-5)
+    assert float(loss(logits, target, t_idx)) == pytest.approx(float(ref), rel=1e-5)
 
 
 @pytest.mark.parametrize("name", SEG_NAMES)
