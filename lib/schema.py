@@ -104,6 +104,10 @@ class ModelConfig:
                                 "mix), so the rule decides sharply where it is exact (flat ground) and fades "
                                 "where it is not (slopes); the output layer starts at zero, so training starts "
                                 "from the rule itself")
+    prior_trust_scope: str = opt("pixel", "with prior_trust_map: the knobs per pixel, or one set per tile (the "
+                                 "spatial mean of the network's knob channels over the tile or prediction "
+                                 "window): a regional choice of trust and window, which cannot redraw pixels",
+                                 choices=("pixel", "tile"))
     attention_gates: bool = opt(False, "additive attention gates on the U-Net skips (U-Net family)")
     spectral_norm: bool = opt(False, "spectral normalisation of every conv and linear weight except FiLM's")
     blocks_per_stage: int = opt(2, "cnn_dilated: conv-norm-act blocks per stage", min=1)

@@ -38,11 +38,11 @@ def test_prior_at_init_is_the_classical_rule_on_the_mean_relative_height():
         assert decided.float().mean() > 0.95
 
 
-@pytest.mark.parametrize("trust", [False, True])
+@pytest.mark.parametrize("trust,scope", [(False, "pixel"), (True, "pixel"), (True, "tile")])
 @pytest.mark.parametrize("name", ["unet_film_cbam", "unet", "deeplabv3plus"])
-def test_models_with_the_prior_add_it_rebuild_and_trace(tmp_path, name, trust):
+def test_models_with_the_prior_add_it_rebuild_and_trace(tmp_path, name, trust, scope):
     cfg = tiny_config(tmp_path, model={"name": name, "base_channels": 8, "depth": 3, "classical_prior": True,
-                                       "prior_trust_map": trust})
+                                       "prior_trust_map": trust, "prior_trust_scope": scope})
     torch.manual_seed(0)
     model = build_model(cfg.model, in_channels=3, prior_channels=[1, 2]).eval()
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([0.2, 0.8])
@@ -56,6 +56,7 @@ def test_models_with_the_prior_add_it_rebuild_and_trace(tmp_path, name, trust):
         rule = model.prior.rule(x, t, network[:, 1:] if trust else None)
         torch.testing.assert_close(with_prior, network[:, :1] + rule)
         again = rebuild_model(cfg.model, model.state_dict()).eval()
+        assert again.prior.trust_scope == scope
         torch.testing.assert_close(again(x, t), with_prior)
         traced = torch.jit.trace(model, (x, t), check_trace=False)
         torch.testing.assert_close(traced(x.flip(-1), t.flip(0)), model(x.flip(-1), t.flip(0)))
@@ -96,6 +97,20 @@ def test_trust_map_picks_the_window_per_pixel():
     torch.testing.assert_close(picked[..., :2], only[0][..., :2])
     torch.testing.assert_close(picked[..., 2:], only[1][..., 2:])
     torch.testing.assert_close(prior.rule(x, t, torch.zeros(1, 3, 4, 4)), prior.rule(x, t))  # 0: the global mix
+
+
+def test_tile_scope_uses_one_set_of_knobs_per_tile():
+    pixel, tile = ClassicalPrior([0, 1], trust_map=True), ClassicalPrior([0, 1], trust_map=True, trust_scope="tile")
+    x, t = torch.randn(2, 2, 4, 4), torch.tensor([0.3, 0.6])
+    knobs = torch.randn(2, 3, 4, 4) * 3
+    uniform = knobs.mean((2, 3), keepdim=True).expand_as(knobs)
+    torch.testing.assert_close(tile.rule(x, t, knobs), pixel.rule(x, t, uniform))
+    assert not torch.allclose(tile.rule(x, t, knobs), pixel.rule(x, t, knobs))
+    changed = knobs.clone()
+    changed[1] += 5.0                                     # one tile's knobs do not reach the other tile
+    torch.testing.assert_close(tile.rule(x, t, changed)[0], tile.rule(x, t, knobs)[0])
+    with pytest.raises(ModelError, match="trust scope"):
+        ClassicalPrior([0], trust_map=True, trust_scope="scene")
 
 
 def test_trust_map_needs_the_prior(tmp_path):

@@ -16,7 +16,9 @@ network redrawing one-pixel detail it cannot see as well as the rule does. In th
 output layer starts at zero (start_from_rule), so training begins exactly at the rule, with full trust,
 the global mix and no correction, and a correction grows only where the data asks for it. (Only that
 last layer: the layers before it still get gradients through its weights after the first step, unlike
-a FiLM scale initialised to 0.)
+a FiLM scale initialised to 0.) With trust_scope "tile" the knobs are averaged over the tile (or the
+prediction window): whether the rule holds is a regional matter (flat or steep ground, LiDAR or
+photogrammetry), and per-pixel knobs became one more way to redraw pixels, which did not generalise.
 """
 import math
 
@@ -37,14 +39,17 @@ class ClassicalPrior(nn.Module):
     trust_map: the network's output has more channels, per-pixel knobs of the rule (see rule()).
     """
 
-    def __init__(self, channels, trust_map: bool = False):
+    def __init__(self, channels, trust_map: bool = False, trust_scope: str = "pixel"):
         super().__init__()
+        if trust_scope not in ("pixel", "tile"):
+            raise ModelError(f"classical prior trust scope must be 'pixel' or 'tile', found {trust_scope!r}")
         channels = [int(c) for c in channels]
         if not channels or min(channels) < 0:
             raise ModelError(f"classical prior needs the indices of relative-height input channels, found "
                              f"{channels}", hint="add a relative_height_<W>m entry to data.input_features")
         self.register_buffer("channels", torch.tensor(channels, dtype=torch.long), persistent=False)
         self.trust_map = bool(trust_map)
+        self.trust_scope = trust_scope
         # one channel: no mix to learn (a softmax over one weight has no gradient)
         self.mix = nn.Parameter(torch.zeros(len(channels))) if len(channels) > 1 else None
         self.log_gain = nn.Parameter(torch.tensor(math.log(INITIAL_GAIN)))
@@ -71,6 +76,8 @@ class ClassicalPrior(nn.Module):
 
         modulation: the network's raw per-pixel knobs (B, network_channels - 1, H, W): trust, then mix offsets.
         """
+        if modulation is not None and self.trust_scope == "tile":
+            modulation = modulation.mean((2, 3), keepdim=True)
         height = x.index_select(1, self.channels)                                   # (B, n, H, W)
         log_gain = self.log_gain.to(x.dtype)
         if modulation is not None:
