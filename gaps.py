@@ -3,6 +3,7 @@
     python gaps.py --chm ../shared/data/real/ALS_CHM_DUC.tif --thresholds 10 --min-area 1 --max-area 10000 --out runs/gaps_duc --analysis
     python gaps.py --chm ../shared/data/real/ALS_CHM_CAU_2012.tif --chm-later ../shared/data/real/ALS_CHM_CAU_2014.tif --thresholds 10 --out runs/gaps_cau
     python gaps.py --gap-map runs/pred/gaps_10m.tif --out runs/pred_analysis --analysis
+    python gaps.py --dsm scene_DSM.tif --ground-window 101 --thresholds 2 5 10 --out runs/classical
 """
 import argparse
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from lib.cli import handle_errors
-from lib.errors import ConfigError
+from lib.errors import ConfigError, DataError
 from lib.gaps import gap_labels, gap_stats, threshold_tag, write_gap_table
 from lib.raster import check_heights, check_same_grid, read_info, read_pair, read_raster, write_raster
 
@@ -29,11 +30,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--chm", type=Path, help="canopy height model GeoTIFF (m)")
     source.add_argument("--dsm", type=Path,
-                        help="digital surface model GeoTIFF; needs --dtm (CHM = DSM - DTM)")
+                        help="digital surface model GeoTIFF; with --dtm (CHM = DSM - DTM) or, without a "
+                             "terrain model, --ground-window")
     source.add_argument("--gap-map", type=Path,
                         help="gap map of predict.py (uint8: 1 gap, 0 not, 255 nodata); outputs are named "
                              "after it (gaps_10m.tif -> analysis_10m.json)")
-    parser.add_argument("--dtm", type=Path, help="digital terrain model GeoTIFF on the DSM's grid")
+    terrain = parser.add_mutually_exclusive_group()
+    terrain.add_argument("--dtm", type=Path, help="digital terrain model GeoTIFF on the DSM's grid")
+    terrain.add_argument("--ground-window", type=float, metavar="M",
+                         help="no DTM: estimate the ground as the DSM's grey opening over M metres, smoothed "
+                              "(the classical DSM-only method, e.g. 51-101: near exact on flat ground where "
+                              "some pixels reach it, poor on steep slopes; predict.py's model is the "
+                              "alternative there)")
     parser.add_argument("--chm-later", type=Path, help="CHM of a later survey on the same grid: gap change")
     parser.add_argument("--thresholds", type=float, nargs="+", metavar="M",
                         help="canopy height thresholds in m, e.g. 5 10 15 (not with --gap-map)")
@@ -49,8 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "grows with gaps x simulations, 0 skips the envelope")
     parser.add_argument("--seed", type=int, default=0, help="seed of the CSR simulations")
     args = parser.parse_args(argv)
-    if (args.dsm is None) != (args.dtm is None):
-        parser.error("--dsm and --dtm go together (or give --chm alone)")
+    if (args.dsm is None) != (args.dtm is None and args.ground_window is None):
+        parser.error("--dsm needs --dtm or --ground-window, and they need --dsm (or give --chm alone)")
+    if args.ground_window is not None and not args.ground_window > 0:
+        parser.error(f"--ground-window is a window side in metres and must be > 0, got {args.ground_window}")
     if (args.gap_map is None) == (args.thresholds is None):
         parser.error("--thresholds is needed with --chm or --dsm, and not allowed with --gap-map")
     if args.chm_later is not None and args.chm is None:
@@ -67,12 +77,32 @@ def read_inputs(args):
         chm, info = read_raster(args.chm)
         check_heights(chm, args.chm)
         return chm, chm, info
-    if args.dsm is not None:
+    if args.dtm is not None:
         return read_pair(args.dsm, dtm=args.dtm)
+    if args.dsm is not None:
+        return estimated_heights(args.dsm, args.ground_window)
     mask, info = read_raster(args.gap_map)
     pseudo = np.where(mask == 1, 0.0, 1.0).astype(np.float32)
     pseudo[np.isnan(mask) | (mask == 255)] = np.nan
     return None, pseudo, info
+
+
+def estimated_heights(dsm_path: Path, window_m: float):
+    """(dsm, DSM minus its classical ground estimate, GeoInfo): a CHM estimate without a terrain model."""
+    import torch
+
+    from lib.baselines import classical_relative_height
+
+    dsm, info = read_raster(dsm_path)
+    if np.isnan(dsm).all():
+        raise DataError(f"{dsm_path}: every pixel is nodata", hint="check the file and its nodata value")
+    pixel = abs(float(info.pixel_size[0]))
+    if window_m < 3 * pixel:
+        raise ConfigError(f"--ground-window {window_m:g} m is under 3 pixels of {dsm_path} ({pixel:g} m)",
+                          hint="the opening must be wider than the largest crown: 51-101 m is typical")
+    with torch.no_grad():
+        height = classical_relative_height(torch.from_numpy(dsm)[None, None], window_m, pixel)[0, 0].numpy()
+    return dsm, height, info
 
 
 def write_polygons(stem: Path, tag: str, polygons, stats: dict, info) -> None:

@@ -284,3 +284,45 @@ def test_gaps_script_reports_errors(tmp_path):
     code, _, err = run_script(["--chm", tmp_path / "chm.tif", "--thresholds", 10, "--min-area", 9,
                                "--max-area", 3, "--out", tmp_path / "out"])
     assert code == 2 and "min_area_m2=9" in err
+
+
+def test_gaps_script_estimates_the_ground_without_a_dtm(tmp_path):
+    """--ground-window: the classical DSM-only method; on flat ground with pits to it, it finds the DTM's gaps."""
+    rng = np.random.default_rng(3)
+    chm = np.full((96, 96), 25.0, np.float32) + rng.uniform(-2, 2, (96, 96)).astype(np.float32)
+    chm[20:30, 40:52] = 0.5                                         # gaps that reach the ground
+    chm[60:63, 10:14] = 1.0
+    chm[::17, ::19] = 0.0                                           # LiDAR pits: the opening finds the ground
+    terrain = np.full(chm.shape, 120.0, np.float32)
+    info = geo(*chm.shape)
+    write_raster(tmp_path / "dsm.tif", chm + terrain, info)
+    write_raster(tmp_path / "dtm.tif", terrain, info)
+    runs = {}
+    for name, extra in (("dtm", ["--dtm", tmp_path / "dtm.tif"]), ("ground", ["--ground-window", 41])):
+        code, out, err = run_script(["--dsm", tmp_path / "dsm.tif", *extra, "--thresholds", 5,
+                                     "--min-area", 4, "--out", tmp_path / name])
+        assert code == 0, err
+        runs[name], _ = read_raster(tmp_path / name / "gaps_5m.tif")
+    found, truth = np.nan_to_num(runs["ground"]) > 0, np.nan_to_num(runs["dtm"]) > 0
+    assert truth.sum() == 10 * 12 + 3 * 4
+    assert (found & truth).sum() / (found | truth).sum() > 0.95
+
+
+def test_gaps_script_ground_window_errors(tmp_path):
+    chm = random_chm(2)
+    write_raster(tmp_path / "dsm.tif", chm + 100, geo(*chm.shape, pixel=(2.0, 2.0)))
+    write_raster(tmp_path / "chm.tif", chm, geo(*chm.shape))
+    for argv, message in (([], "--dsm needs --dtm or --ground-window"),
+                          (["--ground-window", 0], "must be > 0"),
+                          (["--ground-window", 51, "--dtm", tmp_path / "chm.tif"], "not allowed with")):
+        with pytest.raises(SystemExit), redirect_stderr(io.StringIO()) as err:
+            gaps.main([str(a) for a in ["--dsm", tmp_path / "dsm.tif", "--thresholds", 5, "--out", tmp_path / "o",
+                                        *argv]])
+        assert message in err.getvalue()
+    with pytest.raises(SystemExit), redirect_stderr(io.StringIO()) as err:
+        gaps.main([str(a) for a in ["--chm", tmp_path / "chm.tif", "--ground-window", 51, "--thresholds", 5,
+                                    "--out", tmp_path / "o"]])
+    assert "--dsm needs --dtm or --ground-window" in err.getvalue()
+    code, _, err = run_script(["--dsm", tmp_path / "dsm.tif", "--ground-window", 5, "--thresholds", 5,
+                               "--out", tmp_path / "o"])
+    assert code == 2 and "under 3 pixels" in err and "dsm.tif" in err
