@@ -1,6 +1,7 @@
 """Map canopy gaps on whole GeoTIFF scenes with a trained model (the shipped one when --checkpoint is left out).
 
     python predict.py --dsm scene_DSM.tif --thresholds 2 5 10 15 --out out            # weights/gaps_dsm_v3.pt
+    python predict.py --checkpoint runs/a/last.ckpt runs/b/last.ckpt --dsm scene_DSM.tif --out out   # their mean
     python predict.py --checkpoint runs/exp1/best.ckpt --dsm site_DSM.tif --chm site_CHM.tif --write-prob --out out
     torchrun --nproc_per_node=4 predict.py --checkpoint model.ts --dsm-list tiles.txt --out region   # resumable
 """
@@ -25,8 +26,10 @@ def parse_args(argv):
                "when run again, gaps_all_T.csv over all scenes; under torchrun each process maps its share. "
                "Defaults come from the checkpoint's config (predict section); any key can be overridden as "
                "--section.key=value.")
-    parser.add_argument("--checkpoint", help="checkpoint (.ckpt/.pt) or exported model (.ts/.pt2); "
-                                             "default: the shipped weights/gaps_dsm_v3.pt (sha256 checked)")
+    parser.add_argument("--checkpoint", nargs="+", help="checkpoint (.ckpt/.pt) or exported model (.ts/.pt2); "
+                                                        "several checkpoints: the mean of their probabilities "
+                                                        "(an ensemble, e.g. seeds of one recipe); default: the "
+                                                        "shipped weights/gaps_dsm_v3.pt (sha256 checked)")
     scenes = parser.add_mutually_exclusive_group(required=True)
     scenes.add_argument("--dsm", help="DSM GeoTIFF of the scene (metres; nodata passes through), or a folder of them")
     scenes.add_argument("--dsm-list", help="text file of DSM paths, one per line (relative to the file's folder)")
@@ -85,12 +88,14 @@ def build_settings(args, overrides):
 
     from lib.config import build_config, config_to_dict
     from lib.env import distributed_info, select_device
-    from lib.inference import InferenceModel, check_thresholds, load_model, resolve_checkpoint
+    from lib.inference import (EnsembleModel, InferenceModel, check_thresholds, load_ensemble, load_model,
+                               resolve_checkpoint)
     from lib.scenes import MapSettings
     from lib.weights import file_sha256
 
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    loaded = load_model(checkpoint, "cpu")
+    paths = [resolve_checkpoint(p) for p in args.checkpoint or [None]]
+    checkpoint = " + ".join(map(str, paths))
+    loaded = load_model(paths[0], "cpu") if len(paths) == 1 else load_ensemble(paths, "cpu")
     if loaded.task == "classification":
         from lib.errors import ConfigError
         raise ConfigError(f"{checkpoint} is a tile classifier (data.task 'classification', classes "
@@ -105,12 +110,12 @@ def build_settings(args, overrides):
         device = torch.device("cuda", distributed_info()[1])
     net = loaded.net.to(device)
     if cfg.predict.compile:
-        if isinstance(net, InferenceModel):
+        if isinstance(net, (InferenceModel, EnsembleModel)):
             net.compile()  # in place: forward_thresholds runs the compiled normaliser and model
         else:
             net = torch.compile(net)
-    return MapSettings(net, cfg, thresholds, loaded.pixel_size_m, loaded.stride, device, str(checkpoint),
-                       file_sha256(checkpoint), args.resample, args.filter, args.quicklook)
+    return MapSettings(net, cfg, thresholds, loaded.pixel_size_m, loaded.stride, device, checkpoint,
+                       " + ".join(file_sha256(p) for p in paths), args.resample, args.filter, args.quicklook)
 
 
 def scene_paths(args):

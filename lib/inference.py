@@ -63,6 +63,25 @@ class InferenceModel(torch.nn.Module):
         self.model.compile(*args, **kwargs)
 
 
+class EnsembleModel(torch.nn.Module):
+    """The mean of several InferenceModels' probabilities: runs of one recipe trade the steep scene against
+    the flat one differently (docs/quality.md), and their mean is steadier than any one of them."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, dsm: torch.Tensor, thresholds_m: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(dsm, thresholds_m) for m in self.members]).mean(0)
+
+    def forward_thresholds(self, dsm: torch.Tensor, thresholds_m: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m.forward_thresholds(dsm, thresholds_m) for m in self.members]).mean(0)
+
+    def compile(self, *args, **kwargs) -> None:
+        for member in self.members:
+            member.compile(*args, **kwargs)
+
+
 class ClassifierModel(torch.nn.Module):
     """normalise bands -> model -> softmax. forward(image (B,C,H,W) raw band values, NaN = nodata) -> (B, classes)."""
 
@@ -138,6 +157,37 @@ def load_model(path: str | Path, device="cpu") -> LoadedModel:
             "normalization": ckpt["normalization"], "step": ckpt.get("step")}
     return LoadedModel(net, list(cfg.data.thresholds_m), cfg.data.pixel_size_m, cfg.data.tile_px,
                        getattr(model, "stride", 1), cfg, meta)
+
+
+def load_ensemble(paths, device="cpu") -> LoadedModel:
+    """Several gap-map checkpoints averaged (EnsembleModel); the first one's config, window and thresholds.
+
+    The members must map gaps (not exported, not classifiers) at one pixel size, from one training set of
+    thresholds: otherwise their mean has no single meaning, and a ModelError names the odd one.
+    """
+    loaded = [load_model(p, device) for p in paths]
+    first, name = loaded[0], paths[0]
+    for path, member in zip(paths, loaded):
+        if not isinstance(member.net, InferenceModel) or member.task != "segmentation":
+            raise ModelError(f"{path}: an ensemble averages gap-map checkpoints (.ckpt/.pt of data.task "
+                             f"'segmentation'), not {'an exported model' if member.config is None else member.task}")
+        if not math.isclose(member.pixel_size_m, first.pixel_size_m, rel_tol=0.01):
+            raise ModelError(f"{path} was trained on {member.pixel_size_m:g} m pixels but {name} on "
+                             f"{first.pixel_size_m:g} m: ensemble members must share the pixel size")
+        if _threshold_training(member) != _threshold_training(first):
+            raise ModelError(f"{path} was trained on thresholds {_threshold_training(member)} but {name} on "
+                             f"{_threshold_training(first)}: ensemble members must share them")
+    meta = {"members": [{"checkpoint": str(p), **m.meta} for p, m in zip(paths, loaded)]}
+    return LoadedModel(EnsembleModel([m.net for m in loaded]).eval(), first.thresholds_m, first.pixel_size_m,
+                       first.tile_px, first.stride, first.config, meta)
+
+
+def _threshold_training(loaded: LoadedModel) -> tuple:
+    """What a model's thresholds mean: the fixed ones, or the continuous sampling and its range."""
+    train = loaded.config.train
+    if str(train.threshold_sampling).startswith("continuous"):
+        return ("continuous", *map(float, train.threshold_range_m))
+    return ("fixed", *map(float, loaded.thresholds_m))
 
 
 def _load_classifier(path: Path, ckpt: dict, cfg, device) -> LoadedModel:

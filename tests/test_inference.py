@@ -4,6 +4,7 @@ import json
 import logging
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from lib import inference
 from lib.config import build_config
 from lib.errors import ConfigError, ModelError
 from lib.inference import check_thresholds, load_model, resolve_checkpoint
+from lib.raster import read_raster
 from lib.scene import predict_thresholds
 from lib.weights import file_sha256
 from tests.test_scene import random_dsm, write_dsm
@@ -123,3 +125,42 @@ def test_any_checkpoint_with_a_weights_card_is_verified(tmp_path):
         load_model(ckpt)
     (tmp_path / "m.json").write_text(json.dumps({"file": "m.ckpt", "sha256": file_sha256(ckpt)}))
     assert load_model(ckpt).tile_px == 32
+
+
+def test_an_ensemble_maps_the_mean_of_its_members(tmp_path):
+    first = make_checkpoint(tmp_path / "a.ckpt", train={"threshold_sampling": "continuous"})
+    ckpt = torch.load(first, weights_only=True)
+    torch.manual_seed(1)
+    ckpt["model"] = {k: v + 0.05 * torch.randn_like(v) if torch.is_tensor(v) and v.is_floating_point() else v
+                     for k, v in ckpt["model"].items()}
+    torch.save(ckpt, tmp_path / "b.ckpt")
+    second = str(tmp_path / "b.ckpt")
+    a, b = load_model(first).net, load_model(second).net
+    both = inference.load_ensemble([first, second])
+    dsm, t = dsm_batch(), torch.tensor([2.0, 10.0])
+    with torch.no_grad():
+        pa, pb, mean = a.forward_thresholds(dsm, t), b.forward_thresholds(dsm, t), both.net.forward_thresholds(dsm, t)
+        assert not torch.allclose(pa, pb, atol=1e-3)
+        torch.testing.assert_close(mean, (pa + pb) / 2)
+        one_t = t[:1].repeat(3)
+        torch.testing.assert_close(both.net(dsm, one_t), (a(dsm, one_t) + b(dsm, one_t)) / 2)
+    write_dsm(tmp_path / "dsm.tif", random_dsm(40, 48))
+    for name, checkpoints in (("one", [first]), ("same", [first, first]), ("pair", [first, second])):
+        assert predict.main(["--checkpoint", *checkpoints, "--dsm", str(tmp_path / "dsm.tif"), "--out",
+                             str(tmp_path / name), "--thresholds", "3", "--write-prob", "--no-quicklook"]) == 0
+    prob = {name: read_raster(tmp_path / name / "prob_3m.tif")[0] for name in ("one", "same", "pair")}
+    np.testing.assert_allclose(prob["same"], prob["one"], atol=1e-6, equal_nan=True)   # a model with itself
+    assert np.nanmax(np.abs(prob["pair"] - prob["one"])) > 1e-3
+    record = json.loads((tmp_path / "pair" / "predict.json").read_text())
+    assert record["checkpoint"] == f"{first} + {second}"
+
+
+def test_ensemble_members_must_agree(tmp_path):
+    continuous = make_checkpoint(tmp_path / "c.ckpt", train={"threshold_sampling": "continuous"})
+    fixed = make_checkpoint(tmp_path / "f.ckpt")
+    coarse = make_checkpoint(tmp_path / "p.ckpt", train={"threshold_sampling": "continuous"},
+                             data={"tile_px": 32, "pixel_size_m": 2.0})
+    with pytest.raises(ModelError, match=r"f.ckpt was trained on thresholds .*fixed.* but .*c.ckpt"):
+        inference.load_ensemble([continuous, fixed])
+    with pytest.raises(ModelError, match=r"p.ckpt was trained on 2 m pixels but .*c.ckpt on 1 m"):
+        inference.load_ensemble([continuous, coarse])
