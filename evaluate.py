@@ -3,6 +3,7 @@
     python evaluate.py --checkpoint runs/quick/best.ckpt
     python evaluate.py --checkpoint runs/exp1/best.ckpt --split val --tta --out reports/exp1
     python evaluate.py --checkpoint runs/exp1/best.ckpt --data.root=data/real --eval.batch_size=32
+    python evaluate.py --checkpoint runs/seed0/last.ckpt runs/seed1/last.ckpt --split test     # their mean
 """
 import argparse
 import sys
@@ -18,7 +19,9 @@ def parse_args(argv):
         epilog="The dataset and eval settings come from the checkpoint's config; override any key as "
                "--section.key=value. Writes report.json, report.md and TensorBoard events (eval_<split>/tb) "
                "beside the checkpoint, or into --out.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint (.ckpt) or exported model (.ts)")
+    parser.add_argument("--checkpoint", required=True, nargs="+",
+                        help="checkpoint (.ckpt) or exported model (.ts); several checkpoints: their ensemble "
+                             "(the mean of their probabilities), with the first one's config")
     parser.add_argument("--split", choices=("train", "val", "test"), help="split to evaluate (default eval.split)")
     parser.add_argument("--tta", action="store_true", default=None, help="average the 8 D4 transforms")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default run.device)")
@@ -34,18 +37,19 @@ def main(argv=None) -> int:
     from lib.data import ShardDataset, build_loader
     from lib.env import default_workers, select_device
     from lib.evaluation import Evaluator, report_markdown, train_gap_rates, write_json
-    from lib.inference import load_model
+    from lib.inference import load_models
     from lib.monitor import MonitoringSystem
     from lib.shards import read_manifest
 
-    loaded = load_model(args.checkpoint, "cpu")
+    loaded = load_models(args.checkpoint, "cpu")
+    checkpoint = " + ".join(args.checkpoint)
     base = config_to_dict(loaded.config) if loaded.config else loaded.meta.get("config", {})
-    cfg = build_config(base, overrides, source=f"{args.checkpoint} (embedded config) + overrides")
+    cfg = build_config(base, overrides, source=f"{args.checkpoint[0]} (embedded config) + overrides")
     device = select_device(args.device or cfg.run.device)
     loaded.net.to(device)
     if loaded.task == "classification":                                   # tile classes vs the baselines
         from lib import evaluation_cls
-        return evaluation_cls.main(args.checkpoint, loaded, cfg, device, args.split, args.out)
+        return evaluation_cls.main(args.checkpoint[0], loaded, cfg, device, args.split, args.out)
     split = args.split or cfg.eval.split
     if args.tta:
         cfg.eval.tta = True
@@ -58,9 +62,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     for batch in loader:
         evaluator.update(batch)
-    report = {"checkpoint": str(args.checkpoint), "split": split, "data_root": cfg.data.root,
+    report = {"checkpoint": checkpoint, "split": split, "data_root": cfg.data.root,
               "seconds": round(time.perf_counter() - start, 2), **evaluator.report()}
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    out = Path(args.out) if args.out else Path(args.checkpoint[0]).parent
     text = report_markdown(report)
     write_json(out / "report.json", report)
     write_text(out / "report.md", text)

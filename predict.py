@@ -88,14 +88,13 @@ def build_settings(args, overrides):
 
     from lib.config import build_config, config_to_dict
     from lib.env import distributed_info, select_device
-    from lib.inference import (EnsembleModel, InferenceModel, check_thresholds, load_ensemble, load_model,
-                               resolve_checkpoint)
+    from lib.inference import EnsembleModel, InferenceModel, check_thresholds, load_models, resolve_checkpoint
     from lib.scenes import MapSettings
     from lib.weights import file_sha256
 
     paths = [resolve_checkpoint(p) for p in args.checkpoint or [None]]
     checkpoint = " + ".join(map(str, paths))
-    loaded = load_model(paths[0], "cpu") if len(paths) == 1 else load_ensemble(paths, "cpu")
+    loaded = load_models(paths, "cpu")
     if loaded.task == "classification":
         from lib.errors import ConfigError
         raise ConfigError(f"{checkpoint} is a tile classifier (data.task 'classification', classes "

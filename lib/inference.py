@@ -159,6 +159,11 @@ def load_model(path: str | Path, device="cpu") -> LoadedModel:
                        getattr(model, "stride", 1), cfg, meta)
 
 
+def load_models(paths, device="cpu") -> LoadedModel:
+    """One checkpoint (load_model) or, for several, their ensemble (load_ensemble)."""
+    return load_model(paths[0], device) if len(paths) == 1 else load_ensemble(paths, device)
+
+
 def load_ensemble(paths, device="cpu") -> LoadedModel:
     """Several gap-map checkpoints averaged (EnsembleModel); the first one's config, window and thresholds.
 

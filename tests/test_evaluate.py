@@ -148,3 +148,18 @@ def test_evaluate_script_writes_reports_with_the_baselines(dataset, tmp_path):
     events.Reload()
     assert "eval_test/pr_5m" in events.Tags()["tensors"] and len(events.Tags()["images"]) == 4
     assert "eval_test/classical/iou_mean" in events.Tags()["scalars"]
+
+
+def test_evaluate_scores_an_ensemble_like_its_member_with_itself(dataset, tmp_path):
+    """Two copies of one checkpoint: the ensemble's mean is the model, so the metrics are the model's."""
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", data={"root": str(dataset), "tile_px": 32})
+    copy = tmp_path / "copy.ckpt"
+    copy.write_bytes(Path(ckpt).read_bytes())
+    reports = {}
+    for name, checkpoints in (("one", [ckpt]), ("two", [ckpt, str(copy)])):
+        assert evaluate.main(["--checkpoint", *checkpoints, "--split", "test", "--out", str(tmp_path / name)]) == 0
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    assert reports["two"]["checkpoint"] == f"{ckpt} + {copy}"
+    one, two = reports["one"]["methods"]["model"]["metrics"], reports["two"]["methods"]["model"]["metrics"]
+    assert one.keys() == two.keys()
+    assert all(two[k] == pytest.approx(one[k], abs=1e-6) for k in one if one[k] is not None)
