@@ -8,7 +8,7 @@ from conftest import tiny_config
 from lib.baselines import classical_relative_height
 from lib.errors import ModelError
 from lib.models import build_model, rebuild_model
-from lib.models.prior import TRUST_RANGE, ClassicalPrior
+from lib.models.prior import INITIAL_GAIN, TRUST_RANGE, ClassicalPrior
 from lib.normalize import Normalizer, relative_height_channels
 
 FEATURES = ["dsm", "relative_height_9m", "relative_height_15m"]
@@ -148,3 +148,28 @@ def test_training_with_the_prior_gives_a_checkpoint_predict_can_load(tiny_datase
     with torch.no_grad():
         probs = loaded.net(_dsm(1), torch.tensor([2.0, 20.0]))
     assert probs.shape == (2, 1, 32, 32) and torch.isfinite(probs).all()
+
+
+def test_init_from_a_plain_prior_run_starts_the_knob_model_at_its_learnt_rule(tiny_dataset, tmp_path):
+    """v4's recipe: --init-from a plain-prior checkpoint into a per-tile-knob model takes the body and the
+    learnt gain and mix; the wider output layer starts at zero, so the first output is that rule."""
+    from lib.builder import build_dataset
+    from lib.checkpoint import load_checkpoint
+    from lib.runner import build_trainer, train_model
+    from lib.sources import sources_from_config
+    common = dict(data={"input_features": FEATURES}, train={"epochs": 1, "max_steps": 3},
+                  log={"tensorboard": False, "images_every_epochs": 0})
+    plain_cfg = tiny_config(tmp_path, model={"classical_prior": True}, run={"name": "plain"}, **common)
+    build_dataset(plain_cfg, sources_from_config(plain_cfg.data, plain_cfg.run.seed), plain_cfg.data.root)
+    plain_ckpt = train_model(plain_cfg) / "last.ckpt"
+    plain = rebuild_model(plain_cfg.model, load_checkpoint(plain_ckpt)["model"]).eval()
+    knob_cfg = tiny_config(tmp_path, model={"classical_prior": True, "prior_trust_map": True,
+                                            "prior_trust_scope": "tile"}, run={"name": "knobs"}, **common)
+    knobs = build_trainer(knob_cfg, torch.device("cpu"), init_from=str(plain_ckpt), callbacks=[]).raw_model.eval()
+    assert torch.equal(knobs.prior.log_gain, plain.prior.log_gain) and torch.equal(knobs.prior.mix, plain.prior.mix)
+    assert not torch.equal(plain.prior.log_gain, torch.tensor(math.log(INITIAL_GAIN)))   # learnt, not the initial value
+    assert knobs.head.weight.abs().sum() == 0 and knobs.head.bias.abs().sum() == 0
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0.2, 0.8])
+    with torch.no_grad():
+        torch.testing.assert_close(knobs(x, t), plain.prior.rule(x, t), rtol=0, atol=0)
+        assert not torch.allclose(plain(x, t), plain.prior.rule(x, t))           # the plain model's correction
