@@ -133,14 +133,12 @@ def test_prior_needs_relative_height_channels_and_segmentation(tmp_path):
 
 def test_training_with_the_prior_gives_a_checkpoint_predict_can_load(tiny_dataset, tmp_path):
     """Train on relative-height features with the prior, then load the checkpoint as predict does."""
-    from lib.builder import build_dataset
     from lib.inference import load_model
     from lib.runner import train_model
-    from lib.sources import sources_from_config
-    cfg = tiny_config(tmp_path, data={"input_features": ["dsm", "relative_height_9m"]},
+    cfg = tiny_config(tmp_path, data={"root": str(tiny_dataset / "data"),
+                                      "input_features": ["dsm", "relative_height_9m"]},
                       model={"classical_prior": True, "prior_trust_map": True}, train={"epochs": 1, "max_steps": 3},
                       log={"tensorboard": False, "images_every_epochs": 0})
-    build_dataset(cfg, sources_from_config(cfg.data, cfg.run.seed), cfg.data.root)
     run_dir = train_model(cfg)
     loaded = load_model(run_dir / "last.ckpt")
     assert loaded.net.model.prior is not None
@@ -153,14 +151,12 @@ def test_training_with_the_prior_gives_a_checkpoint_predict_can_load(tiny_datase
 def test_init_from_a_plain_prior_run_starts_the_knob_model_at_its_learnt_rule(tiny_dataset, tmp_path):
     """v4's recipe: --init-from a plain-prior checkpoint into a per-tile-knob model takes the body and the
     learnt gain and mix; the wider output layer starts at zero, so the first output is that rule."""
-    from lib.builder import build_dataset
     from lib.checkpoint import load_checkpoint
     from lib.runner import build_trainer, train_model
-    from lib.sources import sources_from_config
-    common = dict(data={"input_features": FEATURES}, train={"epochs": 1, "max_steps": 3},
+    common = dict(data={"root": str(tiny_dataset / "data"), "input_features": FEATURES},
+                  train={"epochs": 1, "max_steps": 3},
                   log={"tensorboard": False, "images_every_epochs": 0})
     plain_cfg = tiny_config(tmp_path, model={"classical_prior": True}, run={"name": "plain"}, **common)
-    build_dataset(plain_cfg, sources_from_config(plain_cfg.data, plain_cfg.run.seed), plain_cfg.data.root)
     plain_ckpt = train_model(plain_cfg) / "last.ckpt"
     plain = rebuild_model(plain_cfg.model, load_checkpoint(plain_ckpt)["model"]).eval()
     knob_cfg = tiny_config(tmp_path, model={"classical_prior": True, "prior_trust_map": True,
