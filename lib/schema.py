@@ -108,6 +108,12 @@ class ModelConfig:
                                  "spatial mean of the network's knob channels over the tile or prediction "
                                  "window): a regional choice of trust and window, which cannot redraw pixels",
                                  choices=("pixel", "tile"))
+    prior_initial_trust: float = opt(0.0, "with prior_trust_map: the trust knob where training starts, a "
+                                     "log-factor on the rule's gain (2: the rule starts e^2 = 7.4x sharper); "
+                                     "the network lowers it where the rule is wrong", min=-3.9, max=3.9)
+    prior_bias: bool = opt(True, "with classical_prior: a learnt bias in the rule (one global shift of its "
+                           "decision boundary); false keeps the boundary at relative height = T, so only the "
+                           "knobs (which scale the rule's confidence) and the correction move decisions")
     attention_gates: bool = opt(False, "additive attention gates on the U-Net skips (U-Net family)")
     spectral_norm: bool = opt(False, "spectral normalisation of every conv and linear weight except FiLM's")
     blocks_per_stage: int = opt(2, "cnn_dilated: conv-norm-act blocks per stage", min=1)
@@ -123,6 +129,11 @@ class LossConfig:
     focal_gamma: float = opt(2.0, "focal: focusing exponent (0 gives BCE)", min=0.0)
     focal_alpha: float | None = opt(None, "focal: weight of gap pixels, 1 - alpha for non-gap; null: unweighted",
                                     min=0.0, max=1.0)
+    prior_correction_weight: float = opt(0.0, "with model.classical_prior: weight of the mean absolute "
+                                         "correction (the network's logits added to the rule) in the training "
+                                         "loss, so the network corrects the rule only where that pays and "
+                                         "otherwise leaves the decision to the rule and its knobs (0: off)",
+                                         min=0.0)
     focal_weight: float = opt(1.0, "focal_dice: weight of the focal term", min=0.0)
     dice_weight: float = opt(1.0, "focal_dice: weight of the Dice term", min=0.0)
     dice_smooth: float = opt(1.0, "dice/tversky: smoothing in pixels added to both sides of the ratio", min=0.0)

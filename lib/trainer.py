@@ -16,6 +16,7 @@ from lib.callbacks import CallbackList
 from lib.checkpoint import atomic_torch_save, rng_states, set_rng_states
 from lib.config import config_hash, config_to_dict
 from lib.distributed import all_reduce_sum, broadcast_buffers, broadcast_flag
+from lib.errors import ConfigError
 from lib.optimizers import clip_gradients
 from lib.schedulers import set_lr
 
@@ -55,6 +56,12 @@ class Trainer:
         self.last_metrics: dict = {}
         # transfer learning: these get no update while epoch < train.freeze_encoder_epochs
         self.frozen_params = list(raw_model.encoder_parameters()) if cfg.train.freeze_encoder_epochs else []
+        self.correction_weight = cfg.loss.prior_correction_weight
+        if self.correction_weight:
+            if getattr(raw_model, "prior", None) is None:
+                raise ConfigError("loss.prior_correction_weight penalises the correction to the classical prior, "
+                                  "but the model has none", hint="set --model.classical_prior=true")
+            raw_model.prior.record_correction = True
 
     # ---- state -------------------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
@@ -170,7 +177,10 @@ class Trainer:
             else contextlib.nullcontext()
         with autocast:
             out = self.model(x, t)
-        return self.criterion(self.task.output(out.float()), target, t_idx), x.shape[0]
+        loss = self.criterion(self.task.output(out.float()), target, t_idx)
+        if self.correction_weight:
+            loss = loss + self.correction_weight * self.raw_model.prior.pop_correction().float().abs().mean()
+        return loss, x.shape[0]
 
     def train_step(self, batch: dict) -> dict:
         micro = self.batch_in_epoch % self.accumulate

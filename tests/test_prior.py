@@ -169,3 +169,78 @@ def test_init_from_a_plain_prior_run_starts_the_knob_model_at_its_learnt_rule(ti
     with torch.no_grad():
         torch.testing.assert_close(knobs(x, t), plain.prior.rule(x, t), rtol=0, atol=0)
         assert not torch.allclose(plain(x, t), plain.prior.rule(x, t))           # the plain model's correction
+
+
+def test_the_prior_hands_over_its_last_training_correction_once():
+    prior = ClassicalPrior([1], trust_map=True)
+    x, t, network = torch.randn(2, 2, 4, 4), torch.tensor([0.2, 0.5]), torch.randn(2, 2, 4, 4)
+    prior(x, t, network)
+    assert prior.recorded_correction is None                  # off unless the trainer asks for it
+    prior.record_correction = True
+    prior.eval()(x, t, network)
+    assert prior.recorded_correction is None                  # validation and prediction record nothing
+    prior.train()(x, t, network)
+    assert torch.equal(prior.pop_correction(), network[:, :1])
+    with pytest.raises(ModelError, match="no correction recorded"):
+        prior.pop_correction()
+
+
+def _mean_correction(model, x, t) -> float:
+    kept, model.prior = model.prior, None
+    with torch.no_grad():
+        correction = model.eval()(x, t)[:, :1]
+    model.prior = kept
+    return float(correction.abs().mean())
+
+
+def test_the_correction_penalty_keeps_the_network_closer_to_its_rule(tiny_dataset, tmp_path):
+    """loss.prior_correction_weight: the same short run from the rule grows a smaller correction."""
+    from lib.errors import ConfigError
+    from lib.runner import build_trainer
+    common = dict(data={"root": str(tiny_dataset / "data"), "input_features": FEATURES},
+                  train={"epochs": 1, "max_steps": 4}, log={"tensorboard": False, "images_every_epochs": 0})
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0.2, 0.8])
+    sizes = {}
+    for weight in (0.0, 5.0):
+        cfg = tiny_config(tmp_path, model={"classical_prior": True, "prior_trust_map": True},
+                          loss={"prior_correction_weight": weight}, run={"name": f"w{weight:g}"}, **common)
+        trainer = build_trainer(cfg, torch.device("cpu"), callbacks=[])
+        trainer.fit()
+        assert trainer.raw_model.prior.recorded_correction is None   # each step's correction was consumed
+        sizes[weight] = _mean_correction(trainer.raw_model, x, t)
+    assert 0 < sizes[5.0] < 0.5 * sizes[0.0]
+    cfg = tiny_config(tmp_path, loss={"prior_correction_weight": 1.0}, **common)
+    with pytest.raises(ConfigError, match="prior_correction_weight"):
+        build_trainer(cfg, torch.device("cpu"), callbacks=[])
+
+
+def test_without_a_bias_the_rule_decides_at_relative_height_t_whatever_the_knobs(tmp_path):
+    prior = ClassicalPrior([0], trust_map=True, bias=False)
+    x, t = torch.linspace(-1, 1, 16).view(1, 1, 4, 4), torch.tensor([0.1])
+    for raw in (-1e4, -1.0, 0.0, 3.0):
+        assert torch.equal(prior.rule(x, t, torch.full_like(x, raw)) > 0, x < 0.1)
+    cfg = tiny_config(tmp_path, model={"base_channels": 8, "depth": 3, "classical_prior": True,
+                                       "prior_trust_map": True, "prior_bias": False})
+    model = build_model(cfg.model, in_channels=3, prior_channels=[1, 2])
+    assert model.prior.bias is None and "prior.bias" not in model.state_dict()
+    again = rebuild_model(cfg.model, model.state_dict())
+    assert again.prior.bias is None
+    with_bias = build_model(tiny_config(tmp_path, model={"classical_prior": True}).model, in_channels=2,
+                            prior_channels=[1])
+    assert isinstance(with_bias.prior.bias, torch.nn.Parameter)             # the default keeps it
+
+
+def test_the_initial_trust_starts_the_rule_sharper_and_needs_the_trust_map(tmp_path):
+    def model(**options):
+        cfg = tiny_config(tmp_path, model={"base_channels": 8, "depth": 3, "classical_prior": True, **options})
+        return build_model(cfg.model, in_channels=3, prior_channels=[1, 2]).eval()
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0.2, 0.8])
+    sharp = model(prior_trust_map=True, prior_initial_trust=2.0)
+    with torch.no_grad():
+        torch.testing.assert_close(sharp(x, t), sharp.prior.rule(x, t) * math.exp(2.0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ModelError, match="prior_trust_map is off"):
+        model(prior_initial_trust=2.0)
+    with pytest.raises(ModelError, match="classical_prior is off"):
+        model(classical_prior=False, prior_bias=False)
+    with pytest.raises(ModelError, match="initial trust"):
+        ClassicalPrior([0], trust_map=True, initial_trust=TRUST_RANGE)

@@ -52,7 +52,8 @@ def _extra_options(cfg, spec: ModelSpec) -> dict:
 
 
 def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: str,
-               prior_channels=(), prior_trust_map: bool = False, prior_trust_scope: str = "pixel") -> ForestModel:
+               prior_channels=(), prior_options: dict | None = None) -> ForestModel:
+    """prior_options: ClassicalPrior's keywords (trust_map, trust_scope, bias, initial_trust)."""
     spec = _spec(cfg.name)
     if task not in TASKS:
         raise ModelError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
@@ -63,7 +64,7 @@ def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: 
     _check_fields(cfg, spec)
     options = _extra_options(cfg, spec)
     prior_channels = _prior_channels(cfg, task, in_channels, prior_channels)
-    prior = ClassicalPrior(prior_channels, prior_trust_map, prior_trust_scope) if prior_channels else None
+    prior = ClassicalPrior(prior_channels, **(prior_options or {})) if prior_channels else None
     if task != "classification":
         model = spec.build(cfg, in_channels, prior.network_channels if prior else 1, norm, **options)
     elif spec.classifier_only:
@@ -81,7 +82,8 @@ def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: 
     model.build_kwargs = {"name": cfg.name, "task": task, "in_channels": in_channels,
                           "num_classes": num_classes if task == "classification" else None, "norm": norm,
                           "prior_channels": prior_channels, "prior_trust_map": bool(prior and prior.trust_map),
-                          "prior_trust_scope": prior.trust_scope if prior else "pixel"}
+                          "prior_trust_scope": prior.trust_scope if prior else "pixel",
+                          "prior_bias": bool(prior is None or prior.bias is not None)}
     return model
 
 
@@ -110,8 +112,15 @@ def build_model(cfg, task: str = "segmentation", in_channels: int = 1, num_class
     if cfg.prior_trust_map and not cfg.classical_prior:
         raise ModelError("model.prior_trust_map scales the classical prior, but model.classical_prior is off",
                          hint="set --model.classical_prior=true, or --model.prior_trust_map=false")
+    if cfg.prior_initial_trust and not cfg.prior_trust_map:
+        raise ModelError("model.prior_initial_trust sets the trust knob, but model.prior_trust_map is off",
+                         hint="set --model.prior_trust_map=true, or --model.prior_initial_trust=0")
+    if not cfg.prior_bias and not cfg.classical_prior:
+        raise ModelError("model.prior_bias=false removes the classical prior's bias, but model.classical_prior "
+                         "is off", hint="set --model.classical_prior=true, or --model.prior_bias=true")
     return _construct(cfg, task, in_channels, num_classes, resolve_norm(cfg.norm, batch_size), prior_channels,
-                      cfg.prior_trust_map, cfg.prior_trust_scope)
+                      {"trust_map": cfg.prior_trust_map, "trust_scope": cfg.prior_trust_scope, "bias": cfg.prior_bias,
+                       "initial_trust": cfg.prior_initial_trust})
 
 
 def rebuild_model(cfg, state_dict: dict) -> ForestModel:
@@ -123,7 +132,8 @@ def rebuild_model(cfg, state_dict: dict) -> ForestModel:
     if record["name"] != cfg.name:
         raise ModelError(f"checkpoint holds model {record['name']!r} but model.name is {cfg.name!r}")
     model = _construct(cfg, record["task"], record["in_channels"], record["num_classes"], record["norm"],
-                       record.get("prior_channels", ()), record.get("prior_trust_map", False),
-                       record.get("prior_trust_scope", "pixel"))
+                       record.get("prior_channels", ()),
+                       {"trust_map": record.get("prior_trust_map", False),
+                        "trust_scope": record.get("prior_trust_scope", "pixel"), "bias": record.get("prior_bias", True)})
     model.load_state_dict(state_dict)
     return model

@@ -19,6 +19,10 @@ last layer: the layers before it still get gradients through its weights after t
 a FiLM scale initialised to 0.) With trust_scope "tile" the knobs are averaged over the tile (or the
 prediction window): whether the rule holds is a regional matter (flat or steep ground, LiDAR or
 photogrammetry), and per-pixel knobs became one more way to redraw pixels, which did not generalise.
+
+Three options move the balance between the rule and the correction (docs/quality.md measures them):
+no learnt bias (the boundary stays at h = T), a sharper start (initial_trust, a log-factor on the gain),
+and a penalty on the correction's size (loss.prior_correction_weight, read through pop_correction).
 """
 import math
 
@@ -32,14 +36,15 @@ TRUST_RANGE = 4.0    # the trust channel scales the gain by at most e^4 either w
 
 
 class ClassicalPrior(nn.Module):
-    """gain * (T - h) + bias, h a learned convex mix of the relative-height input channels.
+    """gain * (T - h) + bias, h a learned convex mix of the relative-height input channels (bias optional).
 
     Inputs and threshold are in the same normalised units (lib.normalize), so T - h compares metres.
     At init the mix is uniform and the bias zero: p = 0.5 exactly where h = T, as in the classical rule.
     trust_map: the network's output has more channels, per-pixel knobs of the rule (see rule()).
     """
 
-    def __init__(self, channels, trust_map: bool = False, trust_scope: str = "pixel"):
+    def __init__(self, channels, trust_map: bool = False, trust_scope: str = "pixel", bias: bool = True,
+                 initial_trust: float = 0.0):
         super().__init__()
         if trust_scope not in ("pixel", "tile"):
             raise ModelError(f"classical prior trust scope must be 'pixel' or 'tile', found {trust_scope!r}")
@@ -50,10 +55,16 @@ class ClassicalPrior(nn.Module):
         self.register_buffer("channels", torch.tensor(channels, dtype=torch.long), persistent=False)
         self.trust_map = bool(trust_map)
         self.trust_scope = trust_scope
+        if not abs(initial_trust) < TRUST_RANGE:
+            raise ModelError(f"classical prior initial trust must be within (-{TRUST_RANGE:g}, {TRUST_RANGE:g}) "
+                             f"(a log-factor on the gain), found {initial_trust}")
+        self.initial_trust = float(initial_trust)
         # one channel: no mix to learn (a softmax over one weight has no gradient)
         self.mix = nn.Parameter(torch.zeros(len(channels))) if len(channels) > 1 else None
         self.log_gain = nn.Parameter(torch.tensor(math.log(INITIAL_GAIN)))
-        self.bias = nn.Parameter(torch.zeros(()))
+        self.bias = nn.Parameter(torch.zeros(())) if bias else None  # None: the boundary stays at h = T
+        self.record_correction = False  # set by the trainer for loss.prior_correction_weight
+        self.recorded_correction: torch.Tensor | None = None
 
     @property
     def network_channels(self) -> int:
@@ -64,12 +75,15 @@ class ClassicalPrior(nn.Module):
         return 2 + (len(self.channels) if self.mix is not None else 0)
 
     def start_from_rule(self, head: nn.Module) -> None:
-        """Zero the network's output layer (a conv with bias), so the model's first output is the rule."""
+        """Zero the network's output layer (a conv with bias), so the model's first output is the rule (with
+        its gain scaled by e^initial_trust)."""
         if not isinstance(head, nn.Conv2d) or head.out_channels != self.network_channels or head.bias is None:
             raise ModelError(f"the classical prior's trust map needs the model's output layer `head` to be a "
                              f"Conv2d with {self.network_channels} outputs and a bias, found {head!r}")
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
+        with torch.no_grad():  # the trust channel's raw value whose bounded log-factor is initial_trust
+            head.bias[1] = TRUST_RANGE * math.atanh(self.initial_trust / TRUST_RANGE)
 
     def rule(self, x: torch.Tensor, thresholds: torch.Tensor, modulation: torch.Tensor | None = None) -> torch.Tensor:
         """The rule's logits (B, 1, H, W) from x (B, C, H, W) and thresholds (B,).
@@ -88,8 +102,19 @@ class ClassicalPrior(nn.Module):
                 mix = mix + modulation[:, 1:]
             height = (height * mix.softmax(1)).sum(1, keepdim=True)
         t = thresholds.to(x.dtype).view(-1, 1, 1, 1)
-        return log_gain.exp() * (t - height) + self.bias.to(x.dtype)
+        logits = log_gain.exp() * (t - height)
+        return logits if self.bias is None else logits + self.bias.to(x.dtype)
+
+    def pop_correction(self) -> torch.Tensor:
+        """The network's correction (B, 1, H, W) of the last training forward, once (for the loss's penalty)."""
+        correction, self.recorded_correction = self.recorded_correction, None
+        if correction is None:
+            raise ModelError("no correction recorded: set record_correction and run a forward in training mode")
+        return correction
 
     def forward(self, x: torch.Tensor, thresholds: torch.Tensor, network: torch.Tensor) -> torch.Tensor:
         """The model's logits (B, 1, H, W): the network's correction (its first channel) plus the rule."""
-        return network[:, :1] + self.rule(x, thresholds, network[:, 1:] if self.trust_map else None)
+        correction = network[:, :1]
+        if self.record_correction and self.training:
+            self.recorded_correction = correction
+        return correction + self.rule(x, thresholds, network[:, 1:] if self.trust_map else None)
