@@ -134,6 +134,10 @@ class LossConfig:
                                          "loss, so the network corrects the rule only where that pays and "
                                          "otherwise leaves the decision to the rule and its knobs (0: off)",
                                          min=0.0)
+    prior_rule_weight: float = opt(0.0, "with model.classical_prior: weight of the task's loss on the rule's "
+                                   "logits alone (without the correction), so its knobs (window, trust) make "
+                                   "the rule right by itself where it can be instead of leaning on the "
+                                   "correction (0: off)", min=0.0)
     focal_weight: float = opt(1.0, "focal_dice: weight of the focal term", min=0.0)
     dice_weight: float = opt(1.0, "focal_dice: weight of the Dice term", min=0.0)
     dice_smooth: float = opt(1.0, "dice/tversky: smoothing in pixels added to both sides of the ratio", min=0.0)

@@ -57,11 +57,13 @@ class Trainer:
         # transfer learning: these get no update while epoch < train.freeze_encoder_epochs
         self.frozen_params = list(raw_model.encoder_parameters()) if cfg.train.freeze_encoder_epochs else []
         self.correction_weight = cfg.loss.prior_correction_weight
-        if self.correction_weight:
+        self.rule_weight = cfg.loss.prior_rule_weight
+        if self.correction_weight or self.rule_weight:
             if getattr(raw_model, "prior", None) is None:
-                raise ConfigError("loss.prior_correction_weight penalises the correction to the classical prior, "
-                                  "but the model has none", hint="set --model.classical_prior=true")
-            raw_model.prior.record_correction = True
+                key = "prior_correction_weight" if self.correction_weight else "prior_rule_weight"
+                raise ConfigError(f"loss.{key} is a loss term on the classical prior, but the model has none",
+                                  hint=f"set --model.classical_prior=true, or --loss.{key}=0")
+            raw_model.prior.record_parts = True
 
     # ---- state -------------------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
@@ -178,8 +180,11 @@ class Trainer:
         with autocast:
             out = self.model(x, t)
         loss = self.criterion(self.task.output(out.float()), target, t_idx)
-        if self.correction_weight:
-            loss = loss + self.correction_weight * self.raw_model.prior.pop_correction().float().abs().mean()
+        if self.correction_weight or self.rule_weight:
+            correction, rule = self.raw_model.prior.pop_parts()
+            loss = loss + self.correction_weight * correction.float().abs().mean()
+            if self.rule_weight:
+                loss = loss + self.rule_weight * self.criterion(self.task.output(rule.float()), target, t_idx)
         return loss, x.shape[0]
 
     def train_step(self, batch: dict) -> dict:

@@ -171,26 +171,33 @@ def test_init_from_a_plain_prior_run_starts_the_knob_model_at_its_learnt_rule(ti
         assert not torch.allclose(plain(x, t), plain.prior.rule(x, t))           # the plain model's correction
 
 
-def test_the_prior_hands_over_its_last_training_correction_once():
+def test_the_prior_hands_over_its_last_training_parts_once():
     prior = ClassicalPrior([1], trust_map=True)
     x, t, network = torch.randn(2, 2, 4, 4), torch.tensor([0.2, 0.5]), torch.randn(2, 2, 4, 4)
     prior(x, t, network)
-    assert prior.recorded_correction is None                  # off unless the trainer asks for it
-    prior.record_correction = True
+    assert prior.recorded_parts is None                       # off unless the trainer asks for it
+    prior.record_parts = True
     prior.eval()(x, t, network)
-    assert prior.recorded_correction is None                  # validation and prediction record nothing
-    prior.train()(x, t, network)
-    assert torch.equal(prior.pop_correction(), network[:, :1])
-    with pytest.raises(ModelError, match="no correction recorded"):
-        prior.pop_correction()
+    assert prior.recorded_parts is None                       # validation and prediction record nothing
+    out = prior.train()(x, t, network)
+    correction, rule = prior.pop_parts()
+    assert torch.equal(correction, network[:, :1])
+    assert torch.equal(rule, prior.rule(x, t, network[:, 1:])) and torch.equal(out, correction + rule)
+    with pytest.raises(ModelError, match="no parts recorded"):
+        prior.pop_parts()
+
+
+def _network_output(model, x, t) -> torch.Tensor:
+    """The network's raw output (correction, then knobs) without the rule added."""
+    kept, model.prior = model.prior, None
+    with torch.no_grad():
+        out = model(x, t)
+    model.prior = kept
+    return out
 
 
 def _mean_correction(model, x, t) -> float:
-    kept, model.prior = model.prior, None
-    with torch.no_grad():
-        correction = model.eval()(x, t)[:, :1]
-    model.prior = kept
-    return float(correction.abs().mean())
+    return float(_network_output(model.eval(), x, t)[:, :1].abs().mean())
 
 
 def test_the_correction_penalty_keeps_the_network_closer_to_its_rule(tiny_dataset, tmp_path):
@@ -206,12 +213,44 @@ def test_the_correction_penalty_keeps_the_network_closer_to_its_rule(tiny_datase
                           loss={"prior_correction_weight": weight}, run={"name": f"w{weight:g}"}, **common)
         trainer = build_trainer(cfg, torch.device("cpu"), callbacks=[])
         trainer.fit()
-        assert trainer.raw_model.prior.recorded_correction is None   # each step's correction was consumed
+        assert trainer.raw_model.prior.recorded_parts is None   # each step's parts were consumed
         sizes[weight] = _mean_correction(trainer.raw_model, x, t)
     assert 0 < sizes[5.0] < 0.5 * sizes[0.0]
     cfg = tiny_config(tmp_path, loss={"prior_correction_weight": 1.0}, **common)
     with pytest.raises(ConfigError, match="prior_correction_weight"):
         build_trainer(cfg, torch.device("cpu"), callbacks=[])
+
+
+def test_the_rule_loss_adds_the_task_loss_of_the_rule_alone(tiny_dataset, tmp_path):
+    """loss.prior_rule_weight: the training loss gains weight x the criterion on the rule's logits (no
+    correction), so the knobs are asked to make the rule right by itself."""
+    from lib.errors import ConfigError
+    from lib.runner import build_trainer
+    common = dict(data={"root": str(tiny_dataset / "data"), "input_features": FEATURES},
+                  model={"classical_prior": True, "prior_trust_map": True}, augment={"enabled": False},
+                  log={"tensorboard": False, "images_every_epochs": 0})
+    plain = build_trainer(tiny_config(tmp_path, run={"name": "plain"}, **common), torch.device("cpu"), callbacks=[])
+    ruled = build_trainer(tiny_config(tmp_path, loss={"prior_rule_weight": 2.0}, run={"name": "ruled"}, **common),
+                          torch.device("cpu"), callbacks=[])
+    ruled.raw_model.load_state_dict(plain.raw_model.state_dict())
+    with torch.no_grad():                        # a correction that is not zero, so the two losses differ
+        ruled.raw_model.head.bias[0] = plain.raw_model.head.bias[0] = 3.0
+    batch = next(iter(plain.train_loader_fn(0)))
+
+    def drawn(trainer):  # the same threshold draw for every call
+        trainer.task.generator.manual_seed(0)
+        return trainer
+    x, t, target, t_idx = drawn(plain).task.train_inputs(batch)
+    model = plain.raw_model.train()
+    with torch.no_grad():
+        rule_alone = plain.criterion(model.prior.rule(x, t, _network_output(model, x, t)[:, 1:]), target, t_idx)
+        torch.testing.assert_close(drawn(ruled)._forward_loss(batch)[0],
+                                   drawn(plain)._forward_loss(batch)[0] + 2.0 * rule_alone)
+    assert ruled.raw_model.prior.recorded_parts is None and plain.raw_model.prior.recorded_parts is None
+    with pytest.raises(ConfigError, match="prior_rule_weight"):
+        build_trainer(tiny_config(tmp_path, loss={"prior_rule_weight": 1.0}, **{k: v for k, v in common.items()
+                                                                               if k != "model"}),
+                      torch.device("cpu"), callbacks=[])
 
 
 def test_without_a_bias_the_rule_decides_at_relative_height_t_whatever_the_knobs(tmp_path):

@@ -20,9 +20,11 @@ a FiLM scale initialised to 0.) With trust_scope "tile" the knobs are averaged o
 prediction window): whether the rule holds is a regional matter (flat or steep ground, LiDAR or
 photogrammetry), and per-pixel knobs became one more way to redraw pixels, which did not generalise.
 
-Three options move the balance between the rule and the correction (docs/quality.md measures them):
+Four options move the balance between the rule and the correction (docs/quality.md measures them):
 no learnt bias (the boundary stays at h = T), a sharper start (initial_trust, a log-factor on the gain),
-and a penalty on the correction's size (loss.prior_correction_weight, read through pop_correction).
+a penalty on the correction's size (loss.prior_correction_weight) and the task's loss on the rule alone
+(loss.prior_rule_weight), which asks the knobs to make the rule right by itself wherever it can be; both
+losses read the last training forward's parts through pop_parts.
 """
 import math
 
@@ -63,8 +65,8 @@ class ClassicalPrior(nn.Module):
         self.mix = nn.Parameter(torch.zeros(len(channels))) if len(channels) > 1 else None
         self.log_gain = nn.Parameter(torch.tensor(math.log(INITIAL_GAIN)))
         self.bias = nn.Parameter(torch.zeros(())) if bias else None  # None: the boundary stays at h = T
-        self.record_correction = False  # set by the trainer for loss.prior_correction_weight
-        self.recorded_correction: torch.Tensor | None = None
+        self.record_parts = False  # set by the trainer for loss.prior_correction_weight / prior_rule_weight
+        self.recorded_parts: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def network_channels(self) -> int:
@@ -105,16 +107,18 @@ class ClassicalPrior(nn.Module):
         logits = log_gain.exp() * (t - height)
         return logits if self.bias is None else logits + self.bias.to(x.dtype)
 
-    def pop_correction(self) -> torch.Tensor:
-        """The network's correction (B, 1, H, W) of the last training forward, once (for the loss's penalty)."""
-        correction, self.recorded_correction = self.recorded_correction, None
-        if correction is None:
-            raise ModelError("no correction recorded: set record_correction and run a forward in training mode")
-        return correction
+    def pop_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's correction and the rule's logits (each B, 1, H, W) of the last training forward,
+        once (for the loss's extra terms)."""
+        parts, self.recorded_parts = self.recorded_parts, None
+        if parts is None:
+            raise ModelError("no parts recorded: set record_parts and run a forward in training mode")
+        return parts
 
     def forward(self, x: torch.Tensor, thresholds: torch.Tensor, network: torch.Tensor) -> torch.Tensor:
         """The model's logits (B, 1, H, W): the network's correction (its first channel) plus the rule."""
         correction = network[:, :1]
-        if self.record_correction and self.training:
-            self.recorded_correction = correction
-        return correction + self.rule(x, thresholds, network[:, 1:] if self.trust_map else None)
+        rule = self.rule(x, thresholds, network[:, 1:] if self.trust_map else None)
+        if self.record_parts and self.training:
+            self.recorded_parts = correction, rule
+        return correction + rule
