@@ -36,8 +36,10 @@ def parse_features(features) -> list[tuple[str, float]]:
 
 
 def relative_height_channels(features) -> list[int]:
-    """Indices of the relative_height_<W>m features in the normalised input (model.classical_prior)."""
-    return [i for i, (kind, _) in enumerate(parse_features(features)) if kind == "relative_height"]
+    """Indices of the relative_height_<W>m features in the normalised input (model.classical_prior),
+    narrowest window first: the prior's gate takes the last one as the classical method's ground."""
+    parsed = parse_features(features)
+    return sorted((i for i, (kind, _) in enumerate(parsed) if kind == "relative_height"), key=lambda i: parsed[i][1])
 
 
 def tile_reference(dsm: torch.Tensor, q: float) -> torch.Tensor:

@@ -114,6 +114,10 @@ class ModelConfig:
     prior_bias: bool = opt(True, "with classical_prior: a learnt bias in the rule (one global shift of its "
                            "decision boundary); false keeps the boundary at relative height = T, so only the "
                            "knobs (which scale the rule's confidence) and the correction move decisions")
+    prior_gate: bool = opt(False, "with classical_prior: a per-tile gate between the model and the classical "
+                           "method itself (widest relative-height window, h <= T), learnt from a per-tile target "
+                           "(is the classical decision right more often than the model's on this tile) from "
+                           "tile statistics of the inputs; predictions mix the two probabilities by its weight")
     attention_gates: bool = opt(False, "additive attention gates on the U-Net skips (U-Net family)")
     spectral_norm: bool = opt(False, "spectral normalisation of every conv and linear weight except FiLM's")
     blocks_per_stage: int = opt(2, "cnn_dilated: conv-norm-act blocks per stage", min=1)

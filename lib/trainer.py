@@ -17,6 +17,7 @@ from lib.checkpoint import atomic_torch_save, rng_states, set_rng_states
 from lib.config import config_hash, config_to_dict
 from lib.distributed import all_reduce_sum, broadcast_buffers, broadcast_flag
 from lib.errors import ConfigError
+from lib.models.prior import gate_loss
 from lib.optimizers import clip_gradients
 from lib.schedulers import set_lr
 
@@ -185,6 +186,8 @@ class Trainer:
             loss = loss + self.correction_weight * correction.float().abs().mean()
             if self.rule_weight:
                 loss = loss + self.rule_weight * self.criterion(self.task.output(rule.float()), target, t_idx)
+        if getattr(self.raw_model, "prior", None) is not None and self.raw_model.prior.gate is not None:
+            loss = loss + gate_loss(*self.raw_model.prior.pop_gate(), target)
         return loss, x.shape[0]
 
     def train_step(self, batch: dict) -> dict:

@@ -23,6 +23,7 @@ def test_relative_height_channels_index_the_features():
     assert relative_height_channels(FEATURES) == [1, 2]
     assert relative_height_channels(["relative_height_51m", "dsm"]) == [0]
     assert relative_height_channels(["dsm"]) == []
+    assert relative_height_channels(["relative_height_101m", "dsm", "relative_height_31m"]) == [2, 0]  # widest last
 
 
 def test_prior_at_init_is_the_classical_rule_on_the_mean_relative_height():

@@ -53,7 +53,7 @@ def _extra_options(cfg, spec: ModelSpec) -> dict:
 
 def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: str,
                prior_channels=(), prior_options: dict | None = None) -> ForestModel:
-    """prior_options: ClassicalPrior's keywords (trust_map, trust_scope, bias, initial_trust)."""
+    """prior_options: ClassicalPrior's keywords (trust_map, trust_scope, bias, initial_trust, gate_inputs)."""
     spec = _spec(cfg.name)
     if task not in TASKS:
         raise ModelError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
@@ -83,7 +83,8 @@ def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: 
                           "num_classes": num_classes if task == "classification" else None, "norm": norm,
                           "prior_channels": prior_channels, "prior_trust_map": bool(prior and prior.trust_map),
                           "prior_trust_scope": prior.trust_scope if prior else "pixel",
-                          "prior_bias": bool(prior is None or prior.bias is not None)}
+                          "prior_bias": bool(prior is None or prior.bias is not None),
+                          "prior_gate_inputs": (prior_options or {}).get("gate_inputs", 0) if prior else 0}
     return model
 
 
@@ -118,9 +119,13 @@ def build_model(cfg, task: str = "segmentation", in_channels: int = 1, num_class
     if not cfg.prior_bias and not cfg.classical_prior:
         raise ModelError("model.prior_bias=false removes the classical prior's bias, but model.classical_prior "
                          "is off", hint="set --model.classical_prior=true, or --model.prior_bias=true")
+    if cfg.prior_gate and not cfg.classical_prior:
+        raise ModelError("model.prior_gate chooses between the model and the classical method, but "
+                         "model.classical_prior is off", hint="set --model.classical_prior=true, or "
+                         "--model.prior_gate=false")
     return _construct(cfg, task, in_channels, num_classes, resolve_norm(cfg.norm, batch_size), prior_channels,
                       {"trust_map": cfg.prior_trust_map, "trust_scope": cfg.prior_trust_scope, "bias": cfg.prior_bias,
-                       "initial_trust": cfg.prior_initial_trust})
+                       "initial_trust": cfg.prior_initial_trust, "gate_inputs": in_channels if cfg.prior_gate else 0})
 
 
 def rebuild_model(cfg, state_dict: dict) -> ForestModel:
@@ -134,6 +139,7 @@ def rebuild_model(cfg, state_dict: dict) -> ForestModel:
     model = _construct(cfg, record["task"], record["in_channels"], record["num_classes"], record["norm"],
                        record.get("prior_channels", ()),
                        {"trust_map": record.get("prior_trust_map", False),
-                        "trust_scope": record.get("prior_trust_scope", "pixel"), "bias": record.get("prior_bias", True)})
+                        "trust_scope": record.get("prior_trust_scope", "pixel"), "bias": record.get("prior_bias", True),
+                        "gate_inputs": record.get("prior_gate_inputs", 0)})
     model.load_state_dict(state_dict)
     return model

@@ -25,6 +25,15 @@ no learnt bias (the boundary stays at h = T), a sharper start (initial_trust, a 
 a penalty on the correction's size (loss.prior_correction_weight) and the task's loss on the rule alone
 (loss.prior_rule_weight), which asks the knobs to make the rule right by itself wherever it can be; both
 losses read the last training forward's parts through pop_parts.
+
+The gate (gate_inputs > 0) decides per tile between the model and the classical method itself (the
+widest window, h <= T, sharp): a small MLP on tile statistics of the inputs (mean and spread of each
+channel, and T) gives the weight of the classical probability in the output. It is not learnt from the
+task's loss (a gate learnt that way opened on every tile, docs/quality.md) but from a per-tile target:
+1 where the classical decision makes fewer pixel errors than the model's on that training tile. Training
+forwards return the model's logits unchanged (the task's loss trains the model as without a gate); eval
+forwards return the mixture, so on flat closed canopy, where the opening finds the ground through
+LiDAR pits, the model can hand the tile to the classical rule.
 """
 import math
 
@@ -32,9 +41,12 @@ import torch
 from torch import nn
 
 from lib.errors import ModelError
+from lib.gaps import IGNORE
 
 INITIAL_GAIN = 16.0  # logits per normalised unit: about 1 logit per metre at the usual ~17 m scale
 TRUST_RANGE = 4.0    # the trust channel scales the gain by at most e^4 either way (bounded: no overflow)
+CLASSICAL_GAIN = INITIAL_GAIN * math.exp(2.0)  # the gate's classical decision: sharp (~7 logits per metre)
+GATE_START = -2.0    # the gate's first logit: weight 0.12 on the classical method
 
 
 class ClassicalPrior(nn.Module):
@@ -46,7 +58,7 @@ class ClassicalPrior(nn.Module):
     """
 
     def __init__(self, channels, trust_map: bool = False, trust_scope: str = "pixel", bias: bool = True,
-                 initial_trust: float = 0.0):
+                 initial_trust: float = 0.0, gate_inputs: int = 0):
         super().__init__()
         if trust_scope not in ("pixel", "tile"):
             raise ModelError(f"classical prior trust scope must be 'pixel' or 'tile', found {trust_scope!r}")
@@ -65,6 +77,12 @@ class ClassicalPrior(nn.Module):
         self.mix = nn.Parameter(torch.zeros(len(channels))) if len(channels) > 1 else None
         self.log_gain = nn.Parameter(torch.tensor(math.log(INITIAL_GAIN)))
         self.bias = nn.Parameter(torch.zeros(())) if bias else None  # None: the boundary stays at h = T
+        self.gate = None
+        if gate_inputs:  # tile statistics (mean and std of each input channel, then T) -> the gate's logit
+            self.gate = nn.Sequential(nn.Linear(2 * int(gate_inputs) + 1, 32), nn.ReLU(), nn.Linear(32, 1))
+            nn.init.zeros_(self.gate[2].weight)
+            nn.init.constant_(self.gate[2].bias, GATE_START)
+        self.recorded_gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.record_parts = False  # set by the trainer for loss.prior_correction_weight / prior_rule_weight
         self.recorded_parts: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -115,10 +133,42 @@ class ClassicalPrior(nn.Module):
             raise ModelError("no parts recorded: set record_parts and run a forward in training mode")
         return parts
 
+    def pop_gate(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The gate's logit (B, 1, 1, 1), the classical and the model's logits (B, 1, H, W, the model's
+        detached) of the last training forward, once (for gate_loss)."""
+        recorded, self.recorded_gate = self.recorded_gate, None
+        if recorded is None:
+            raise ModelError("no gate recorded: the prior needs a gate and a forward in training mode")
+        return recorded
+
     def forward(self, x: torch.Tensor, thresholds: torch.Tensor, network: torch.Tensor) -> torch.Tensor:
-        """The model's logits (B, 1, H, W): the network's correction (its first channel) plus the rule."""
+        """The model's logits (B, 1, H, W): the network's correction (its first channel) plus the rule; with
+        a gate, in eval, the logit of the gate's mixture of that model and the classical method."""
         correction = network[:, :1]
         rule = self.rule(x, thresholds, network[:, 1:] if self.trust_map else None)
         if self.record_parts and self.training:
             self.recorded_parts = correction, rule
-        return correction + rule
+        out = correction + rule
+        if self.gate is None:
+            return out
+        t = thresholds.to(x.dtype).view(-1, 1)
+        gate = self.gate(torch.cat([x.mean((2, 3)), x.std((2, 3)), t], 1).detach()).view(-1, 1, 1, 1)
+        classical = CLASSICAL_GAIN * (t.view(-1, 1, 1, 1) - x.index_select(1, self.channels[-1:]))
+        if self.training:
+            self.recorded_gate = gate, classical, out.detach()
+            return out
+        weight = torch.sigmoid(gate)
+        mixture = weight * torch.sigmoid(classical) + (1 - weight) * torch.sigmoid(out)
+        return torch.logit(mixture.clamp(1e-6, 1 - 1e-6))
+
+
+def gate_loss(gate: torch.Tensor, classical: torch.Tensor, model: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE of the gate's logits (B, 1, 1, 1) against its per-tile target: 1 where the classical decision
+    (logits > 0) errs on fewer labelled pixels of target (B, 1, H, W; IGNORE not counted) than the model's."""
+    valid = (target != IGNORE).float()
+    truth = target.float()
+
+    def error_rate(logits):
+        return (((logits > 0).float() != truth).float() * valid).sum((1, 2, 3)) / valid.sum((1, 2, 3)).clamp(min=1)
+    better = (error_rate(classical) < error_rate(model)).float()
+    return nn.functional.binary_cross_entropy_with_logits(gate.float().view(-1), better)
