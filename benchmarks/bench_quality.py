@@ -1,7 +1,7 @@
 """Gap-map quality of a checkpoint on real and synthetic scenes, beside the classical DSM-only method.
 
     python benchmarks/bench_quality.py --checkpoint runs/pretrain/best.ckpt
-    python benchmarks/bench_quality.py --checkpoint weights/gaps_dsm_v4.pt --json quality.json
+    python benchmarks/bench_quality.py --checkpoint weights/gaps_dsm_v5.pt --json quality.json
     python benchmarks/bench_quality.py --checkpoint runs/x/best.ckpt --scene a_DSM.tif a_CHM.tif --no-flat
 
 Scenes: Wellington (../shared/data/real, steep, New Zealand) and a synthetic flat closed-canopy temperate

@@ -84,14 +84,14 @@ def test_predict_maps_an_untrained_threshold_of_a_continuous_model(tmp_path):
 @pytest.fixture
 def shipped(tmp_path, monkeypatch):
     """A stand-in for the shipped weights in tmp_path/weights (the real one may not exist yet)."""
-    weights = tmp_path / "weights" / "gaps_dsm_v4.pt"
+    weights = tmp_path / "weights" / "gaps_dsm_v5.pt"
     weights.parent.mkdir()
     monkeypatch.setattr(inference, "DEFAULT_WEIGHTS", weights)
     return weights
 
 
 def test_no_checkpoint_and_no_shipped_model_is_a_clear_error(shipped, tmp_path, capsys):
-    with pytest.raises(ModelError, match="no --checkpoint given and no shipped model at .*gaps_dsm_v4.pt"):
+    with pytest.raises(ModelError, match="no --checkpoint given and no shipped model at .*gaps_dsm_v5.pt"):
         resolve_checkpoint(None)
     write_dsm(tmp_path / "dsm.tif", random_dsm(32, 32))
     assert predict.main(["--dsm", str(tmp_path / "dsm.tif"), "--out", str(tmp_path / "o")]) == 2
