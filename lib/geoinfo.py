@@ -13,6 +13,9 @@ from lib.errors import RasterError
 PIXEL_SCALE, TIEPOINT, TRANSFORM = 33550, 33922, 34264  # GeoTIFF tags
 GEOKEYS, GEODOUBLE, GEOASCII, GDAL_NODATA = 34735, 34736, 34737, 42113
 _RASTER_TYPE, _PIXEL_IS_POINT = 1025, 2  # GTRasterTypeGeoKey: tiepoint at the pixel centre
+_MODEL_TYPE, _GEOGRAPHIC = 1024, 2  # GTModelTypeGeoKey: longitude/latitude
+_LINEAR_UNITS, _METRE = 3076, 9001  # ProjLinearUnitsGeoKey
+_WARP_HINT = "make it a north-up grid: gdalwarp -r bilinear in.tif out.tif"
 
 
 @dataclass(frozen=True)
@@ -67,23 +70,44 @@ class GeoInfo:
 # ----------------------------------------------------------------------------- tags -> GeoInfo
 def _georef(tags: dict, point: bool, path) -> tuple[tuple, tuple]:
     """(pixel_size, origin) from ModelPixelScale + ModelTiepoint or ModelTransformation."""
-    if PIXEL_SCALE in tags and TIEPOINT in tags and len(tags[TIEPOINT]) == 6:
+    tiepoints = tags.get(TIEPOINT, ())
+    if PIXEL_SCALE in tags and len(tiepoints) >= 6:  # several tiepoints + a scale: the first (as GDAL)
         sx, sy = tags[PIXEL_SCALE][:2]
-        i, j, _, x, y, _ = tags[TIEPOINT]
+        sy = abs(sy)  # a negative y scale is a common writer mistake; GDAL reads it as north-up too
+        i, j, _, x, y, _ = tiepoints[:6]
         x, y = x - i * sx, y + j * sy
     elif TRANSFORM in tags:
         m = tags[TRANSFORM]
         if m[1] or m[4]:
-            raise RasterError(f"{path}: rotated rasters are not supported (ModelTransformation {m[:8]})")
+            raise RasterError(f"{path}: rotated rasters are not supported (ModelTransformation {m[:8]})",
+                              hint=_WARP_HINT)
         sx, sy, x, y = m[0], -m[5], m[3], m[7]
+    elif len(tiepoints) > 6:
+        raise RasterError(f"{path}: georeferenced by {len(tiepoints) // 6} ground control points, not by a"
+                          f" pixel size and origin", hint=_WARP_HINT)
     else:  # stacklevel 4: the caller of lib.raster.read_info / read_raster
         warnings.warn(f"{path}: no georeferencing; assuming 1 m pixels at origin (0, 0)", stacklevel=4)
         return (1.0, 1.0), (0.0, 0.0)
     if not (sx > 0 and sy > 0):
-        raise RasterError(f"{path}: pixel size ({sx}, {-sy}) is not north-up; expected x > 0, y < 0")
+        raise RasterError(f"{path}: pixel size ({sx}, {-sy}) is not north-up; expected x > 0, y < 0",
+                          hint=_WARP_HINT)
     if point:  # the tiepoint names a pixel centre; GeoInfo keeps corners (as GDAL does)
         x, y = x - 0.5 * sx, y + 0.5 * sy
     return (float(sx), float(sy)), (float(x), float(y))
+
+
+def _check_units(info: "GeoInfo", path) -> None:
+    """RasterError for longitude/latitude grids; a warning for projected CRS units other than metres."""
+    if info.geokey(_MODEL_TYPE) == _GEOGRAPHIC:
+        crs = f"EPSG:{info.epsg}" if info.epsg else "user-defined"
+        raise RasterError(f"{path}: the CRS is geographic ({crs}, pixel size {info.pixel_size} in degrees);"
+                          f" pixel sizes and gap areas must be in metres",
+                          hint="reproject it to a projected CRS in metres, e.g. gdalwarp -t_srs EPSG:32633"
+                               " -r bilinear in.tif out.tif (your UTM zone)")
+    unit = info.geokey(_LINEAR_UNITS)
+    if unit is not None and unit != _METRE:
+        warnings.warn(f"{path}: the CRS's linear unit is EPSG:{unit}, not metres (9001); pixel sizes and"
+                      f" gap areas are read as metres", stacklevel=4)
 
 
 def _parse_nodata(text, path) -> float | None:
@@ -104,7 +128,9 @@ def parse_geoinfo(tags: dict, height: int, width: int, path) -> GeoInfo:
         geo_double=tuple(float(v) for v in tags[GEODOUBLE]) if GEODOUBLE in tags else None,
         geo_ascii=str(tags[GEOASCII]) if GEOASCII in tags else None)
     pixel_size, origin = _georef(tags, info.geokey(_RASTER_TYPE) == _PIXEL_IS_POINT, path)
-    return replace(info, pixel_size=pixel_size, origin=origin)
+    info = replace(info, pixel_size=pixel_size, origin=origin)
+    _check_units(info, path)
+    return info
 
 
 # ----------------------------------------------------------------------------- GeoInfo -> tags

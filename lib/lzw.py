@@ -1,9 +1,10 @@
-"""TIFF segment codecs: a vectorised LZW decoder, deflate, and the TIFF predictors.
+"""TIFF segment codecs: vectorised LZW and PackBits decoders, deflate, LZMA, and the TIFF predictors.
 
 tifffile alone cannot decode LZW (it needs imagecodecs, which is not a dependency), so this
 module decodes it with numpy. imagecodecs is used instead when it happens to be installed.
 Errors are ValueError; lib/raster.py turns them into RasterError naming the file.
 """
+import lzma
 import zlib
 
 import numpy as np
@@ -13,7 +14,8 @@ try:  # optional: a C decoder, 7-15x faster here (benchmarks/bench_lzw.py); neve
 except ImportError:
     _lzw_decode_c = None
 
-COMPRESSIONS = {1: "none", 5: "LZW", 8: "deflate", 32946: "deflate"}  # TIFF code -> name
+COMPRESSIONS = {1: "none", 5: "LZW", 8: "deflate", 32946: "deflate", 32773: "PackBits",
+                34925: "LZMA"}  # TIFF code -> name
 
 _CLEAR, _EOI = 256, 257
 # TIFF LZW "early change": after a clear, 254 codes are 9 bits wide, 512 are 10, 1024 are 11,
@@ -223,11 +225,40 @@ def _lzw_c(data: bytes) -> bytes:
         raise ValueError(f"corrupt LZW stream ({exc})") from None
 
 
-def _inflate(data: bytes) -> bytes:
+def packbits_decode(data: bytes) -> bytes:
+    """Decode one PackBits segment: header n < 128 copies the next n + 1 bytes, n > 128 repeats the
+    next byte 257 - n times, 128 is a no-op. The headers are found by pointer doubling from byte 0
+    (log2(#runs) numpy passes) instead of a Python loop over runs."""
+    buf = np.frombuffer(data, np.uint8).astype(np.int32)  # segments are far below 2 GiB
+    size = len(buf)
+    step = np.where(buf < 128, buf + 2, np.where(buf > 128, 2, 1))  # to the next header, if a header
+    jump = np.append(np.minimum(np.arange(size, dtype=np.int32) + step, size), np.int32(size))
+    heads = np.zeros(min(size, 1), np.int32)  # jump: (size + 1,), the end maps to itself
+    while True:  # heads = first 2^k headers; jump = 2^k steps
+        more = jump[heads]
+        more = more[more < size]
+        if not len(more):
+            break
+        heads = np.concatenate([heads, more])
+        jump = jump[jump]
+    n = buf[heads]
+    literal = n < 128
+    length = np.where(literal, n + 1, np.where(n > 128, 257 - n, 0))
+    run = np.repeat(np.arange(len(heads)), length)  # (out,) the run of every output byte
+    offset = np.arange(len(run)) - (np.cumsum(length) - length)[run]
+    src = heads[run] + 1 + np.where(literal[run], offset, 0)
+    if len(src) and src[-1] >= size:
+        raise ValueError("corrupt PackBits data: the last run passes the end of the segment")
+    return buf[src].astype(np.uint8).tobytes()
+
+
+def _decompress(data: bytes, compression: int) -> bytes:
     try:
+        if compression == 34925:
+            return lzma.decompress(data)
         return zlib.decompress(data)
-    except zlib.error as exc:
-        raise ValueError(f"corrupt deflate data ({exc})") from None
+    except (zlib.error, lzma.LZMAError) as exc:
+        raise ValueError(f"corrupt {COMPRESSIONS[compression]} data ({exc})") from None
 
 
 def _unpredict(raw: bytes, predictor: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
@@ -257,8 +288,10 @@ def decode_segments(segments: list[bytes], compression: int, predictor: int, sha
     if compression == 5:
         raws = ([_lzw_c(s) for s in segments] if _lzw_decode_c is not None
                 else lzw_decode_many(segments))
-    elif compression in (8, 32946):
-        raws = [_inflate(s) for s in segments]
+    elif compression in (8, 32946, 34925):
+        raws = [_decompress(s, compression) for s in segments]
+    elif compression == 32773:
+        raws = [packbits_decode(s) for s in segments]
     elif compression == 1:
         raws = segments
     else:

@@ -4,6 +4,7 @@ tifffile parses the tags; strips and tiles are read and decoded here (lib/lzw.py
 read without imagecodecs and a window touches only the blocks it needs. Writes are tiled
 (256 x 256), deflate with a predictor, one IFD at the end, atomic via a temp file + os.replace.
 """
+import logging
 import math
 import os
 import secrets
@@ -24,11 +25,17 @@ __all__ = ["GeoInfo", "RasterWriter", "check_same_grid", "iter_strips", "read_in
 
 _FILL_VALUES = 9999.0  # +-9999 without a nodata tag is almost always an undeclared fill value
 _LOWEST_CHM_M = -1.0  # canopy heights below this are not interpolation noise but a DSM/DTM mismatch
+_TALLEST_MEDIAN_M = 120.0  # no forest's median canopy is this tall: the heights are not metres
 _TILE = 256
 _BIGTIFF_BYTES = 2**32 - 2**26  # rasters larger than this get 64-bit offsets (BigTIFF)
 
 
 # ----------------------------------------------------------------------------- reading
+# tifffile complains that GDAL_NODATA does not fit the sample type for GDAL's float32 nodata
+# -3.4028234663852886e+38 (a float64 string); geoinfo parses the tag itself, so drop that noise.
+logging.getLogger("tifffile").addFilter(lambda record: "GDAL_NODATA" not in record.getMessage())
+
+
 def _open(path) -> tifffile.TiffFile:
     if not Path(path).is_file():
         raise RasterError(f"{path}: no such file")
@@ -69,14 +76,16 @@ class _Blocks:
         self.info = _page_info(page, self.path)
         spp = int(page.samplesperpixel)
         if band is None and spp != 1:
-            raise RasterError(f"{self.path}: expected one band, found {spp}", hint=f"pass band=1..{spp}")
+            raise RasterError(f"{self.path}: expected one band, found {spp}",
+                              hint=f"extract the height band: gdal_translate -b 1 in.tif out.tif"
+                                   f" (in Python: band=1..{spp})")
         if band is not None and not 1 <= band <= spp:
             raise RasterError(f"{self.path}: band {band} requested, the file has bands 1..{spp}")
         self._compression, self._predictor = int(page.compression), int(page.predictor)
         if self._compression not in lzw.COMPRESSIONS:
             name = getattr(page.compression, "name", str(self._compression))
             raise RasterError(f"{self.path}: compression {name} ({self._compression}) is not supported;"
-                              f" supported: none, LZW, deflate",
+                              f" supported: {', '.join(dict.fromkeys(lzw.COMPRESSIONS.values()))}",
                               hint="convert it: gdal_translate -co COMPRESS=DEFLATE in.tif out.tif")
         dtype = np.dtype(page.dtype) if page.dtype is not None else None
         if dtype is None or dtype.kind not in "uif" or page.bitspersample != 8 * dtype.itemsize:
@@ -96,11 +105,13 @@ class _Blocks:
         self._spp, self._sample = (1, 0) if separate else (spp, (band or 1) - 1)
         self._offsets, self._counts = page.dataoffsets, page.databytecounts
         self._cache = {}
+        nodata = self.info.nodata  # fills the blocks a sparse file leaves out, as GDAL does
+        fits = nodata is not None and (dtype.kind == "f" or (
+            nodata.is_integer() and np.iinfo(dtype).min <= nodata <= np.iinfo(dtype).max))
+        self._fill = nodata if fits else 0
 
     def _raw(self, index: int) -> bytes:
         offset, count = int(self._offsets[index]), int(self._counts[index])
-        if count == 0:
-            raise RasterError(f"{self.path}: block {index} was never written (sparse TIFF)")
         if offset + count > self._tif.filehandle.size:
             raise RasterError(f"{self.path}: truncated: block {index} ends at byte {offset + count},"
                               f" the file has {self._tif.filehandle.size} bytes")
@@ -108,20 +119,28 @@ class _Blocks:
         return self._tif.filehandle.read(count)
 
     def _decode(self, keys: list) -> list[np.ndarray]:
-        """Decode blocks (row, col) of the block grid together: [(rows, width)], native order."""
+        """Decode blocks (row, col) of the block grid together: [(rows, width)], native order.
+
+        A block with no bytes (a sparse file: GDAL's SPARSE_OK leaves all-nodata blocks out) is
+        the nodata value, or 0 without one.
+        """
         th, tw = self._block
         shapes = [(th if self._tiled else min(th, self.info.height - r * th), tw, self._spp)
                   for r, _ in keys]  # the last strip is short; edge tiles are padded
         index = [self._first + r * self._grid_cols + c for r, c in keys]
+        stored = [k for k, i in enumerate(index) if int(self._counts[i])]
         try:
-            blocks = lzw.decode_segments([self._raw(i) for i in index], self._compression,
-                                         self._predictor, shapes, self.dtype)
+            blocks = lzw.decode_segments([self._raw(index[k]) for k in stored], self._compression,
+                                         self._predictor, [shapes[k] for k in stored], self.dtype)
         except ValueError as exc:
-            if len(keys) > 1:  # find the broken one to name it
-                for key in keys:
-                    self._decode([key])
-            raise RasterError(f"{self.path}: cannot decode block {index[0]}: {exc}") from None
-        return [block[:, :, self._sample] for block in blocks]
+            if len(stored) > 1:  # find the broken one to name it
+                for k in stored:
+                    self._decode([keys[k]])
+            raise RasterError(f"{self.path}: cannot decode block {index[stored[0]]}: {exc}") from None
+        decoded = dict(zip(stored, blocks))
+        return [decoded[k][:, :, self._sample] if k in decoded
+                else np.full(shapes[k][:2], self._fill, self.dtype.newbyteorder("="))
+                for k in range(len(keys))]
 
     def read(self, row0: int, col0: int, height: int, width: int) -> np.ndarray:
         """(height, width) samples in the file's dtype; keeps the blocks it used for the next call."""
@@ -375,7 +394,8 @@ def read_pair(dsm, chm=None, dtm=None, window=None) -> tuple[np.ndarray, np.ndar
 
 
 def check_heights(chm: np.ndarray, where) -> None:
-    """RasterError when no pixel is valid; a warning with the fraction of canopy heights below -1 m."""
+    """RasterError when no pixel is valid; warnings for canopy heights below -1 m and for a median
+    canopy too tall to be in metres (scaled integers: centimetres, decimetres)."""
     n_valid = int(np.count_nonzero(~np.isnan(chm)))
     if not n_valid:
         raise RasterError(f"{where}: every pixel is nodata",
@@ -385,3 +405,8 @@ def check_heights(chm: np.ndarray, where) -> None:
         warnings.warn(f"{where}: {n_low / n_valid:.2%} of the valid canopy heights are below {_LOWEST_CHM_M:g} m "
                       f"(lowest {np.nanmin(chm):.2f} m); check the DSM/DTM order, units and vertical datum",
                       stacklevel=2)
+    median = float(np.nanmedian(chm.ravel()[:: max(1, chm.size // 2**20)]))  # a sample: ~1 M pixels
+    if median > _TALLEST_MEDIAN_M:
+        warnings.warn(f"{where}: the median canopy height is {median:g}, over {_TALLEST_MEDIAN_M:g} m: not a"
+                      f" CHM in metres (a DSM given as CHM? centimetres or other scaled integers must be"
+                      f" converted to metres first)", stacklevel=2)
