@@ -195,8 +195,8 @@ def main(argv=None) -> int:
         if args.analysis:
             s = write_analysis(args.out, tag, labels, n, stats, surface, info, args)
             print(f"{'':>6}  lambda {s['lambda_asner']:.4f} (Asner 2013), {s['lambda_hanel']:.4f} "
-                  f"(Hanel 2017); Clark-Evans R {s['clark_evans_r']:.3f} (p = {s['clark_evans_p']:.2g}) "
-                  f"-> analysis_{tag}.json")
+                  f"(Hanel 2017); Clark-Evans R {s['clark_evans_r']:.3f} (Donnelly, "
+                  f"p = {s['clark_evans_p']:.2g}; {s['clark_evans_r_naive']:.3f} uncorrected) -> analysis_{tag}.json")
         if later is not None:
             c = write_change(args.out, tag, labels, n, later, threshold, args, info)
             print(f"{'':>6}  {c['new_gap_pixels']} new-gap pixels; gaps: {c['gaps']['new']['count']} new, "

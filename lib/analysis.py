@@ -34,33 +34,72 @@ def zeta(s) -> np.ndarray:
 
 
 def lambda_asner(areas_m2) -> float:
-    """Power-law exponent by the zeta MLE of Asner et al. 2013: argmin of sum -log(x^-l / zeta(l)).
+    """Power-law exponent by the zeta MLE of Asner et al. 2013, searched as ForestGapR does.
 
-    The negative log-likelihood l * sum(ln x) + n ln zeta(l) is convex in l, so a golden-section
-    search on LAMBDA_RANGE finds its minimum (or the nearer bound). NaN without gaps.
+    GapSizeFDist(method = "Asner_2013") runs R's optimize() on sum -2 log(x^-l / zeta(l)) over
+    LAMBDA_RANGE; optimize stops within ~1e-4 of the true minimum, so the same Brent search is replayed
+    here (r_optimize) to return R's value rather than the exact argmin. NaN without gaps.
     """
     x = np.asarray(areas_m2, np.float64)
     if x.size == 0:
         return float("nan")
-    log_sum, n = float(np.log(x).sum()), x.size
 
-    def nll(lam):
-        return lam * log_sum + n * math.log(float(zeta(lam)))
+    def deviance(lam):                                # as ForestGapR writes it
+        return float(2 * np.sum(-np.log(x ** -lam / float(zeta(lam)))))
 
-    lo, hi = LAMBDA_RANGE
-    golden = (math.sqrt(5) - 1) / 2
-    a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
-    fa, fb = nll(a), nll(b)
-    while hi - lo > 1e-10:
-        if fa <= fb:
-            hi, b, fb = b, a, fa
-            a = hi - golden * (hi - lo)
-            fa = nll(a)
+    return r_optimize(deviance, *LAMBDA_RANGE)
+
+
+def r_optimize(f, lower: float, upper: float, tol: float = np.finfo(float).eps ** 0.25) -> float:
+    """R's optimize(f, c(lower, upper))$minimum: Brent's fmin exactly as R's C code runs it."""
+    c = (3 - math.sqrt(5)) / 2                        # squared inverse of the golden ratio
+    eps = math.sqrt(np.finfo(float).eps)
+    a, b = lower, upper
+    v = w = x = a + c * (b - a)
+    d = e = 0.0
+    fv = fw = fx = f(x)
+    tol3 = tol / 3
+    while True:
+        xm = (a + b) / 2
+        tol1 = eps * abs(x) + tol3
+        t2 = tol1 * 2
+        if abs(x - xm) <= t2 - (b - a) / 2:
+            return x
+        p = q = r = 0.0
+        if abs(e) > tol1:                             # fit a parabola through x, w, v
+            r = (x - w) * (fx - fv)
+            q = (x - v) * (fx - fw)
+            p = (x - v) * q - (x - w) * r
+            q = (q - r) * 2
+            if q > 0:
+                p = -p
+            else:
+                q = -q
+            r, e = e, d
+        if abs(p) >= abs(q * 0.5 * r) or p <= q * (a - x) or p >= q * (b - x):   # golden section
+            e = (b - x) if x < xm else (a - x)
+            d = c * e
+        else:                                         # parabolic step, not too close to a or b
+            d = p / q
+            if (x + d) - a < t2 or b - (x + d) < t2:
+                d = tol1 if x < xm else -tol1
+        u = x + d if abs(d) >= tol1 else (x + tol1 if d > 0 else x - tol1)
+        fu = f(u)
+        if fu <= fx:
+            if u < x:
+                b = x
+            else:
+                a = x
+            v, w, x, fv, fw, fx = w, x, u, fw, fx, fu
         else:
-            lo, a, fa = a, b, fb
-            b = lo + golden * (hi - lo)
-            fb = nll(b)
-    return (lo + hi) / 2
+            if u < x:
+                a = u
+            else:
+                b = u
+            if fu <= fw or w == x:
+                v, fv, w, fw = w, fw, u, fu
+            elif fu <= fv or v == x or v == w:
+                v, fv = u, fu
 
 
 def lambda_hanel(areas_m2) -> float:
@@ -76,13 +115,17 @@ def lambda_hanel(areas_m2) -> float:
 
 
 def size_frequency(areas_m2) -> tuple[np.ndarray, np.ndarray]:
-    """Gap count per 1 m² size class (k - 1, k], k = 1..ceil(max): (sizes, counts), as GapSizeFDist."""
+    """Gap count per 1 m² size class (k - 1, k], k = 1..floor(max): (sizes, counts), as GapSizeFDist.
+
+    GapSizeFDist bins with cut(x, breaks = seq(0, max(x), 1)): the breaks stop at floor(max), so gaps
+    larger than that (a 10.25 m² largest gap of 0.5 m pixels) fall in no class and are not counted.
+    """
     x = np.asarray(areas_m2, np.float64)
-    if x.size == 0:
+    top = int(math.floor(x.max())) if x.size else 0
+    if top < 1:                                       # R's cut() needs two breaks
         return np.zeros(0), np.zeros(0, np.int64)
-    top = int(math.ceil(x.max()))
-    counts = np.bincount(np.ceil(x).astype(np.int64), minlength=top + 1)[1:]
-    return np.arange(1, top + 1, dtype=np.float64), counts
+    k = np.ceil(x[x <= top]).astype(np.int64)
+    return np.arange(1, top + 1, dtype=np.float64), np.bincount(k, minlength=top + 1)[1:]
 
 
 # ----------------------------------------------------------------------------- spatial pattern
@@ -144,22 +187,34 @@ def nearest_neighbour(xy: np.ndarray) -> np.ndarray:
     return best
 
 
-def clark_evans(xy, window) -> dict[str, float]:
-    """Clark-Evans R without edge correction and its two-sided Z-test, as spatstat's clarkevans.test.
+CLARK_EVANS_CORRECTIONS = ("Donnelly", "none")
 
-    R = mean nearest-neighbour distance / (0.5 / sqrt(n / area)); SE = sqrt((4 - pi) area / (4 pi)) / n.
-    NaN for fewer than two points.
+
+def clark_evans(xy, window, correction: str = "Donnelly") -> dict[str, float]:
+    """Clark-Evans R and its two-sided asymptotic Z-test, as spatstat's clarkevans.test(X).
+
+    R = mean nearest-neighbour distance / expected one. "none": expected = 0.5 / sqrt(n / area).
+    "Donnelly" adds (0.0514 + 0.0412 / sqrt(n)) perimeter / n: clarkevans.test's default for a
+    rectangular window since spatstat.explore's 2023 version, so what ForestGapR's GapsSpatPattern
+    reports today (its README figures predate it: "none"). Z = (R - 1) / SE, SE = sqrt((4 - pi) area /
+    (4 pi)) / n / expected. NaN for fewer than two points.
     """
+    if correction not in CLARK_EVANS_CORRECTIONS:
+        raise ValueError(f"unknown Clark-Evans correction {correction!r}, "
+                         f"expected one of {CLARK_EVANS_CORRECTIONS}")
     xy = np.asarray(xy, np.float64).reshape(-1, 2)
     n = len(xy)
-    area = (window[1] - window[0]) * (window[3] - window[2])
+    width, height = window[1] - window[0], window[3] - window[2]
+    area = width * height
     if n < 2:
         return {"r": float("nan"), "z": float("nan"), "p": float("nan"), "mean_nn_m": float("nan"), "n": n}
     observed = float(nearest_neighbour(xy).mean())
     expected = 0.5 / math.sqrt(n / area)
-    z = (observed - expected) / (math.sqrt((4 - math.pi) * area / (4 * math.pi)) / n)
-    return {"r": observed / expected, "z": z, "p": math.erfc(abs(z) / math.sqrt(2)), "mean_nn_m": observed,
-            "n": n}
+    if correction == "Donnelly":
+        expected += (0.0514 + 0.0412 / math.sqrt(n)) * 2 * (width + height) / n
+    r = observed / expected
+    z = (r - 1) / (math.sqrt((4 - math.pi) * area / (4 * math.pi)) / n / expected)
+    return {"r": r, "z": z, "p": math.erfc(abs(z) / math.sqrt(2)), "mean_nn_m": observed, "n": n}
 
 
 def ripley_radii(n: int, window, count: int = 513) -> np.ndarray:
@@ -231,12 +286,14 @@ def ripley_envelope(xy, window, n_simulations: int = 99, seed: int = 0, radii=No
 
 
 def gap_summary(areas_m2, points, window) -> dict[str, float]:
-    """Headline figures of a gap map: count, total area, lambda by both methods, Clark-Evans R and test."""
+    """Headline figures of a gap map: count, total area, lambda by both methods, Clark-Evans R and test
+    (Donnelly-corrected as ForestGapR reports it today; clark_evans_r_naive as in its older figures)."""
     areas = np.asarray(areas_m2, np.float64)
     ce = clark_evans(points, window)
     return {"n_gaps": int(areas.size), "gap_area_m2": float(areas.sum()), "lambda_asner": lambda_asner(areas),
             "lambda_hanel": lambda_hanel(areas), "clark_evans_r": ce["r"], "clark_evans_z": ce["z"],
-            "clark_evans_p": ce["p"], "mean_nn_distance_m": ce["mean_nn_m"]}
+            "clark_evans_p": ce["p"], "clark_evans_r_naive": clark_evans(points, window, "none")["r"],
+            "mean_nn_distance_m": ce["mean_nn_m"]}
 
 
 def summarize_gap_map(labels: np.ndarray, n: int, info) -> dict[str, float]:

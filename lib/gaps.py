@@ -2,8 +2,9 @@
 
 Semantics follow the R package ForestGapR (`getForestGaps`, `GapStats`): gaps are numbered 1..n in
 raster-scan order of their first pixel after the area filter, gap_area = pixel count x pixel area,
-chm_sd is the sample sd (n - 1) and chm_gini the finite-sample Gini coefficient. Unlike GapStats,
-statistics are not rounded to 2 decimals. Nodata (NaN) is never gap and never forest.
+chm_max/chm_min as is, chm_mean, chm_sd (n - 1), chm_gini (finite-sample) and chm_range rounded to 2
+decimals with R's round(). Nodata (NaN) is never gap and never forest. One deliberate difference:
+ForestGapR takes the pixel area as res_x², we take res_x * res_y (the same for square pixels).
 numpy only: analysis without the training stack.
 """
 import csv
@@ -18,6 +19,7 @@ from lib.errors import ConfigError, DataError
 IGNORE = 255  # label value of nodata pixels in gap masks: ignored by losses and metrics
 STAT_COLUMNS = ("gap_id", "gap_area", "chm_max", "chm_min", "chm_mean", "chm_sd", "chm_gini",
                 "chm_range", "x", "y")
+ROUNDED_COLUMNS = ("chm_mean", "chm_sd", "chm_gini", "chm_range")  # GapStats rounds these to 2 decimals
 
 
 def threshold_tag(threshold: float) -> str:
@@ -67,8 +69,8 @@ def _kept_components(below: np.ndarray, min_area_m2: float, max_area_m2: float,
 def gap_stats(labels: np.ndarray, n: int, chm: np.ndarray, info) -> dict[str, np.ndarray]:
     """Per-gap statistics, each column shape (n,); x, y: centroid of the gap's pixel centres (CRS units).
 
-    info is a lib.raster.GeoInfo (uses pixel_area and xy_of). Gaps without pixels get NaN. ForestGapR's
-    GapSPDF centroid differs for gaps joined only diagonally: terra takes the largest part's centroid.
+    info is a lib.raster.GeoInfo (uses pixel_area and xy_of). Gaps without pixels get NaN. x, y equal
+    GapSPDF's x, y (terra::centroids, area-weighted over all parts of a gap).
     """
     chm = _check_chm(chm)
     if labels.shape != chm.shape:
@@ -99,8 +101,27 @@ def gap_stats(labels: np.ndarray, n: int, chm: np.ndarray, info) -> dict[str, np
     low[has] = height[first[has]]
     high[has] = height[first[has] + count[has] - 1]
     return {"gap_id": np.arange(1, n + 1, dtype=np.int64), "gap_area": count * float(info.pixel_area),
-            "chm_max": high, "chm_min": low, "chm_mean": mean, "chm_sd": sd, "chm_gini": gini,
-            "chm_range": high - low, "x": np.asarray(x, np.float64), "y": np.asarray(y, np.float64)}
+            "chm_max": high, "chm_min": low, "chm_mean": round_like_r(mean, 2), "chm_sd": round_like_r(sd, 2),
+            "chm_gini": round_like_r(gini, 2), "chm_range": round_like_r(high - low, 2),
+            "x": np.asarray(x, np.float64), "y": np.asarray(y, np.float64)}
+
+
+def round_like_r(x, digits: int) -> np.ndarray:
+    """R (>= 4.0) round(x, digits): the nearer of the two decimal neighbours, as doubles; ties to even.
+
+    np.round scales by 10^digits first and so rounds 0.15 up to 0.2, where R gives 0.1 (0.15 is stored
+    as 0.1499999...). Also NaN stays NaN, and values with more than 15 significant digits stay as is.
+    """
+    x = np.asarray(x, np.float64)
+    size = np.abs(x)
+    p10 = 10.0 ** digits
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        i10 = np.floor(size * p10)
+        down, up = i10 / p10, np.ceil(size * p10) / p10
+        du, dd = up - size, size - down
+        rounded = np.where((du < dd) | ((du == dd) & (np.fmod(i10, 2) == 1)), up, down)
+        too_fine = digits + (np.floor(np.log2(size)) + 0.5) * np.log10(2) > 15   # as R: logb
+    return np.where(too_fine | ~np.isfinite(x) | (x == 0), x, np.copysign(rounded, x))
 
 
 def write_gap_table(path, stats: dict[str, np.ndarray]) -> None:

@@ -169,6 +169,7 @@ def _assemble(n, info, ring, rank, start, end, direction, gap, part, nxt) -> Gap
     horizontal = (direction == E) | (direction == W)
     perimeter = np.bincount(gap, np.where(horizontal, sx, sy), n + 1)[1:]
     # label point: the shell (positive ring) with the largest area; ties go to the first in scan order
+    # (sp breaks them by its heap sort over GEOS's ring order, which this cannot reproduce)
     shell = twice_area > 0
     order = np.lexsort((np.arange(n_rings), -twice_area, ~shell, r_gap))
     first = order[np.r_[True, r_gap[order][1:] != r_gap[order][:-1]]] if n_rings else order
