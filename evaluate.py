@@ -56,6 +56,12 @@ def main(argv=None) -> int:
     manifest = read_manifest(cfg.data.root)
     thresholds = manifest.get("thresholds_m", cfg.data.thresholds_m)
     dataset = ShardDataset(cfg.data.root, split, shuffle=False, equal_counts=False, meta_keys=("site",))
+    if not len(dataset):
+        from lib.errors import DataError
+        counts = {name: entry.get("samples") for name, entry in manifest.get("splits", {}).items()}
+        raise DataError(f"{cfg.data.root}: the {split!r} split has no tiles (tiles per split: {counts})",
+                        hint="evaluate another split (--split val), or prepare the data with smaller blocks "
+                             "(--data.block_px) or more sites so every split gets some")
     loader = build_loader(dataset, cfg.eval.batch_size, default_workers(cfg.data.workers))
     evaluator = Evaluator(loaded.net, thresholds, manifest.get("pixel_size_m", cfg.data.pixel_size_m),
                           train_gap_rates(manifest, thresholds), cfg.eval, device, cfg.run.seed)

@@ -158,6 +158,10 @@ def build_dataset(cfg, sources, out: str | Path) -> dict:
         if not build.tally.tiles["train"]:
             raise DataError("no training tile survived tiling and the valid-fraction filter",
                             hint="lower data.tile_px or data.min_valid_fraction, or add sites")
+        for split in ("val", "test"):
+            if not build.tally.tiles[split]:
+                log.warning("the %s split has no tiles: too few blocks or sites (lower data.block_px or add "
+                            "sites); evaluate.py --split %s will have nothing to score", split, split)
         manifest = build.manifest(shards, normalization)
         write_manifest(stage, manifest)
     except BaseException as exc:

@@ -71,12 +71,27 @@ def _coerce(value, tp, where: str, meta: dict):
         return dict(value)
     if tp is typing.Any:
         return value
+    if tp is str:
+        value = _as_text(value, meta)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool) \
             or not isinstance(value, tp):
         raise ConfigError(f"{where}: expected {_type_name(tp)}, found {value!r}")
     _check_range(value, where, meta)
+    return value
+
+
+_BOOL_WORDS = {False: ("off", "no", "false"), True: ("on", "yes", "true")}
+
+
+def _as_text(value, meta: dict):
+    """YAML reads off/on/yes/no and bare numbers as bool or number: a str field takes them back as text."""
+    if isinstance(value, bool):
+        words = [w for w in _BOOL_WORDS[value] if w in (meta.get("choices") or ())]
+        return words[0] if words else value
+    if isinstance(value, (int, float)):
+        return str(value)
     return value
 
 
@@ -96,8 +111,25 @@ def _check_range(value, where: str, meta: dict) -> None:
 
 def _unknown_key(key: str, valid: list[str], where: str, source: str) -> ConfigError:
     near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(valid)}"
+    hint = f"did you mean {where + near[0]!r}?" if near else f"valid keys: {', '.join(valid)}"
     return ConfigError(f"{source}: unknown key {where + key!r}", hint=hint)
+
+
+def _check_override_keys(overrides: list[str]) -> None:
+    """Name the override, not the config file, when an override's key is not in the schema."""
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if text.split("=", 1)[0] == "config":  # scripts that read a config file consume --config earlier
+            raise ConfigError("this script takes no --config: its config is the one saved in --checkpoint",
+                              hint="change keys with overrides, e.g. --data.root=data/mysite")
+        cls, prefix = Config, ""
+        for part in text.split("=", 1)[0].split("."):
+            if not dataclasses.is_dataclass(cls):  # inside a free-form mapping (e.g. model.extra)
+                break
+            fields = {f.name: f for f in dataclasses.fields(cls)}
+            if part not in fields:
+                raise _unknown_key(part, list(fields), prefix, f"override {item!r}")
+            cls, prefix = typing.get_type_hints(cls)[part], f"{prefix}{part}."
 
 
 def _build(cls, data: dict, prefix: str, source: str):
@@ -150,6 +182,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def build_config(data: dict | None = None, overrides: list[str] = (), source: str = "<config>") -> Config:
     """Validated Config from a dict (missing keys take their defaults) plus overrides."""
+    _check_override_keys(list(overrides))
     data = apply_overrides(data or {}, list(overrides))
     return _build(Config, data, "", source)
 

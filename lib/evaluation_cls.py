@@ -145,5 +145,5 @@ def main(checkpoint, loaded, cfg, device, split: str | None, out) -> int:
     report = evaluate_classifier(checkpoint, loaded, cfg, device, splits)
     out = Path(out) if out else Path(checkpoint).parent
     print(write_reports(report, out))
-    print(f"report.json, report.md and confusion_<split>.png in {out}")
+    print(f"report.json, report.md and {', '.join(f'confusion_{s}.png' for s in splits)} in {out}")
     return 0

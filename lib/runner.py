@@ -1,6 +1,7 @@
 """Wire a training run from a config: data, normalisation, task, model, loss, optimiser, schedule,
 callbacks, monitoring, resume and DDP. `train_model(cfg) -> run_dir` is the notebook entry point.
 """
+import json
 import logging
 import os
 from pathlib import Path
@@ -9,7 +10,7 @@ import torch
 
 from lib.callbacks import EarlyStopping, GradientMonitor, ModelCheckpoint, NonFiniteGuard, Profiler, ProgressBar
 from lib.checkpoint import load_checkpoint, resume_trainer, seed_everything
-from lib.config import save_config
+from lib.config import build_config, config_to_dict, save_config
 from lib.data import ShardDataset, build_loader, calibrate_loader
 from lib.distributed import cleanup_distributed, init_distributed
 from lib.ema import ModelEMA
@@ -106,6 +107,7 @@ def _train(cfg, device, rank, world, resume, init_from) -> Path:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         torch.use_deterministic_algorithms(True, warn_only=True)
     trainer = build_trainer(cfg, device, rank, world, init_from)
+    cfg = trainer.cfg  # with the dataset's thresholds, tile size and pixel size
     if rank == 0:
         log.info(describe_model(trainer.raw_model, cfg))
     checkpoint = resolve_resume(resume, run_dir)
@@ -148,6 +150,7 @@ def build_trainer(cfg, device, rank: int = 0, world: int = 1, init_from: str | N
     run_dir = run_dir_of(cfg)
     is_main = rank == 0
     manifest = read_manifest(cfg.data.root)
+    cfg = with_dataset_values(cfg, manifest, log.warning if is_main else None)
     normalizer = normalizer_from_stats(manifest["normalization"], cfg.data).to(device)
     task = build_task(cfg, normalizer, manifest, rank)
     train_loader_fn, val_loader, n_train = build_data(cfg, Path(cfg.data.root), device, task.arrays, task.meta_keys)
@@ -187,6 +190,21 @@ def build_trainer(cfg, device, rank: int = 0, world: int = 1, init_from: str | N
     return Trainer(cfg, raw_model, model, task, criterion, optimizer, schedule, train_loader_fn, val_loader,
                    device, run_dir, callbacks, monitor, augment, ema, plateau,
                    version={"dataset_manifest": manifest.get("sha256", "")})
+
+
+def with_dataset_values(cfg, manifest: dict, warn=None):
+    """cfg with the dataset's thresholds, tile size and pixel size: the run records what it trains on, and
+    predict.py maps a checkpoint's thresholds, with windows of its tile size, at its pixel size."""
+    changed = {key: manifest[key] for key in ("thresholds_m", "tile_px", "pixel_size_m")
+               if key in manifest and manifest[key] != getattr(cfg.data, key)}
+    if not changed:
+        return cfg
+    if warn:
+        warn("the dataset in %s was prepared with %s; the config says %s: the dataset's values are used and "
+             "recorded", cfg.data.root, ", ".join(f"data.{k}={v}" for k, v in changed.items()),
+             ", ".join(f"{k}={getattr(cfg.data, k)}" for k in changed))
+    return build_config(config_to_dict(cfg), [f"data.{k}={json.dumps(v)}" for k, v in changed.items()],
+                        source=f"{cfg.data.root}/manifest.json")
 
 
 def describe_model(model, cfg) -> str:

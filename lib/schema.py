@@ -289,7 +289,7 @@ class PredictConfig:
     batch_size: int = opt(8, "windows per forward pass (each runs at every threshold)", min=1)
     tta: bool = opt(False, "average the D4 transforms at test time")
     prob_threshold: float = opt(0.5, "probability above which a pixel is mapped as gap", min=0.0, max=1.0)
-    write_prob: bool = opt(False, "also write prob_<T>.tif (float32 probabilities, NaN nodata)")
+    write_prob: bool = opt(False, "also write prob_<T>m.tif (float32 probabilities, NaN nodata)")
     compile: bool = opt(False, "torch.compile the model (pays off on large scenes)")
     nested: bool = opt(True, "make the gap maps nest: probabilities cumulative-maxed over increasing "
                              "thresholds, so the map at T lies inside the map at every T' > T")

@@ -3,6 +3,7 @@
 A source is loaded lazily, one site at a time, so preparing many large rasters never holds them all.
 """
 import re
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +132,11 @@ def folder_sources(folder: str | Path) -> list[SiteSource]:
             by_kind.setdefault(match.group(1), {})[match.group(2).lower()] = path
     sources = []
     for site, kinds in sorted(by_kind.items()):
-        if "dsm" not in kinds:
+        if "dsm" not in kinds or len(kinds) == 1:
+            found = ", ".join(path.name for path in kinds.values())
+            warnings.warn(f"{folder}: site {site!r} skipped: {found} without its "
+                          f"{'_CHM.tif or _DTM.tif' if 'dsm' in kinds else '_DSM.tif'} (a CHM alone on flat "
+                          f"ground: copy it as {site}_DSM.tif)", stacklevel=2)
             continue
         if "chm" in kinds:
             sources.append(raster_source(site, str(kinds["dsm"]), chm=str(kinds["chm"])))

@@ -229,6 +229,20 @@ def test_bad_manifest(tiny_dataset, tmp_path, capsys):
     assert code == 2 and err.startswith(f"error: {root / 'manifest.json'}: not valid JSON"), err
 
 
+def test_evaluating_an_empty_split_is_an_error(tiny_dataset, tmp_path, capsys):
+    from conftest import make_checkpoint
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset / "data", root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["splits"]["test"] = {"shards": [], "samples": 0}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    checkpoint = make_checkpoint(tmp_path / "m.ckpt")
+    code, err = run("evaluate", "--checkpoint", checkpoint, "--split", "test", f"--data.root={root}",
+                    "--out", str(tmp_path / "eval"), capsys=capsys)
+    assert code == 2 and "the 'test' split has no tiles" in err and "'val': " in err, err
+    assert not (tmp_path / "eval" / "report.json").exists()
+
+
 # ----------------------------------------------------------------------------------------- configs
 def _config_file(tmp_path, text: str | None = None, suffix: str = ".json", **sections) -> str:
     data = json.loads(json.dumps(TINY))
@@ -241,7 +255,7 @@ def _config_file(tmp_path, text: str | None = None, suffix: str = ".json", **sec
 
 
 CONFIGS = {  # name: (config file text or None, overrides, expected error after 'error: ')
-    "unknown_key": (None, ["--optim.lrr=0.1"], "{path}: unknown key 'optim.lrr'\n  hint: did you mean 'lr'?"),
+    "unknown_key": (None, ["--optim.lrr=0.1"], "override '--optim.lrr=0.1': unknown key 'optim.lrr'\n  hint: did you mean 'optim.lr'?"),
     "wrong_type": (None, ["--train.epochs=2.5"], "{path}: train.epochs: expected int, found 2.5"),
     "negative_lr": (None, ["--optim.lr=-1e-3"], "{path}: optim.lr: -0.001 is below the minimum 0.0"),
     "nan_lr": (None, ["--optim.lr=nan"], "{path}: optim.lr: expected a finite number, found nan"),
@@ -336,4 +350,4 @@ def test_grid_over_a_key_that_does_not_exist(tmp_path, capsys):
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps({"optim.lrx": [0.1, 0.01]}))
     code, err = run("grid_search", "--config", _config_file(tmp_path), "--grid", grid, capsys=capsys)
-    assert code == 2 and "unknown key 'optim.lrx'" in err and "did you mean 'lr'?" in err, err
+    assert code == 2 and "unknown key 'optim.lrx'" in err and "did you mean 'optim.lr'?" in err, err

@@ -31,9 +31,32 @@ def test_unknown_key_names_file_key_and_nearest(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     text = str(info.value)
-    assert str(path) in text and "optim.lrr" in text and "did you mean 'lr'" in text
+    assert str(path) in text and "optim.lrr" in text and "did you mean 'optim.lr'" in text
     with pytest.raises(ConfigError, match="unknown key 'optimm'"):
         build_config({"optimm": {}})
+
+
+def test_unknown_override_key_names_the_override_not_the_file(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"optim": {"lr": 0.1}}))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["--optim.lrr=1e-3"])
+    text = str(info.value)
+    assert "override '--optim.lrr=1e-3'" in text and str(path) not in text and "'optim.lr'" in text
+    assert load_config(None, ["--model.extra.width=3"]).model.extra == {"width": 3}  # free-form mapping
+    with pytest.raises(ConfigError, match="takes no --config"):
+        build_config({}, ["--config=configs/quick.json"])  # evaluate/predict: the checkpoint's config
+
+
+def test_str_fields_take_yaml_booleans_and_numbers_back_as_text(tmp_path):
+    cfg = load_config(None, ["--train.amp=off", "--run.name=2024"])
+    assert cfg.train.amp == "off" and cfg.run.name == "2024"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  amp: off\nrun:\n  name: 7\n")
+    cfg = load_config(path)
+    assert cfg.train.amp == "off" and cfg.run.name == "7"
+    with pytest.raises(ConfigError, match="expected str, found True"):
+        load_config(None, ["--train.amp=on"])  # 'on' is no choice of train.amp: still an error
 
 
 def test_out_of_range_and_choices():

@@ -75,7 +75,7 @@ def test_sample_grid_draws_distinct_points_reproducibly():
 @pytest.mark.parametrize("grid, match", [({}, "must map"), ({"optim.lr": []}, "non-empty list"),
                                          ({"run.name": ["a"]}, "set by the search"),
                                          ({"search.epochs": [1]}, "set by the search"),
-                                         ({"optim.lrr": [0.1]}, "did you mean 'lr'"),
+                                         ({"optim.lrr": [0.1]}, "did you mean 'optim.lr'"),
                                          ({"optim.lr": [0.001, 0.001]}, "same config")])
 def test_bad_grids_fail_before_anything_runs(tiny_dataset, tmp_path, grid, match):
     cfg = _cfg(tiny_dataset, tmp_path, {"optim.lr": [0.1]})
