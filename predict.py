@@ -19,11 +19,12 @@ log = logging.getLogger("predict")
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Outputs per threshold T: gaps_T.tif (uint8 1 gap / 0 / 255 nodata), gaps_T.csv (one row per gap: "
-               "area, centroid, DSM stats; same area filter as the training labels), prob_T.tif with "
+        epilog="Outputs per threshold T: gaps_<T>m.tif (uint8 1 gap / 0 / 255 nodata), gaps_<T>m.csv (one row per gap: "
+               "area, centroid, DSM stats; same area filter as the training labels), prob_<T>m.tif with "
                "--write-prob, on the input's grid (a DSM of another pixel size is resampled to the model's and "
                "back). Many scenes (--dsm-list, or --dsm FOLDER): one folder per scene, finished scenes skipped "
-               "when run again, gaps_all_T.csv over all scenes; under torchrun each process maps its share. "
+               "when run again, a scene that fails is reported and the others mapped, gaps_all_<T>m.csv over the "
+               "finished scenes; under torchrun each process maps its share. "
                "Defaults come from the checkpoint's config (predict section); any key can be overridden as "
                "--section.key=value.")
     parser.add_argument("--checkpoint", nargs="+", help="checkpoint (.ckpt/.pt) or exported model (.ts/.pt2); "
@@ -42,7 +43,7 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, help="windows per forward pass (each at every threshold)")
     parser.add_argument("--tta", action="store_true", default=None, help="average the 8 D4 transforms")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    parser.add_argument("--write-prob", action="store_true", default=None, help="also write prob_T.tif")
+    parser.add_argument("--write-prob", action="store_true", default=None, help="also write prob_<T>m.tif")
     parser.add_argument("--nested", action=argparse.BooleanOptionalAction, default=None,
                         help="make the maps nest over thresholds (predict.nested, default on)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default run.device)")
@@ -50,11 +51,11 @@ def parse_args(argv):
                         help="resample a DSM of another pixel size to the model's and the maps back "
                              "(--no-resample: refuse it)")
     parser.add_argument("--filter", action=argparse.BooleanOptionalAction, default=True,
-                        help="apply the area filter and write gaps_T.csv (holds one whole uint8 mask in memory)")
+                        help="apply the area filter and write gaps_<T>m.csv (holds one whole uint8 mask in memory)")
     parser.add_argument("--quicklook", action=argparse.BooleanOptionalAction, default=True,
                         help="write quicklook.png: hillshade with the gap outlines (reads the scene whole)")
     ref = parser.add_mutually_exclusive_group()
-    ref.add_argument("--chm", help="reference CHM on the same grid: writes ref_gaps_T.tif and scores.json")
+    ref.add_argument("--chm", help="reference CHM on the same grid: writes ref_gaps_<T>m.tif and scores.json")
     ref.add_argument("--dtm", help="reference DTM (CHM = DSM - DTM), same as --chm otherwise")
     return parser.parse_known_args(argv)
 
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
     from lib.cli import setup_logging
     from lib.distributed import cleanup_distributed, init_distributed
     from lib.env import distributed_info
-    from lib.errors import ConfigError
+    from lib.errors import ConfigError, DataError
     from lib.scenes import map_region, map_scene
 
     paths, region = scene_paths(args)
@@ -161,8 +162,14 @@ def main(argv=None) -> int:
                             echo=lambda line: print(prefix + line, flush=True))
     finally:
         cleanup_distributed()
-    print(f"{prefix}{list(status.values()).count('mapped')} scenes mapped, {list(status.values()).count('skipped')} "
-          f"skipped in {time.perf_counter() - start:.1f} s; outputs in {args.out}")
+    counts = {key: list(status.values()).count(key) for key in ("mapped", "skipped", "failed")}
+    print(f"{prefix}{counts['mapped']} scenes mapped, {counts['skipped']} skipped, {counts['failed']} failed in "
+          f"{time.perf_counter() - start:.1f} s; outputs in {args.out}")
+    failed = [name for name, state in status.items() if state == "failed"]
+    if failed:
+        raise DataError(f"{len(failed)} scene(s) failed: {', '.join(failed)} (each error is in "
+                        f"{args.out}/<scene>/failed.json and in predict.json); the others are mapped",
+                        hint="fix or remove the failed DSMs and run the command again: finished scenes are skipped")
     return 0
 
 

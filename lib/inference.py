@@ -233,10 +233,15 @@ def _load_exported(path: Path, device) -> LoadedModel:
 def check_thresholds(requested, trained_m, train_cfg) -> list[float]:
     """The thresholds to map: the trained ones when none are requested.
 
-    A model trained on fixed thresholds maps only those; one trained with continuous thresholds
-    (train.threshold_sampling continuous or continuous_log) maps any, with a warning outside train.threshold_range_m.
+    They must be distinct finite heights > 0 m. A model trained on fixed thresholds maps only those; one
+    trained with continuous thresholds (train.threshold_sampling continuous or continuous_log) maps any,
+    with a warning outside train.threshold_range_m.
     """
     thresholds = [float(t) for t in (requested or trained_m)]
+    bad = [t for t in thresholds if not (math.isfinite(t) and t > 0)]
+    if bad:  # CHM <= 0 m is never a gap definition; NaN/inf would map nothing or everything
+        raise ConfigError(f"--thresholds must be canopy heights in metres > 0, found {bad}",
+                          hint="e.g. --thresholds 2 5 10 15")
     if len(set(thresholds)) != len(thresholds):
         raise ConfigError(f"--thresholds must be distinct, found {thresholds}")
     if str(getattr(train_cfg, "threshold_sampling", "")).startswith("continuous"):

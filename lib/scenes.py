@@ -4,13 +4,17 @@ scenes in one resumable run, split across torchrun processes.
 A scene's folder gets gaps_{tag}.tif/.csv, prob_{tag}.tif (optional), quicklook.png, predict.json, and with
 a reference ref_gaps_{tag}.tif and scores.json; every file is written atomically. In a region run each
 scene gets <out>/<stem>/ and done.json is written there last: a scene whose done.json holds the same
-settings and whose outputs all exist is skipped, so an interrupted run resumes where it stopped. Rank r of
-N maps scenes r, r + N, ...; after a barrier rank 0 writes gaps_all_{tag}.csv (all scenes' gaps with a
-scene column) and predict.json.
+settings and whose outputs all exist is skipped, so an interrupted run resumes where it stopped. A scene
+that fails (unreadable file, every pixel nodata, ...) gets failed.json with the error instead, and the run
+goes on with the next one. Rank r of N maps scenes r, r + N, ...; after a barrier rank 0 writes
+gaps_all_{tag}.csv (the finished scenes' gaps with a scene column) and predict.json (they and the failures).
 """
+import contextlib
 import csv
 import io
 import json
+import logging
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,12 +29,17 @@ from lib.config import config_to_dict
 from lib.errors import DataError, RasterError
 from lib.evaluation import write_json
 from lib.gaps import IGNORE, threshold_tag
-from lib.raster import check_same_grid, read_info
+from lib.raster import RasterWriter, check_same_grid, iter_strips, read_info
 from lib.resample import dsm_methods, needs_resampling, resample_raster, resampled_grid
 from lib.scene import WrittenScene, filter_gaps, plan_scene, write_quicklook, write_scene
 from lib.scene_scores import score_scene
 
+log = logging.getLogger(__name__)
 DONE = "done.json"
+FAILED = "failed.json"
+FILL_VALUES = np.array([0, 9999, -9999, -32767, -32768, -3.4028235e38, 3.4028235e38], np.float32)
+TEMPORARY_DIRS = (".model_grid.", ".dsm_nodata.")  # in a scene's folder while it is mapped
+FILL_GAP_M = 50.0  # a fill value this far beyond every height is no surface (0 around a DSM at 400 m a.s.l.)
 DSM_SUFFIXES = (".tif", ".tiff")
 BARRIER_TIMEOUT = timedelta(days=7)  # ranks wait for the slowest one's scenes, however long they take
 
@@ -81,7 +90,7 @@ def _predict_resampled(s: MapSettings, dsm_path: Path, info, out_dir: Path, prog
     """Resample the DSM to the model's pixel size, predict there, and bring the maps back to the input grid:
     nearest for the gap maps, bilinear for probabilities; the input's nodata stays nodata."""
     grid = resampled_grid(info, s.pixel_size_m)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".model_grid.") as work:
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=TEMPORARY_DIRS[0]) as work:
         work = Path(work)
         resample_raster(dsm_path, work / "dsm.tif", grid, dsm_methods(info, s.pixel_size_m), compress=False)
         written = _predict(s, work / "dsm.tif", work, grid, progress, compress=False)
@@ -95,13 +104,57 @@ def _predict_resampled(s: MapSettings, dsm_path: Path, info, out_dir: Path, prog
     return WrittenScene(paths, written.nesting)
 
 
+def scan_dsm(dsm_path, info) -> list[float]:
+    """One pass over the DSM: RasterError when no pixel holds a height; else the undeclared fill values, i.e.
+    common ones (FILL_VALUES) lying FILL_GAP_M or more beyond every other height (a survey outline written as 0)."""
+    counts, low, high = {}, np.inf, -np.inf
+    for _, block in iter_strips(dsm_path, 256):
+        values = block[np.isfinite(block)]
+        fill = np.isin(values, FILL_VALUES)
+        for value, n in zip(*np.unique(values[fill], return_counts=True)):
+            counts[float(value)] = counts.get(float(value), 0) + int(n)
+        if fill.sum() < values.size:
+            low, high = min(low, float(values[~fill].min())), max(high, float(values[~fill].max()))
+    fills = sorted(v for v in counts if not low - FILL_GAP_M < v < high + FILL_GAP_M)
+    if low > high and len(fills) == len(counts):
+        raise RasterError(f"{dsm_path}: every pixel of the {info.height}x{info.width} DSM is nodata (nodata value "
+                          f"{info.nodata}{', fill values ' + str(fills) if fills else ''})",
+                          hint="check the file and its nodata value (GDAL_NODATA tag; gdalinfo -stats shows both)")
+    for value in fills:
+        log.warning("WARNING: %s: %d pixels hold %g, %g m or more beyond every other height and not declared nodata: "
+                    "treated as nodata (declare it in the file: gdal_edit.py -a_nodata %g)", dsm_path, counts[value],
+                    value, FILL_GAP_M, value)
+    return fills
+
+
+def mask_values(dsm_path, info, values, out_path) -> Path:
+    """Copy of the DSM (uncompressed, for a temporary folder) with `values` as NaN; streamed strip by strip."""
+    with RasterWriter(out_path, info, np.float32, float("nan"), compress=False) as out:
+        for row0, block in iter_strips(dsm_path, 256):
+            block[np.isin(block, np.asarray(values, np.float32))] = np.nan
+            out.write(row0, block)
+    return Path(out_path)
+
+
+def warn_small_scene(s: MapSettings, dsm_path, grid) -> None:
+    """Warn when the scene, on the model's grid, is narrower than one window: the model then sees mostly padding."""
+    window = s.cfg.predict.window_px
+    if min(grid.height, grid.width) < window:
+        log.warning("WARNING: %s is %d x %d px on the model's %g m grid, smaller than its %d px window: the model "
+                    "and its ground estimate see no terrain beyond the scene, so the maps are much less reliable "
+                    "(map a larger extent and crop the maps)", dsm_path, grid.height, grid.width, s.pixel_size_m,
+                    window)
+
+
 def map_scene(s: MapSettings, dsm_path, out_dir, chm_path=None, dtm_path=None, progress=None, echo=None) -> dict:
     """Map one scene into out_dir; returns its summary, also written as predict.json (scores.json with a reference).
 
-    progress(height, width) -> callable(rows_done), for the strip pass; echo(line) prints results.
+    progress(height, width) -> callable(rows_done), for the strip pass; echo(line) prints results. Undeclared
+    fill values (scan_dsm) are made nodata in a temporary copy of the DSM that every step reads instead.
     """
-    dsm_path, out_dir, echo = Path(dsm_path), Path(out_dir), echo or (lambda line: None)
+    dsm_path, out_dir = Path(dsm_path), Path(out_dir)
     info = read_info(dsm_path)
+    fills = scan_dsm(dsm_path, info)
     reference = chm_path or dtm_path
     if reference:
         check_same_grid({str(dsm_path): info, str(reference): read_info(reference)})
@@ -110,7 +163,20 @@ def map_scene(s: MapSettings, dsm_path, out_dir, chm_path=None, dtm_path=None, p
         raise RasterError(f"{dsm_path} has {info.pixel_size[0]:g} x {info.pixel_size[1]:g} m pixels but the model "
                           f"({s.checkpoint}) was trained on {s.pixel_size_m:g} m pixels (more than 1 % apart)",
                           hint="leave out --no-resample to resample it to the model's pixels and back")
+    warn_small_scene(s, dsm_path, resampled_grid(info, s.pixel_size_m) if resampled else info)
     out_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = tempfile.TemporaryDirectory(dir=out_dir, prefix=TEMPORARY_DIRS[1]) if fills else contextlib.nullcontext()
+    with work_dir as work:
+        source = mask_values(dsm_path, info, fills, Path(work) / "dsm.tif") if fills else dsm_path
+        summary = _map_scene(s, source, info, out_dir, chm_path, dtm_path, progress, echo or (lambda line: None))
+    summary.update(dsm=str(dsm_path), undeclared_nodata=fills)
+    write_json(out_dir / "predict.json", summary)
+    return summary
+
+
+def _map_scene(s: MapSettings, dsm_path: Path, info, out_dir: Path, chm_path, dtm_path, progress, echo) -> dict:
+    """map_scene's work on a checked DSM: the maps, the area filter and table, quick-look, scores; its summary."""
+    resampled = needs_resampling(info, s.pixel_size_m)
     start = time.perf_counter()
     written = (_predict_resampled(s, dsm_path, info, out_dir, progress) if resampled
                else _predict(s, dsm_path, out_dir, info, progress))
@@ -121,18 +187,16 @@ def map_scene(s: MapSettings, dsm_path, out_dir, chm_path=None, dtm_path=None, p
         echo(f"{tag:>6}: {counts[tag]:6d} gaps  -> {path}, {path.with_suffix('.csv').name}")
     if s.quicklook:
         write_quicklook(out_dir / "quicklook.png", dsm_path, list(written.paths.values()))
-    if reference:
+    if chm_path or dtm_path:
         scores = score_scene(out_dir, dsm_path, s.thresholds_m, s.cfg.data.min_area_m2, s.cfg.data.max_area_m2,
                              chm_path=chm_path, dtm_path=dtm_path, classical_window_m=s.cfg.eval.classical_window_m)
         write_json(out_dir / "scores.json", scores)
         echo_scores(scores, echo)
-    summary = {"checkpoint": s.checkpoint, "dsm": str(dsm_path), "thresholds_m": list(s.thresholds_m),
-               "predict": config_to_dict(s.cfg.predict), "device": str(s.device),
-               "pixel_size_m": {"input": list(info.pixel_size), "model": s.pixel_size_m, "resampled": resampled},
-               "seconds": round(seconds, 3), "megapixels_per_s": round(info.height * info.width / 1e6 / seconds, 3),
-               "nesting": {"nested": s.cfg.predict.nested, "before_nesting": written.nesting}, "gaps": counts}
-    write_json(out_dir / "predict.json", summary)
-    return summary
+    return {"checkpoint": s.checkpoint, "dsm": str(dsm_path), "thresholds_m": list(s.thresholds_m),
+            "predict": config_to_dict(s.cfg.predict), "device": str(s.device),
+            "pixel_size_m": {"input": list(info.pixel_size), "model": s.pixel_size_m, "resampled": resampled},
+            "seconds": round(seconds, 3), "megapixels_per_s": round(info.height * info.width / 1e6 / seconds, 3),
+            "nesting": {"nested": s.cfg.predict.nested, "before_nesting": written.nesting}, "gaps": counts}
 
 
 def echo_scores(scores: dict, echo) -> None:
@@ -160,6 +224,11 @@ def list_scenes(dsm=None, dsm_list=None) -> list[Path]:
         paths = [dsm_list.parent / line for line in lines if line and not line.startswith("#")]
     else:
         paths = sorted(p for p in Path(dsm).iterdir() if p.suffix.lower() in DSM_SUFFIXES and p.is_file())
+        others = [p for p in paths if p.stem.lower().endswith(("_chm", "_dtm"))]
+        if others:  # a folder laid out as prepare_data's sites: its CHMs and DTMs are no DSMs to map
+            log.warning("WARNING: %s: %d file(s) named *_CHM / *_DTM not mapped as DSMs: %s", dsm, len(others),
+                        ", ".join(p.name for p in others[:5]) + (", ..." if len(others) > 5 else ""))
+            paths = [p for p in paths if p not in others]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing or not paths:
         raise DataError(f"{dsm_list or dsm}: " + (f"DSMs not found: {missing[:5]}" if missing else
@@ -198,7 +267,8 @@ def _barrier() -> None:
 
 def map_region(s: MapSettings, paths, out_root, rank: int = 0, world: int = 1, progress=None, echo=None) -> dict:
     """Map the scenes r, r + N, ... of `paths` not finished before, each into out_root/<stem>/; then rank 0
-    writes gaps_all_{tag}.csv and predict.json (all scenes). Returns {name: "mapped" | "skipped"} for this rank."""
+    writes gaps_all_{tag}.csv and predict.json (all scenes). Returns {name: "mapped" | "skipped" | "failed"}
+    for this rank: a scene that fails does not stop the others (its error is in <stem>/failed.json)."""
     out_root, echo = Path(out_root), echo or (lambda line: None)
     names = scene_names(paths)
     status = {}
@@ -211,32 +281,64 @@ def map_region(s: MapSettings, paths, out_root, rank: int = 0, world: int = 1, p
             status[name] = "skipped"
             continue
         echo(f"{name}: mapping {dsm_path}")
-        (folder / DONE).unlink(missing_ok=True)   # a stale marker must not vouch for half-rewritten outputs
-        summary = map_scene(s, dsm_path, folder, progress=progress, echo=lambda line: echo(f"{name} {line}"))
-        write_json(folder / DONE, {"scene": name, "dsm": str(dsm_path), "settings": s.fingerprint(),
-                                   "outputs": s.outputs(), "summary": summary})      # last: marks it finished
-        status[name] = "mapped"
+        status[name] = _map_region_scene(s, name, dsm_path, folder, progress, echo)
     _barrier()
     if rank == 0:
         write_region_summary(s, names, out_root, world)
     return status
 
 
+def _map_region_scene(s: MapSettings, name: str, dsm_path: Path, folder: Path, progress, echo) -> str:
+    """One scene of a region: "mapped" with done.json written last, or "failed" with failed.json (the error)."""
+    for marker in (DONE, FAILED):                 # a stale marker must not vouch for half-rewritten outputs
+        (folder / marker).unlink(missing_ok=True)
+    _remove_leftovers(folder)
+    try:
+        summary = map_scene(s, dsm_path, folder, progress=progress, echo=lambda line: echo(f"{name} {line}"))
+    except Exception as exc:  # any one file's problem (unreadable, all nodata, out of memory) spares the others
+        error = f"{type(exc).__name__}: {exc}"
+        echo(f"{name}: FAILED, going on with the other scenes: {error}")
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / FAILED, {"scene": name, "dsm": str(dsm_path), "error": error})
+        return "failed"
+    write_json(folder / DONE, {"scene": name, "dsm": str(dsm_path), "settings": s.fingerprint(),
+                               "outputs": s.outputs(), "summary": summary})          # last: marks it finished
+    return "mapped"
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """Temporary files and folders of a run killed while mapping this scene (the folder is this rank's alone)."""
+    for path in folder.glob(".*"):
+        if path.is_dir() and path.name.startswith(TEMPORARY_DIRS):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file() and path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)
+
+
+def _failure(folder: Path) -> str:
+    """Why a scene of a region is not finished: its failed.json's error, or no marker at all."""
+    try:
+        return json.loads((folder / FAILED).read_text(encoding="utf-8"))["error"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return f"no {DONE} (interrupted?)"
+
+
 def write_region_summary(s: MapSettings, names: dict, out_root: Path, world: int) -> None:
-    """gaps_all_{tag}.csv (a scene column, then each scene's gap table) and predict.json over all scenes."""
-    unfinished = [name for name in names if not is_finished(out_root / name, s)]
-    if unfinished:
-        raise DataError(f"scenes {unfinished} have no {DONE} after every rank finished", hint="run predict.py again")
+    """gaps_all_{tag}.csv (a scene column, then each finished scene's gap table) and predict.json over all
+    scenes: the finished ones' summaries and the others' errors."""
+    finished = [name for name in names if is_finished(out_root / name, s)]
+    failed = {name: _failure(out_root / name) for name in names if name not in finished}
     tables = {}
     for tag in (threshold_tag(t) for t in s.thresholds_m) if s.filter else ():
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
-        for i, name in enumerate(names):
+        for i, name in enumerate(finished):
             with open(out_root / name / f"gaps_{tag}.csv", newline="", encoding="utf-8") as f:
                 rows = list(csv.reader(f))
             writer.writerows(([["scene", *rows[0]]] if i == 0 else []) + [[name, *row] for row in rows[1:]])
         tables[tag] = out_root / f"gaps_all_{tag}.csv"
         write_text(tables[tag], text.getvalue())
-    scenes = {name: json.loads((out_root / name / DONE).read_text(encoding="utf-8"))["summary"] for name in names}
+    scenes = {name: json.loads((out_root / name / DONE).read_text(encoding="utf-8"))["summary"] for name in finished}
     write_json(out_root / "predict.json", {"settings": s.fingerprint(), "world_size": world,
-                                           "tables": {tag: p.name for tag, p in tables.items()}, "scenes": scenes})
+                                           "tables": {tag: p.name for tag, p in tables.items()}, "scenes": scenes,
+                                           "failed": failed})

@@ -168,6 +168,14 @@ def test_region_from_a_folder_and_clear_errors(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_a_folder_s_chms_and_dtms_are_not_mapped_as_dsms(tmp_path, caplog):
+    from lib.scenes import list_scenes
+    for name in ("a_DSM.tif", "a_CHM.tif", "b.tif", "b_dtm.tiff", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in list_scenes(tmp_path)] == ["a_DSM.tif", "b.tif"]
+    assert "2 file(s) named *_CHM / *_DTM not mapped as DSMs: a_CHM.tif, b_dtm.tiff" in caplog.text
+
+
 def outputs(folder: Path) -> dict[str, bytes]:
     """Every output file's bytes, except the JSON summaries (they hold timings)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
