@@ -241,9 +241,15 @@ def overfit(trainer, batch: dict, steps: int = 100, target: float = 0.5, every: 
     details = {"curve": curve, "tiles": n, "target": target, "score": key}
     if loss <= target * loss0:
         return Check("overfit", "ok", f"the model memorises a few tiles: {text}", details)
+    if steps < SURE_OVERFIT_STEPS and loss < 0.99 * loss0:  # learning, but the budget is short
+        return Check("overfit", "warn", f"not memorised yet: {text}; {steps} steps are too few to tell, run "
+                     f"--steps {SURE_OVERFIT_STEPS} or more", details)
     return Check("overfit", "fail", f"the model cannot overfit {text}. That is a bug: any working pipeline "
                  f"memorises a handful of tiles. Look for frozen layers (gradient check), optim.lr=0, a target "
                  f"misaligned with its input, or a loss that ignores the output", details)
+
+
+SURE_OVERFIT_STEPS = 100  # a working pipeline memorises a few tiles within this many steps
 
 
 class GradientTally:
@@ -272,13 +278,19 @@ class GradientTally:
         for handle in self.handles:
             handle.remove()
 
-    def check(self) -> Check:
+    def check(self, steps: int) -> Check:
+        """steps: optimiser steps observed; after one, layers behind a zero-initialised output (FiLM's identity
+        start) have had no gradient yet, so zero gradients alone are only a warning."""
         unreached = [n for n in self.params if n not in self.reached]
         zero = [n for n in self.params if n in self.reached and not bool(self.nonzero[n])]
         details = {"frozen": self.frozen, "no_gradient": unreached, "zero_gradient": zero}
         problems = [f"{label}: {_names(names)}" for label, names in (
             ("frozen (requires_grad=False)", self.frozen), ("never reached by the loss", unreached),
             ("gradient exactly zero at every step", zero)) if names]
+        if zero and not (self.frozen or unreached) and steps < 2:
+            return Check("gradients", "warn", f"{len(zero)} parameters had a zero gradient in the only step "
+                         f"({_names(zero)}): layers behind a zero-initialised output learn from the second step "
+                         f"on; run --steps 2 or more to tell", details)
         if problems:
             return Check("gradients", "fail", f"{len(self.frozen) + len(unreached) + len(zero)} of "
                          f"{len(self.frozen) + len(self.params)} parameters do not learn; " + "; ".join(problems),
@@ -326,7 +338,7 @@ def run_sanity(cfg, device, tiles: int = 4, steps: int = 100, target: float = 0.
     subset = first_batch(small)
     with GradientTally(_all_parameters(small)) as tally:
         fit = overfit(small, subset, steps, target)
-    return checks + [tally.check(), fit]
+    return checks + [tally.check(fit.details["curve"][-1][0]), fit]
 
 
 def report(checks: list[Check]) -> str:

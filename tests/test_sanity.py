@@ -32,7 +32,7 @@ def _tally(trainer, batch, steps=3):
         for _ in range(steps):
             trainer.train_step(batch)
             trainer.batch_in_epoch += 1
-    return tally.check()
+    return tally.check(steps)
 
 
 @pytest.mark.parametrize("largest", [0, 1, 2, 37, 64, 99, 100, 500])
@@ -50,6 +50,20 @@ def test_gradient_check_passes_a_healthy_model_despite_zero_initialised_film(tin
     assert check.status == "ok", check.message
     film = [n for n, _ in trainer.raw_model.named_parameters() if "film.mlp.0" in n]
     assert film, "the tiny model should have FiLM layers, whose first step has zero gradient by design"
+
+
+def test_one_step_gradient_check_warns_instead_of_failing_on_the_film_start(tiny_dataset):
+    trainer, batch = _overfit_trainer(tiny_dataset)
+    check = _tally(trainer, batch, steps=1)
+    assert check.status == "warn" and "film.mlp.0" in check.message and "--steps 2" in check.message
+
+
+def test_a_short_overfit_budget_that_is_learning_warns_not_fails(tiny_dataset):
+    trainer, batch = _overfit_trainer(tiny_dataset, optim={"lr": 0.01})
+    check = sanity.overfit(trainer, batch, steps=3, target=0.01)
+    losses = [loss for _, loss, _ in check.details["curve"]]
+    assert losses[-1] < 0.99 * losses[0]
+    assert check.status == "warn" and "too few to tell" in check.message and "bug" not in check.message
 
 
 def test_gradient_check_names_frozen_unreached_and_dead_parameters(tiny_dataset):
