@@ -197,7 +197,8 @@ def clark_evans(xy, window, correction: str = "Donnelly") -> dict[str, float]:
     "Donnelly" adds (0.0514 + 0.0412 / sqrt(n)) perimeter / n: clarkevans.test's default for a
     rectangular window since spatstat.explore's 2023 version, so what ForestGapR's GapsSpatPattern
     reports today (its README figures predate it: "none"). Z = (R - 1) / SE, SE = sqrt((4 - pi) area /
-    (4 pi)) / n / expected. NaN for fewer than two points.
+    (4 pi)) / n / expected. r_uncorrected: R with "none", whatever `correction` is. NaN for fewer than two
+    points.
     """
     if correction not in CLARK_EVANS_CORRECTIONS:
         raise ValueError(f"unknown Clark-Evans correction {correction!r}, "
@@ -207,14 +208,17 @@ def clark_evans(xy, window, correction: str = "Donnelly") -> dict[str, float]:
     width, height = window[1] - window[0], window[3] - window[2]
     area = width * height
     if n < 2:
-        return {"r": float("nan"), "z": float("nan"), "p": float("nan"), "mean_nn_m": float("nan"), "n": n}
+        nan = float("nan")
+        return {"r": nan, "z": nan, "p": nan, "mean_nn_m": nan, "n": n, "r_uncorrected": nan}
     observed = float(nearest_neighbour(xy).mean())
-    expected = 0.5 / math.sqrt(n / area)
+    uncorrected = 0.5 / math.sqrt(n / area)
+    expected = uncorrected
     if correction == "Donnelly":
         expected += (0.0514 + 0.0412 / math.sqrt(n)) * 2 * (width + height) / n
     r = observed / expected
     z = (r - 1) / (math.sqrt((4 - math.pi) * area / (4 * math.pi)) / n / expected)
-    return {"r": r, "z": z, "p": math.erfc(abs(z) / math.sqrt(2)), "mean_nn_m": observed, "n": n}
+    return {"r": r, "z": z, "p": math.erfc(abs(z) / math.sqrt(2)), "mean_nn_m": observed, "n": n,
+            "r_uncorrected": observed / uncorrected}
 
 
 def ripley_radii(n: int, window, count: int = 513) -> np.ndarray:
@@ -292,7 +296,7 @@ def gap_summary(areas_m2, points, window) -> dict[str, float]:
     ce = clark_evans(points, window)
     return {"n_gaps": int(areas.size), "gap_area_m2": float(areas.sum()), "lambda_asner": lambda_asner(areas),
             "lambda_hanel": lambda_hanel(areas), "clark_evans_r": ce["r"], "clark_evans_z": ce["z"],
-            "clark_evans_p": ce["p"], "clark_evans_r_naive": clark_evans(points, window, "none")["r"],
+            "clark_evans_p": ce["p"], "clark_evans_r_naive": ce["r_uncorrected"],
             "mean_nn_distance_m": ce["mean_nn_m"]}
 
 

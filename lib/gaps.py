@@ -100,10 +100,10 @@ def gap_stats(labels: np.ndarray, n: int, chm: np.ndarray, info) -> dict[str, np
     has = count > 0
     low[has] = height[first[has]]
     high[has] = height[first[has] + count[has] - 1]
-    return {"gap_id": np.arange(1, n + 1, dtype=np.int64), "gap_area": count * float(info.pixel_area),
-            "chm_max": high, "chm_min": low, "chm_mean": round_like_r(mean, 2), "chm_sd": round_like_r(sd, 2),
-            "chm_gini": round_like_r(gini, 2), "chm_range": round_like_r(high - low, 2),
-            "x": np.asarray(x, np.float64), "y": np.asarray(y, np.float64)}
+    stats = {"gap_id": np.arange(1, n + 1, dtype=np.int64), "gap_area": count * float(info.pixel_area),
+             "chm_max": high, "chm_min": low, "chm_mean": mean, "chm_sd": sd, "chm_gini": gini,
+             "chm_range": high - low, "x": np.asarray(x, np.float64), "y": np.asarray(y, np.float64)}
+    return {name: round_like_r(column, 2) if name in ROUNDED_COLUMNS else column for name, column in stats.items()}
 
 
 def round_like_r(x, digits: int) -> np.ndarray:

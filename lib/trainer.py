@@ -65,6 +65,7 @@ class Trainer:
                 raise ConfigError(f"loss.{key} is a loss term on the classical prior, but the model has none",
                                   hint=f"set --model.classical_prior=true, or --loss.{key}=0")
             raw_model.prior.record_parts = True
+        self.gated = getattr(raw_model, "prior", None) is not None and raw_model.prior.gate is not None
 
     # ---- state -------------------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
@@ -183,10 +184,11 @@ class Trainer:
         loss = self.criterion(self.task.output(out.float()), target, t_idx)
         if self.correction_weight or self.rule_weight:
             correction, rule = self.raw_model.prior.pop_parts()
-            loss = loss + self.correction_weight * correction.float().abs().mean()
+            if self.correction_weight:
+                loss = loss + self.correction_weight * correction.float().abs().mean()
             if self.rule_weight:
                 loss = loss + self.rule_weight * self.criterion(self.task.output(rule.float()), target, t_idx)
-        if getattr(self.raw_model, "prior", None) is not None and self.raw_model.prior.gate is not None:
+        if self.gated:
             loss = loss + gate_loss(*self.raw_model.prior.pop_gate(), target)
         return loss, x.shape[0]
 
