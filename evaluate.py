@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from lib.cli import handle_errors
+from lib.core.cli import handle_errors
 
 
 def parse_args(argv):
@@ -32,14 +32,14 @@ def parse_args(argv):
 @handle_errors
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
-    from lib.atomic import write_text
-    from lib.config import build_config, config_to_dict
-    from lib.data import ShardDataset, build_loader
-    from lib.env import default_workers, select_device
-    from lib.evaluation import Evaluator, report_markdown, train_gap_rates, write_json
-    from lib.inference import load_models
-    from lib.monitor import MonitoringSystem
-    from lib.shards import read_manifest
+    from lib.core.atomic import write_text
+    from lib.core.config import build_config, config_to_dict
+    from lib.data.dataset import ShardDataset, build_loader
+    from lib.core.env import default_workers, select_device
+    from lib.infer.evaluate_gaps import Evaluator, report_markdown, train_gap_rates, write_json
+    from lib.infer.loading import load_models
+    from lib.train.monitor import MonitoringSystem
+    from lib.data.shards import read_manifest
 
     loaded = load_models(args.checkpoint, "cpu")
     checkpoint = " + ".join(args.checkpoint)
@@ -48,8 +48,8 @@ def main(argv=None) -> int:
     device = select_device(args.device or cfg.run.device)
     loaded.net.to(device)
     if loaded.task == "classification":                                   # tile classes vs the baselines
-        from lib import evaluation_cls
-        return evaluation_cls.main(args.checkpoint[0], loaded, cfg, device, args.split, args.out)
+        from lib.infer import evaluate_classes
+        return evaluate_classes.main(args.checkpoint[0], loaded, cfg, device, args.split, args.out)
     split = args.split or cfg.eval.split
     if args.tta:
         cfg.eval.tta = True
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     thresholds = manifest.get("thresholds_m", cfg.data.thresholds_m)
     dataset = ShardDataset(cfg.data.root, split, shuffle=False, equal_counts=False, meta_keys=("site",))
     if not len(dataset):
-        from lib.errors import DataError
+        from lib.core.errors import DataError
         counts = {name: entry.get("samples") for name, entry in manifest.get("splits", {}).items()}
         raise DataError(f"{cfg.data.root}: the {split!r} split has no tiles (tiles per split: {counts})",
                         hint="evaluate another split (--split val), or prepare the data with smaller blocks "

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lib.cli import handle_errors
+from lib.core.cli import handle_errors
 
 
 def parse_args(argv):
@@ -27,8 +27,8 @@ def parse_args(argv):
 @handle_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from lib.export import FORMATS, PARITY_TOL, export_model
-    from lib.inference import load_model
+    from lib.infer.export import FORMATS, PARITY_TOL, export_model
+    from lib.infer.loading import load_model
 
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(FORMATS[args.format])
     card = export_model(load_model(args.checkpoint, "cpu"), args.format, out)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.cli import handle_errors
-from lib.errors import ConfigError, DataError
-from lib.gaps import gap_labels, gap_stats, threshold_tag, write_gap_table
-from lib.raster import check_heights, check_same_grid, read_info, read_pair, read_raster, write_raster
+from lib.core.cli import handle_errors
+from lib.core.errors import ConfigError, DataError
+from lib.gaps.masks import gap_labels, gap_stats, threshold_tag, write_gap_table
+from lib.geoio.geotiff import check_heights, check_same_grid, read_info, read_pair, read_raster, write_raster
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,7 +91,7 @@ def estimated_heights(dsm_path: Path, window_m: float):
     """(dsm, DSM minus its classical ground estimate, GeoInfo): a CHM estimate without a terrain model."""
     import torch
 
-    from lib.baselines import classical_relative_height
+    from lib.gaps.baselines import classical_relative_height
 
     dsm, info = read_raster(dsm_path)
     if np.isnan(dsm).all():
@@ -107,8 +107,8 @@ def estimated_heights(dsm_path: Path, window_m: float):
 
 def write_polygons(stem: Path, tag: str, polygons, stats: dict, info) -> None:
     """gaps_<T>.gpkg and .geojson: one MultiPolygon per gap with its statistics."""
-    from lib.geojson import write_geojson
-    from lib.gpkg import write_gpkg
+    from lib.geoio.geojson import write_geojson
+    from lib.geoio.geopackage import write_gpkg
 
     columns = {"gap_id": stats["gap_id"], "gap_area": polygons.area, "perimeter": polygons.perimeter,
                "x": polygons.centroid[:, 0], "y": polygons.centroid[:, 1],
@@ -121,10 +121,10 @@ def write_polygons(stem: Path, tag: str, polygons, stats: dict, info) -> None:
 
 def write_analysis(out: Path, tag: str, labels, n: int, stats: dict, surface, info, args) -> dict:
     """Polygons, analysis_<T>.json, size-frequency and Ripley CSV + PNG, quick-look PNG -> the summary."""
-    from lib import analysis
-    from lib.geojson import write_json
-    from lib.png import hillshade_quicklook, ripley_plot, size_frequency_plot, write_png
-    from lib.polygons import gap_polygons
+    from lib.gaps import analysis
+    from lib.geoio.geojson import write_json
+    from lib.geoio.png import hillshade_quicklook, ripley_plot, size_frequency_plot, write_png
+    from lib.gaps.polygons import gap_polygons
 
     polygons = gap_polygons(labels, n, info)
     write_polygons(out / f"gaps_{tag}", tag, polygons, stats, info)
@@ -150,8 +150,8 @@ def write_analysis(out: Path, tag: str, labels, n: int, stats: dict, surface, in
 
 def write_change(out: Path, tag: str, labels, n: int, later, threshold: float, args, info) -> dict:
     """change_<T>.tif (pixel classes), .json (areas per class) and .csv (class of each gap)."""
-    from lib import analysis
-    from lib.geojson import write_json
+    from lib.gaps import analysis
+    from lib.geoio.geojson import write_json
 
     labels2, n2 = gap_labels(later, threshold, args.min_area, args.max_area, info.pixel_area)
     change = analysis.gap_change(labels, n, labels2, n2)

@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from lib.cli import handle_errors, setup_logging
-from lib.config import add_config_args, config_from_args, read_config_file
+from lib.core.cli import handle_errors, setup_logging
+from lib.core.config import add_config_args, config_from_args, read_config_file
 
 ALIASES = {"name": "search.name", "trials": "search.trials", "workers": "search.workers", "folds": "search.folds"}
 
@@ -43,9 +43,11 @@ def main(argv=None) -> int:
     if args.grid:
         extra.append(f"--search.grid={json.dumps(read_config_file(args.grid))}")
     cfg = config_from_args(args, extra)
-    from lib import search, search_report, search_trials
-    from lib.env import select_device
-    from lib.folds import prepare_folds
+    from lib.tune import search
+    from lib.tune import search_report
+    from lib.tune import search_trials
+    from lib.core.env import select_device
+    from lib.data.folds import prepare_folds
 
     setup_logging()
     s = cfg.search

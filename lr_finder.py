@@ -8,8 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from lib.cli import handle_errors, setup_logging
-from lib.config import add_config_args, config_from_args
+from lib.core.cli import handle_errors, setup_logging
+from lib.core.config import add_config_args, config_from_args
 
 
 def parse_args(argv):
@@ -35,13 +35,13 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args, extra = parse_args(argv)
     cfg = config_from_args(args, extra)
-    from lib import lr_finder as lrf
-    from lib.atomic import write_json, write_text
-    from lib.checkpoint import seed_everything
-    from lib.config import build_config, config_to_dict, save_config
-    from lib.env import select_device
-    from lib.errors import TrainingError
-    from lib.runner import build_trainer, run_dir_of
+    from lib.tune import lr_finder as lrf
+    from lib.core.atomic import write_json, write_text
+    from lib.train.checkpoint import seed_everything
+    from lib.core.config import build_config, config_to_dict, save_config
+    from lib.core.env import select_device
+    from lib.core.errors import TrainingError
+    from lib.train.runner import build_trainer, run_dir_of
 
     setup_logging()
     seed_everything(cfg.run.seed)

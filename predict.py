@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 
-from lib.cli import handle_errors
+from lib.core.cli import handle_errors
 
 log = logging.getLogger("predict")
 
@@ -87,21 +87,21 @@ def build_settings(args, overrides):
     """Load the model (default: the shipped weights) and resolve config, device and thresholds into MapSettings."""
     import torch
 
-    from lib.config import build_config, config_to_dict
-    from lib.env import distributed_info, select_device
-    from lib.inference import EnsembleModel, InferenceModel, check_thresholds, load_models, resolve_checkpoint
-    from lib.scenes import MapSettings
-    from lib.weights import file_sha256
+    from lib.core.config import build_config, config_to_dict
+    from lib.core.env import distributed_info, select_device
+    from lib.infer.loading import EnsembleModel, InferenceModel, check_thresholds, load_models, resolve_checkpoint
+    from lib.infer.mapping import MapSettings
+    from lib.infer.weights import file_sha256
 
     paths = [resolve_checkpoint(p) for p in args.checkpoint or [None]]
     checkpoint = " + ".join(map(str, paths))
     loaded = load_models(paths, "cpu")
     if loaded.task == "classification":
-        from lib.errors import ConfigError
+        from lib.core.errors import ConfigError
         raise ConfigError(f"{checkpoint} is a tile classifier (data.task 'classification', classes "
                           f"{', '.join(loaded.class_names)}): predict.py maps gaps on DSM scenes",
                           hint="score labelled tiles with evaluate.py --checkpoint ...; classify your own tiles with "
-                               "lib.inference.load_model(path).net(image) -> (B, classes) probabilities")
+                               "lib.infer.loading.load_model(path).net(image) -> (B, classes) probabilities")
     base = config_to_dict(loaded.config) if loaded.config else loaded.meta.get("config") or {}
     cfg = build_config(base, overrides + flag_overrides(args), source=f"{checkpoint} (embedded config) + options")
     thresholds = check_thresholds(args.thresholds, loaded.thresholds_m, cfg.train)
@@ -122,7 +122,7 @@ def scene_paths(args):
     """[the one DSM] or the DSMs of a region run (--dsm-list, or --dsm FOLDER); and whether it is a region."""
     from pathlib import Path
 
-    from lib.scenes import list_scenes
+    from lib.infer.mapping import list_scenes
 
     if args.dsm_list or Path(args.dsm).is_dir():
         return list_scenes(args.dsm, args.dsm_list), True
@@ -134,11 +134,11 @@ def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     import torch
 
-    from lib.cli import setup_logging
-    from lib.distributed import cleanup_distributed, init_distributed
-    from lib.env import distributed_info
-    from lib.errors import ConfigError, DataError
-    from lib.scenes import map_region, map_scene
+    from lib.core.cli import setup_logging
+    from lib.train.distributed import cleanup_distributed, init_distributed
+    from lib.core.env import distributed_info
+    from lib.core.errors import ConfigError, DataError
+    from lib.infer.mapping import map_region, map_scene
 
     paths, region = scene_paths(args)
     if distributed_info()[2] > 1 and not region:

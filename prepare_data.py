@@ -11,9 +11,9 @@ import logging
 import sys
 import time
 
-from lib.cli import handle_errors, setup_logging
-from lib.config import add_config_args, config_from_args, save_config
-from lib.errors import DataError
+from lib.core.cli import handle_errors, setup_logging
+from lib.core.config import add_config_args, config_from_args, save_config
+from lib.core.errors import DataError
 
 
 def parse_args(argv):
@@ -54,18 +54,18 @@ def print_summary(manifest: dict, out, seconds: float) -> None:
 def main(argv=None) -> int:
     args, extra = parse_args(argv)
     cfg = config_from_args(args, extra)
-    from lib.builder import build_dataset
-    from lib.sources import raster_source, sources_from_config
+    from lib.data.build_segmentation import build_dataset
+    from lib.data.site_sources import raster_source, sources_from_config
 
     setup_logging()
     if args.export_scene:
-        from lib.sources import write_synthetic_scene
+        from lib.data.site_sources import write_synthetic_scene
         paths = write_synthetic_scene(args.export_scene, 999, args.scene_size, cfg.data.pixel_size_m, cfg.run.seed)
         print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
         return 0
     out = args.out or cfg.data.root
-    if cfg.data.task == "classification":  # labelled tiles, not sites: lib/class_builder.py
-        from lib.class_builder import build_class_dataset, print_class_summary
+    if cfg.data.task == "classification":  # labelled tiles, not sites: lib/data/build_classification.py
+        from lib.data.build_classification import build_class_dataset, print_class_summary
         return print_class_summary(build_class_dataset(cfg, out), out)
     if args.dsm:
         if not (args.chm or args.dtm):
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     save_config(cfg, f"{out}/config.json")
     print_summary(manifest, out, time.time() - start)
     if args.preview:
-        from lib.preview import write_previews
+        from lib.data.preview import write_previews
         for path in write_previews(cfg, out, out):
             print(f"preview: {path}")
     return 0

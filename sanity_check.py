@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from lib.cli import handle_errors, setup_logging
-from lib.config import add_config_args, config_from_args
+from lib.core.cli import handle_errors, setup_logging
+from lib.core.config import add_config_args, config_from_args
 
 
 def parse_args(argv):
@@ -35,10 +35,10 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args, extra = parse_args(argv)
     cfg = config_from_args(args, extra)
-    from lib import sanity
-    from lib.atomic import write_json
-    from lib.env import select_device
-    from lib.runner import run_dir_of
+    from lib.tune import sanity
+    from lib.core.atomic import write_json
+    from lib.core.env import select_device
+    from lib.train.runner import run_dir_of
 
     setup_logging()
     device = select_device(cfg.run.device)

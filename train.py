@@ -9,9 +9,9 @@ a canopy-height regression model) on prepared shards.
 import argparse
 import sys
 
-from lib.cli import handle_errors, setup_logging
-from lib.config import add_config_args, config_from_args
-from lib.env import distributed_info
+from lib.core.cli import handle_errors, setup_logging
+from lib.core.config import add_config_args, config_from_args
+from lib.core.env import distributed_info
 
 
 def parse_args(argv):
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     if args.profile is not None:
         extra = [*extra, f"--train.profile_steps={args.profile}"]
     cfg = config_from_args(args, extra)
-    from lib.runner import run_dir_of, train_model
+    from lib.train.runner import run_dir_of, train_model
 
     rank = distributed_info()[0]
     setup_logging(run_dir_of(cfg) / "train.log", rank=rank)

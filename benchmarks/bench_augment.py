@@ -1,4 +1,4 @@
-"""Batch augmentation throughput: lib.augment.BatchAugment vs kornia's AugmentationSequential, same ops.
+"""Batch augmentation throughput: lib.data.augment.BatchAugment vs kornia's AugmentationSequential, same ops.
 
     python benchmarks/bench_augment.py                       # CPU, and CUDA when available
     python benchmarks/bench_augment.py --device cpu --reps 5
@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib.augment import BatchAugment  # noqa: E402
-from lib.schema import AugmentConfig  # noqa: E402
+from lib.data.augment import BatchAugment  # noqa: E402
+from lib.core.schema import AugmentConfig  # noqa: E402
 
 CASES = [(16, 256, 4), (64, 128, 4), (8, 512, 4)]    # (batch, tile_px, masks)
 FLIP_P, AFFINE_P, NOISE_P, DEGREES, SCALE, NOISE_STD = 0.5, 0.5, 0.5, 10.0, 0.1, 0.1

@@ -1,4 +1,4 @@
-"""Connected-component labelling: lib.components.label_components against scipy.ndimage.label.
+"""Connected-component labelling: lib.gaps.components.label_components against scipy.ndimage.label.
 
     python benchmarks/bench_components.py
     python benchmarks/bench_components.py --size 2048 --connectivity 4 --repeats 5
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lib.components import label_components  # noqa: E402
+from lib.gaps.components import label_components  # noqa: E402
 
 try:
     from scipy import ndimage

@@ -1,4 +1,4 @@
-"""Throughput of lib/lzw.py's numpy LZW decoder against a peer, in MB/s of decoded output.
+"""Throughput of lib/geoio/tiff_codecs.py's numpy LZW decoder against a peer, in MB/s of decoded output.
 
     python benchmarks/bench_lzw.py
     python benchmarks/bench_lzw.py --size-mb 4 --repeats 7
@@ -21,7 +21,7 @@ import tifffile
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from lib.lzw import lzw_decode_many  # noqa: E402
+from lib.geoio.tiff_codecs import lzw_decode_many  # noqa: E402
 from tests.test_lzw import lzw_encode  # noqa: E402  (the reference encoder)
 from tests.test_raster import surface  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Whole-scene prediction: lib.scene (overlapping windows, batched, streamed in strips) against a naive loop
+"""Whole-scene prediction: lib.infer.scene_windows (overlapping windows, batched, streamed in strips) against a naive loop
 over non-overlapping tiles (whole scene in memory, one forward per tile), with the same model.
 
     python benchmarks/bench_predict.py
@@ -57,9 +57,9 @@ class RSSPeak:
 def naive(net, dsm_path, out: Path, window: int, device) -> None:
     """Read the whole scene, run each non-overlapping tile at all thresholds, write whole arrays."""
     import torch
-    from lib.gaps import threshold_tag
-    from lib.raster import read_raster, write_raster
-    from lib.scene import gap_mask, predict_thresholds
+    from lib.gaps.masks import threshold_tag
+    from lib.geoio.geotiff import read_raster, write_raster
+    from lib.infer.scene_windows import gap_mask, predict_thresholds
 
     dsm, info = read_raster(dsm_path)
     probs = np.empty((len(THRESHOLDS), *dsm.shape), np.float32)                 # (K, H, W)
@@ -80,10 +80,10 @@ def naive(net, dsm_path, out: Path, window: int, device) -> None:
 def worker(args) -> None:
     """One method in this process: prints {"seconds", "peak_increase_mb"} as JSON."""
     import torch
-    from lib.env import select_device
-    from lib.inference import load_model
-    from lib.raster import read_info
-    from lib.scene import plan_scene, predict_thresholds, write_scene
+    from lib.core.env import select_device
+    from lib.infer.loading import load_model
+    from lib.geoio.geotiff import read_info
+    from lib.infer.scene_windows import plan_scene, predict_thresholds, write_scene
 
     device = select_device(args.device)
     loaded = load_model(args.checkpoint, device)
@@ -107,8 +107,8 @@ def normalise_once(ckpt, window: int, batch: int, repeats: int = 5) -> tuple[flo
     """Seconds per window batch at the 4 thresholds: each window normalised once (InferenceModel's
     forward_thresholds) against K times (the same model seen as a plain callable: windows repeated K times)."""
     import torch
-    from lib.inference import load_model
-    from lib.scene import predict_thresholds
+    from lib.infer.loading import load_model
+    from lib.infer.scene_windows import predict_thresholds
 
     net = load_model(ckpt).net
     x = 300 + 5 * torch.randn(batch, 1, window, window, generator=torch.Generator().manual_seed(0))
@@ -129,8 +129,8 @@ def resampling_cost(folder: Path, dsm, ckpt, args) -> tuple[float, float]:
     import io
 
     import predict
-    from lib.raster import read_raster, write_raster
-    from lib.resample import resampled_grid
+    from lib.geoio.geotiff import read_raster, write_raster
+    from lib.geoio.resample import resampled_grid
 
     x, info = read_raster(dsm)
     half = folder / "dsm_half.tif"
@@ -151,10 +151,10 @@ def resampling_cost(folder: Path, dsm, ckpt, args) -> tuple[float, float]:
 def make_inputs(folder: Path, size: int, base_channels: int, depth: int) -> tuple[Path, Path]:
     """A synthetic forest DSM (size x size, 1 m) and an untrained checkpoint of unet_film_cbam."""
     import torch
-    from lib.config import build_config, config_to_dict
+    from lib.core.config import build_config, config_to_dict
     from lib.models import build_model
-    from lib.raster import GeoInfo, write_raster
-    from lib.synthetic import SiteParams, generate_site
+    from lib.geoio.geotiff import GeoInfo, write_raster
+    from lib.data.synthetic import SiteParams, generate_site
 
     site = generate_site(0, SiteParams(size_px=size))
     write_raster(folder / "dsm.tif", site.dsm, GeoInfo(size, size, (1.0, 1.0), (0.0, float(size))),

@@ -6,7 +6,7 @@
 
 The site is synthetic site 2 (1024², tropical, 3 % nodata) mirrored to size² (generating 8192² takes
 minutes and is not what is measured). Each stage is timed alone with the lib functions that
-lib/builder.py calls, then build_dataset end to end, default config (256 px tiles, 4 thresholds).
+lib/data/build_segmentation.py calls, then build_dataset end to end, default config (256 px tiles, 4 thresholds).
 Peers: masks with scipy.ndimage.label + a bincount area filter; tiling with a per-tile loop; shards
 with webdataset.ShardWriter (same samples and .npy encoding, but no checksums and no fsync); statistics
 with np.nanquantile per tile and np.percentile over all pixels; the end-to-end peer glues those
@@ -22,14 +22,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.machine import best_of, describe, row  # noqa: E402
-from lib.builder import build_dataset  # noqa: E402
-from lib.config import build_config  # noqa: E402
-from lib.gaps import IGNORE, gap_masks  # noqa: E402
-from lib.geoinfo import GeoInfo  # noqa: E402
-from lib.normalize import compute_height_stats  # noqa: E402
-from lib.shards import ShardWriter, mask_member  # noqa: E402
-from lib.sources import SiteData, SiteSource, synthetic_site  # noqa: E402
-from lib.tiling import assign_tiles_by_block, block_split_map, tile_origins, valid_fractions  # noqa: E402
+from lib.data.build_segmentation import build_dataset  # noqa: E402
+from lib.core.config import build_config  # noqa: E402
+from lib.gaps.masks import IGNORE, gap_masks  # noqa: E402
+from lib.geoio.georef import GeoInfo  # noqa: E402
+from lib.data.normalize import compute_height_stats  # noqa: E402
+from lib.data.shards import ShardWriter, mask_member  # noqa: E402
+from lib.data.site_sources import SiteData, SiteSource, synthetic_site  # noqa: E402
+from lib.data.tiling import assign_tiles_by_block, block_split_map, tile_origins, valid_fractions  # noqa: E402
 
 try:
     from scipy import ndimage
@@ -103,7 +103,7 @@ def samples(site: SiteData, masks: np.ndarray, origins: np.ndarray, data):
 
 
 def ours_shards(folder: Path, stream, max_bytes: int) -> int:
-    """Bytes written by lib.shards.ShardWriter (checksummed, fsynced, renamed into place)."""
+    """Bytes written by lib.data.shards.ShardWriter (checksummed, fsynced, renamed into place)."""
     with ShardWriter(folder, "train", max_bytes) as writer:
         for sample in stream:
             writer.write(sample)

@@ -51,8 +51,8 @@ def print_table(name: str, report: dict, seconds: float) -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from lib.inference import load_model
-    from lib.quality import DENSE_THRESHOLDS_M, score_flat_closed, score_scene
+    from lib.infer.loading import load_model
+    from lib.infer.quality import DENSE_THRESHOLDS_M, score_flat_closed, score_scene
 
     loaded = load_model(args.checkpoint, "cpu")
     run = dict(window_px=args.window or loaded.tile_px, overlap=args.overlap, stride=loaded.stride, tta=args.tta,
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     print("\nbeats the classical best-of-windows at every threshold: "
           + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in beats.items()))
     if args.json:
-        from lib.evaluation import write_json
+        from lib.infer.evaluate_gaps import write_json
         write_json(args.json, {"checkpoint": str(args.checkpoint), **run, "scenes": reports, "beats": beats})
     return 0
 

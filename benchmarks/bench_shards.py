@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.machine import describe, row  # noqa: E402
-from lib.data import ShardDataset, build_loader  # noqa: E402
-from lib.shards import ShardWriter, mask_member, write_manifest  # noqa: E402
+from lib.data.dataset import ShardDataset, build_loader  # noqa: E402
+from lib.data.shards import ShardWriter, mask_member, write_manifest  # noqa: E402
 
 try:
     import webdataset as wds

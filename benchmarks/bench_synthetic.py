@@ -5,7 +5,7 @@
 
 Part 1 prints `size  wall_s  cpu_s  MP/s` for generate_site (default params, best of --repeats; cpu_s
 is process time, a fairer figure on a shared machine). Part 2 renders the crowns of one closed stand
-with lib.canopy.render_crowns (vectorised: radius groups x offsets, np.maximum.at) and with the
+with lib.data.synth_canopy.render_crowns (vectorised: radius groups x offsets, np.maximum.at) and with the
 straightforward per-tree numpy loop (one window update per tree), and prints `trees  ours_s  loop_s
 ratio` (ratio = loop / ours, > 1: ours is faster).
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lib.canopy import FORESTS, N_LOBES, make_trees, render_crowns, stand_trees  # noqa: E402
-from lib.synthetic import SiteParams, generate_site  # noqa: E402
+from lib.data.synth_canopy import FORESTS, N_LOBES, make_trees, render_crowns, stand_trees  # noqa: E402
+from lib.data.synthetic import SiteParams, generate_site  # noqa: E402
 
 
 def best(fn, repeats: int) -> tuple[float, float]:

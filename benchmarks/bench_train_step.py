@@ -23,10 +23,10 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import describe, row  # noqa: E402
-from lib.config import load_config  # noqa: E402
-from lib.losses import build_loss  # noqa: E402
+from lib.core.config import load_config  # noqa: E402
+from lib.train.losses import build_loss  # noqa: E402
 from lib.models import build_model  # noqa: E402
-from lib.optimizers import build_optimizer  # noqa: E402
+from lib.train.optimizers import build_optimizer  # noqa: E402
 
 CASES = ("eager", "channels_last", "compile", "amp")
 
@@ -107,7 +107,7 @@ def run_device(cfg, device, batch: int, tile: int, cases, reps: int) -> None:
     for case in cases:
         name = f"{device.type}_b{batch}_{tile}px_{case}"
         if case == "amp" and device.type != "cuda":
-            print(f"# {name} skipped: AMP trains in fp32 on CPU (lib.trainer.autocast_dtype)")
+            print(f"# {name} skipped: AMP trains in fp32 on CPU (lib.train.trainer.autocast_dtype)")
             continue
         try:
             step = Step(cfg, device, batch, tile, case)

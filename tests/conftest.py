@@ -40,7 +40,7 @@ TINY = {
 def tiny_config(tmp_path, **sections):
     """The tiny test config with its data and runs under tmp_path; `sections` override whole keys."""
     import copy
-    from lib.config import build_config
+    from lib.core.config import build_config
     data = copy.deepcopy(TINY)
     data["data"]["root"] = str(tmp_path / "data")
     data["run"]["output_root"] = str(tmp_path / "runs")
@@ -52,8 +52,8 @@ def tiny_config(tmp_path, **sections):
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A prepared tiny synthetic dataset (6 sites of 96 px, 32 px tiles), built once per session."""
-    from lib.builder import build_dataset
-    from lib.sources import sources_from_config
+    from lib.data.build_segmentation import build_dataset
+    from lib.data.site_sources import sources_from_config
     root = tmp_path_factory.mktemp("tiny")
     cfg = tiny_config(root)
     build_dataset(cfg, sources_from_config(cfg.data, cfg.run.seed), cfg.data.root)
@@ -66,7 +66,7 @@ def make_checkpoint(path, **sections) -> str:
     The weights are jittered: a fresh FiLM is the identity, and its output would not depend on the threshold.
     """
     import torch
-    from lib.config import build_config, config_to_dict
+    from lib.core.config import build_config, config_to_dict
     from lib.models import build_model
     cfg = build_config({"model": {"name": "unet_film_cbam", "base_channels": 4, "depth": 2},
                         "data": {"tile_px": 32}, "train": {"batch_size": 4}, **sections})

@@ -40,7 +40,7 @@ def pause(what: str) -> None:
 
 
 def _arm_trainer(kind: str, n: int) -> None:
-    from lib import trainer as trainer_mod
+    from lib.train import trainer as trainer_mod
     cls = trainer_mod.Trainer
     if kind == "startup":
         fit = cls.fit
@@ -60,8 +60,8 @@ def _arm_trainer(kind: str, n: int) -> None:
     elif kind == "train_end":
         cls.restore_best = lambda self: pause("train_end")
     elif kind == "after_step":
-        from lib import runner
-        from lib.callbacks import Callback
+        from lib.train import runner
+        from lib.train.callbacks import Callback
 
         class Pause(Callback):
             order = 99  # after the checkpoint callback
@@ -119,7 +119,7 @@ def _arm_replace(kind: str, pattern: str, n: int) -> None:
 
 
 def _arm_shard(split: str, index: int) -> None:
-    from lib import shards
+    from lib.data import shards
     write = shards.ShardWriter.write
 
     def shard_write(self, sample):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import gaps
-from lib import analysis
-from lib.gaps import gap_labels
-from lib.raster import GeoInfo, read_raster, write_raster
+from lib.gaps import analysis
+from lib.gaps.masks import gap_labels
+from lib.geoio.geotiff import GeoInfo, read_raster, write_raster
 
 # ForestGapR on ALS_CHM_DUC.tif, threshold 10 m, areas 1-10,000 m² (GapSizeFDist, GapsSpatPattern with
 # the spatstat of its time, before clarkevans.test defaulted to the Donnelly correction)

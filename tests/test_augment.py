@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from lib.augment import BatchAugment, affine_theta, build_augment, d4_index, gather_pixels, warp
-from lib.errors import ConfigError, DataError
-from lib.schema import AugmentConfig
+from lib.data.augment import BatchAugment, affine_theta, build_augment, d4_index, gather_pixels, warp
+from lib.core.errors import ConfigError, DataError
+from lib.core.schema import AugmentConfig
 
 THRESHOLDS = (2.0, 5.0, 10.0)
 NONE = dict(flip_p=0.0, affine_p=0.0, offset_p=0.0, noise_p=0.0, holes_p=0.0, cutout_p=0.0, jitter_p=0.0)

@@ -14,7 +14,7 @@ import tifffile
 import torch
 
 from conftest import TINY, tiny_config
-from lib.raster import GeoInfo, read_raster, write_raster
+from lib.geoio.geotiff import GeoInfo, read_raster, write_raster
 
 GRID = GeoInfo(96, 96, (1.0, 1.0), (0.0, 96.0))
 EPSG_2193 = (1, 1, 0, 2, 1024, 0, 1, 1, 3072, 0, 1, 2193)  # GeoKeyDirectory: projected, EPSG:2193
@@ -104,7 +104,7 @@ def test_raster_smaller_than_a_tile(tmp_path, capsys):
 
 
 def test_integer_dsm_is_accepted_as_float32(tmp_path, capsys):
-    from lib.shards import iter_shard, read_manifest
+    from lib.data.shards import iter_shard, read_manifest
     dsm_int = (chm_array() + 300).astype(np.int16)
     code, err = _prepare(tmp_path, tif(tmp_path / "dsm.tif", dsm_int), tif(tmp_path / "chm.tif", chm_array()), capsys)
     assert code == 0, err
@@ -298,7 +298,7 @@ def test_config_file_missing_or_not_utf8(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def checkpoint(tiny_dataset):
     """last.ckpt of a one-epoch tiny run."""
-    from lib import runner
+    from lib.train import runner
     cfg = tiny_config(tiny_dataset, run={"name": "bad_inputs"}, train={"epochs": 1}, log={"tensorboard": False})
     return runner.train_model(cfg) / "last.ckpt"
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from lib.canopy import (CROWN_ROUGHNESS, FORESTS, N_LOBES, Gaps, Trees, make_trees, open_gaps, random_lobes,
+from lib.data.synth_canopy import (CROWN_ROUGHNESS, FORESTS, N_LOBES, Gaps, Trees, make_trees, open_gaps, random_lobes,
                         render_crowns, render_gaps, sample_gaps, stand_trees, truncated_pareto)
 
 

@@ -8,13 +8,13 @@ import pytest
 import tifffile
 import torch
 
-from lib.bands import BandNormalizer, band_stats, normalizer_from_stats
-from lib.class_builder import build_class_dataset, stratified_split
-from lib.config import build_config, load_config
-from lib.data import ShardDataset
-from lib.errors import ConfigError, DataError
-from lib.metrics import ClassificationMetrics
-from lib.tasks import ClassificationTask, build_task
+from lib.data.bands import BandNormalizer, band_stats, normalizer_from_stats
+from lib.data.build_classification import build_class_dataset, stratified_split
+from lib.core.config import build_config, load_config
+from lib.data.dataset import ShardDataset
+from lib.core.errors import ConfigError, DataError
+from lib.train.metrics import ClassificationMetrics
+from lib.train.tasks import ClassificationTask, build_task
 
 CLASSES = ("forest", "meadow", "water")
 
@@ -156,8 +156,8 @@ def test_merged_metrics_equal_one_pass():
 
 def test_initial_loss_is_log_classes(tmp_path):
     """An untrained classifier on real prepared tiles: cross-entropy ~ ln C (the sanity check's premise)."""
-    from lib.losses import expected_initial_loss
-    from lib.runner import build_trainer
+    from lib.train.losses import expected_initial_loss
+    from lib.train.runner import build_trainer
     write_class_folder(tmp_path / "tiles", per_class=(12, 12, 12))
     cfg = class_config(tmp_path, class_folder=str(tmp_path / "tiles"))
     build_class_dataset(cfg, cfg.data.root)
@@ -179,7 +179,7 @@ def test_prepare_train_evaluate_beats_the_baselines(tmp_path, monkeypatch):
     import evaluate
     import prepare_data
     import train
-    from lib.config import config_to_dict
+    from lib.core.config import config_to_dict
     base = config_to_dict(load_config("configs/classify_quick.json"))
     base["data"].update(root=str(tmp_path / "data"), synthetic_sites=60)
     base["run"]["output_root"] = str(tmp_path / "runs")

@@ -16,14 +16,14 @@ import lr_finder
 import predict
 import sanity_check
 import train
-from lib.checkpoint import load_checkpoint
-from lib.class_builder import build_class_dataset
-from lib.config import config_to_dict
-from lib.data import ShardDataset
-from lib.export import FORMATS
-from lib.inference import load_model
-from lib.monitor import class_panel
-from lib.shards import read_manifest
+from lib.train.checkpoint import load_checkpoint
+from lib.data.build_classification import build_class_dataset
+from lib.core.config import config_to_dict
+from lib.data.dataset import ShardDataset
+from lib.infer.export import FORMATS
+from lib.infer.loading import load_model
+from lib.train.monitor import class_panel
+from lib.data.shards import read_manifest
 from tests.test_classification import CLASSES, class_config, write_class_folder
 
 

@@ -4,7 +4,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from lib.components import component_sizes, label_components
+from lib.gaps.components import component_sizes, label_components
 
 NEIGHBOURS = {
     4: [(-1, 0), (1, 0), (0, -1), (0, 1)],

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from lib import yamllite
-from lib.config import (build_config, config_from_args, config_hash, config_to_dict, load_config,
+from lib.core import yamllite
+from lib.core.config import (build_config, config_from_args, config_hash, config_to_dict, load_config,
                         read_config_file, save_config)
-from lib.errors import ConfigError
+from lib.core.errors import ConfigError
 
 
 def test_defaults_and_overrides_are_typed():

@@ -11,10 +11,10 @@ import string
 import pytest
 
 from conftest import REPO, TINY
-from lib import yamllite
-from lib.config import apply_overrides, build_config, config_to_dict, read_config_file
-from lib.errors import ConfigError
-from lib.schema import Config
+from lib.core import yamllite
+from lib.core.config import apply_overrides, build_config, config_to_dict, read_config_file
+from lib.core.errors import ConfigError
+from lib.core.schema import Config
 
 SEED_CONFIGS = [TINY, json.loads((REPO / "configs" / "quick.json").read_text()),
                 json.loads((REPO / "configs" / "config.json").read_text())]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from lib.data import ShardDataset, build_loader, calibrate_loader, rank_range, shard_parts, worker_range
-from lib.errors import ShardError
-from lib.shards import ShardWriter, mask_member, read_manifest, write_manifest
+from lib.data.dataset import ShardDataset, build_loader, calibrate_loader, rank_range, shard_parts, worker_range
+from lib.core.errors import ShardError
+from lib.data.shards import ShardWriter, mask_member, read_manifest, write_manifest
 
 THRESHOLDS = [5, 2]  # deliberately not sorted: masks must follow the manifest's order
 COUNTS = [7, 3, 9, 4, 6]  # uneven shards: 29 samples

@@ -4,7 +4,7 @@ import json
 import torch
 
 from conftest import tiny_config
-from lib.runner import train_model, with_dataset_values
+from lib.train.runner import train_model, with_dataset_values
 
 
 def test_dataset_values_replace_the_configs_and_say_so(tmp_path):

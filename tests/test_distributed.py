@@ -8,8 +8,8 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import tiny_config
-from lib import runner
-from lib.callbacks import Callback
+from lib.train import runner
+from lib.train.callbacks import Callback
 
 WORLD = 2
 DDP_RUN = {"run": {"name": "ddp"}, "train": {"epochs": 2, "batch_size": 4, "ema_decay": 0.5},

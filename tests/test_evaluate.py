@@ -11,15 +11,15 @@ import torch
 import evaluate
 import prepare_data
 from conftest import make_checkpoint
-from lib.baselines import classical_relative_height
-from lib.components import label_components
-from lib.config import build_config
-from lib.data import ShardDataset, build_loader
-from lib.errors import DataError
-from lib.evaluation import METHODS, Evaluator, GapSizes, MethodScores, PRHistogram, train_gap_rates, write_json
-from lib.gaps import IGNORE
-from lib.metrics import ThresholdMetrics
-from lib.shards import read_manifest
+from lib.gaps.baselines import classical_relative_height
+from lib.gaps.components import label_components
+from lib.core.config import build_config
+from lib.data.dataset import ShardDataset, build_loader
+from lib.core.errors import DataError
+from lib.infer.evaluate_gaps import METHODS, Evaluator, GapSizes, MethodScores, PRHistogram, train_gap_rates, write_json
+from lib.gaps.masks import IGNORE
+from lib.train.metrics import ThresholdMetrics
+from lib.data.shards import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,11 +10,11 @@ import torch
 import export
 import predict
 from conftest import make_checkpoint
-from lib import export as lib_export
-from lib.errors import ExportError
-from lib.inference import load_model
+from lib.infer import export as lib_export
+from lib.core.errors import ExportError
+from lib.infer.loading import load_model
 from lib.models import MODELS
-from lib.raster import read_raster
+from lib.geoio.geotiff import read_raster
 from tests.test_scene import random_dsm, write_dsm
 
 SEGMENTATION_MODELS = sorted(name for name, spec in MODELS.items() if not spec.classifier_only)

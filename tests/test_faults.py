@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY
-from lib.checkpoint import load_checkpoint
+from lib.train.checkpoint import load_checkpoint
 
 HOOKS = REPO / "tests" / "fault_hooks.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # one thread: same sums every run
@@ -177,7 +177,7 @@ def test_train_killed_at_random_moments_resumes_bitwise(reference, tmp_path):
 # ------------------------------------------------------------------------ prepare_data.py kill -9
 def dataset_state(folder: Path) -> dict | None:
     """What a reader sees: None without a manifest, else the manifest, after checking every listed shard."""
-    from lib.shards import read_manifest, verify_shard
+    from lib.data.shards import read_manifest, verify_shard
     if not (folder / "manifest.json").exists():
         return None
     manifest = read_manifest(folder)
@@ -198,9 +198,9 @@ def prepare_config(tmp_path: Path, root: Path, name: str, **data) -> Path:
 def test_prepare_killed_mid_way_never_exposes_a_partial_dataset(tiny_dataset, tmp_path, capsys):
     """Kill a first build, then rebuilds over a finished (larger) dataset at each stage; rerun completes."""
     import train
-    from lib.builder import build_dataset
-    from lib.config import load_config
-    from lib.sources import sources_from_config
+    from lib.data.build_segmentation import build_dataset
+    from lib.core.config import load_config
+    from lib.data.site_sources import sources_from_config
     root = tmp_path / "data"
     old = prepare_config(tmp_path, root, "old", synthetic_size_px=160)  # 2 train shards
     kill_at("shard_partial:train:0", "prepare_data", "--config", old, log=tmp_path / "first.log")
@@ -235,7 +235,7 @@ def search_argv(tmp_path: Path, data_root: Path, name: str) -> list:
 
 
 def test_grid_search_killed_resumes_without_duplicate_trials(reference, tmp_path):
-    from lib.atomic import read_jsonl
+    from lib.core.atomic import read_jsonl
     _, data_root = reference
     done = run_script("grid_search", *search_argv(tmp_path, data_root, "whole"))
     assert done.returncode == 0, done.stderr[-3000:]

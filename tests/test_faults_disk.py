@@ -14,7 +14,7 @@ from test_faults import checkpoints_readable, dataset_state, prepare_config, wri
 
 
 def _chm_file(tmp_path: Path) -> Path:
-    from lib.raster import GeoInfo, write_raster
+    from lib.geoio.geotiff import GeoInfo, write_raster
     path = tmp_path / "chm.tif"
     write_raster(path, torch.rand(64, 64).numpy() * 30, GeoInfo(64, 64, (1.0, 1.0), (0.0, 64.0)))
     return path
@@ -81,7 +81,7 @@ class _FullFile:
 
 def test_disk_full_during_checkpoint_keeps_the_previous_one(tiny_dataset, tmp_path, monkeypatch, capsys):
     import train
-    from lib import checkpoint
+    from lib.train import checkpoint
     config = write_config(tmp_path, tiny_dataset / "data", "full")
     monkeypatch.setattr(checkpoint, "open", FullDisk(skip=1), raising=False)  # the 2nd checkpoint fails
     assert train.main(["--config", str(config)]) == 2
@@ -94,7 +94,7 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(tiny_dataset, tmp_pa
 
 def test_disk_full_during_prepare_keeps_the_previous_dataset(tiny_dataset, tmp_path, monkeypatch, capsys):
     import prepare_data
-    from lib import shards
+    from lib.data import shards
     root = tmp_path / "data"
     config = prepare_config(tmp_path, root, "full")
     assert prepare_data.main(["--config", str(config)]) == 0
@@ -144,7 +144,7 @@ class FillDisk:
 def test_really_full_disk_during_training(tiny_dataset, small_disk, monkeypatch, capsys):
     """A real tmpfs that fills up: the next checkpoint write fails, the previous one survives."""
     import train
-    from lib import runner
+    from lib.train import runner
     build = runner.build_callbacks
     monkeypatch.setattr(runner, "build_callbacks", lambda *a, **k: build(*a, **k) + [FillDisk()])
     disk = small_disk(4096)

@@ -6,7 +6,7 @@ checkpoints on disk keep the last finite weights. Out of memory names the batch 
 import torch
 
 from conftest import tiny_config
-from lib.checkpoint import load_checkpoint
+from lib.train.checkpoint import load_checkpoint
 from test_faults import checkpoints_readable, write_config
 
 
@@ -28,7 +28,7 @@ class Recorder:
 
 def corrupt(monkeypatch, edits: dict) -> Recorder:
     """Train batches {(epoch, index): edit(dsm)} are edited in place; returns the armed Recorder."""
-    from lib import runner
+    from lib.train import runner
     build_data, build_callbacks, recorder = runner.build_data, runner.build_callbacks, Recorder()
 
     class Loader:
@@ -73,7 +73,7 @@ def absurd(dsm):
 
 
 def test_nonfinite_batch_is_skipped_and_training_goes_on(tiny_dataset, tmp_path, monkeypatch):
-    from lib import runner
+    from lib.train import runner
     recorder = corrupt(monkeypatch, {(0, 2): holes, (0, 5): absurd})
     cfg = tiny_config(tiny_dataset, run={"name": "skip", "output_root": str(tmp_path)}, train={"epochs": 1})
     run_dir = runner.train_model(cfg)
@@ -111,7 +111,7 @@ def test_exploding_lr_stops_with_training_error(tiny_dataset, tmp_path, capsys):
 def test_out_of_memory_names_the_batch_size_and_keeps_checkpoints(tiny_dataset, tmp_path, monkeypatch, capsys):
     """A CUDA OOM in the fifth step (raised on CPU by a patched forward): exit 2 with advice; step 3 kept."""
     import train
-    from lib.trainer import Trainer
+    from lib.train.trainer import Trainer
     forward = Trainer._forward_loss
 
     def forward_oom(self, batch):

@@ -4,8 +4,8 @@ import itertools
 import numpy as np
 import pytest
 
-from lib.errors import DataError
-from lib.gapmaps import nest_probabilities, nesting_violations
+from lib.core.errors import DataError
+from lib.gaps.nesting import nest_probabilities, nesting_violations
 
 
 def test_nested_probabilities_match_brute_force_in_any_threshold_order():

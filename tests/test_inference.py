@@ -10,13 +10,13 @@ import torch
 
 import predict
 from conftest import make_checkpoint
-from lib import inference
-from lib.config import build_config
-from lib.errors import ConfigError, ModelError
-from lib.inference import check_thresholds, load_model, resolve_checkpoint
-from lib.raster import read_raster
-from lib.scene import predict_thresholds
-from lib.weights import file_sha256
+from lib.infer import loading
+from lib.core.config import build_config
+from lib.core.errors import ConfigError, ModelError
+from lib.infer.loading import check_thresholds, load_model, resolve_checkpoint
+from lib.geoio.geotiff import read_raster
+from lib.infer.scene_windows import predict_thresholds
+from lib.infer.weights import file_sha256
 from tests.test_scene import random_dsm, write_dsm
 
 
@@ -86,7 +86,7 @@ def shipped(tmp_path, monkeypatch):
     """A stand-in for the shipped weights in tmp_path/weights (the real one may not exist yet)."""
     weights = tmp_path / "weights" / "gaps_dsm_v5.pt"
     weights.parent.mkdir()
-    monkeypatch.setattr(inference, "DEFAULT_WEIGHTS", weights)
+    monkeypatch.setattr(loading, "DEFAULT_WEIGHTS", weights)
     return weights
 
 
@@ -136,7 +136,7 @@ def test_an_ensemble_maps_the_mean_of_its_members(tmp_path):
     torch.save(ckpt, tmp_path / "b.ckpt")
     second = str(tmp_path / "b.ckpt")
     a, b = load_model(first).net, load_model(second).net
-    both = inference.load_ensemble([first, second])
+    both = loading.load_ensemble([first, second])
     dsm, t = dsm_batch(), torch.tensor([2.0, 10.0])
     with torch.no_grad():
         pa, pb, mean = a.forward_thresholds(dsm, t), b.forward_thresholds(dsm, t), both.net.forward_thresholds(dsm, t)
@@ -161,6 +161,6 @@ def test_ensemble_members_must_agree(tmp_path):
     coarse = make_checkpoint(tmp_path / "p.ckpt", train={"threshold_sampling": "continuous"},
                              data={"tile_px": 32, "pixel_size_m": 2.0})
     with pytest.raises(ModelError, match=r"f.ckpt was trained on thresholds .*fixed.* but .*c.ckpt"):
-        inference.load_ensemble([continuous, fixed])
+        loading.load_ensemble([continuous, fixed])
     with pytest.raises(ModelError, match=r"p.ckpt was trained on 2 m pixels but .*c.ckpt on 1 m"):
-        inference.load_ensemble([continuous, coarse])
+        loading.load_ensemble([continuous, coarse])

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from lib.errors import ConfigError
-from lib.losses import (LOSSES, AdaptiveLoss, BCELoss, CombinedFocalDiceLoss, DiceLoss, FocalLoss,
+from lib.core.errors import ConfigError
+from lib.train.losses import (LOSSES, AdaptiveLoss, BCELoss, CombinedFocalDiceLoss, DiceLoss, FocalLoss,
                         LovaszHingeLoss, TverskyLoss, build_loss, expected_initial_loss)
-from lib.schema import LossConfig
+from lib.core.schema import LossConfig
 
 SEG_NAMES = sorted(LOSSES["segmentation"])
 

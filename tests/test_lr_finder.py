@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from lib import lr_finder as lrf
-from lib.asciiplot import plot
-from lib.checkpoint import seed_everything
-from lib.config import load_config, save_config
-from lib.runner import build_trainer
+from lib.tune import lr_finder as lrf
+from lib.tune.asciiplot import plot
+from lib.train.checkpoint import seed_everything
+from lib.core.config import load_config, save_config
+from lib.train.runner import build_trainer
 
 CPU = torch.device("cpu")
 X = np.linspace(-6, 0, 121)                   # log10 LR, 0.05 apart: 1e-3 and 1e-2 are grid points

@@ -1,4 +1,4 @@
-"""lib/lzw.py: the numpy LZW decoder against a plain-Python reference encoder (and imagecodecs when
+"""lib/geoio/tiff_codecs.py: the numpy LZW decoder against a plain-Python reference encoder (and imagecodecs when
 present), the TIFF predictors against row-by-row references, and LZW GeoTIFFs written by GDAL."""
 import shutil
 import subprocess
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from lib import lzw
-from lib.raster import read_info, read_raster
+from lib.geoio import tiff_codecs
+from lib.geoio.geotiff import read_info, read_raster
 
 try:
     import imagecodecs
@@ -73,34 +73,34 @@ def test_lzw_decode_inverts_reference_encoder(kind):
             "long": np.repeat(rng.integers(0, 256, 300, np.uint8), rng.integers(1, 400, 300)).tobytes(),
             }[kind]
     encoded = lzw_encode(data)
-    assert lzw.lzw_decode(encoded) == data
+    assert tiff_codecs.lzw_decode(encoded) == data
     if imagecodecs is not None:
         assert imagecodecs.lzw_decode(encoded) == data
-        assert lzw.lzw_decode(imagecodecs.lzw_encode(data)) == data
+        assert tiff_codecs.lzw_decode(imagecodecs.lzw_encode(data)) == data
 
 
 def test_lzw_stream_without_eoi_and_corrupt_code():
     data = bytes(range(256)) * 4
     encoded = lzw_encode(data)
-    assert lzw.lzw_decode(encoded[:-2])[:900] == data[:900]  # truncated: decodes what is there
-    assert lzw.lzw_decode(pack_codes([256, 97, 98, 258, 259, 257])) == b"ababba"
-    assert lzw.lzw_decode(pack_codes([256, 97, 258, 256, 98, 257])) == b"aaab"  # KwKwK, re-clear
+    assert tiff_codecs.lzw_decode(encoded[:-2])[:900] == data[:900]  # truncated: decodes what is there
+    assert tiff_codecs.lzw_decode(pack_codes([256, 97, 98, 258, 259, 257])) == b"ababba"
+    assert tiff_codecs.lzw_decode(pack_codes([256, 97, 258, 256, 98, 257])) == b"aaab"  # KwKwK, re-clear
     with pytest.raises(ValueError, match="code 300 used before it is defined"):
-        lzw.lzw_decode(pack_codes([256, 97, 300, 257]))
+        tiff_codecs.lzw_decode(pack_codes([256, 97, 300, 257]))
     with pytest.raises(ValueError, match="code 258 used before"):
-        lzw.lzw_decode(pack_codes([256, 258, 257]))  # first code after a clear must be a byte
+        tiff_codecs.lzw_decode(pack_codes([256, 258, 257]))  # first code after a clear must be a byte
 
 
 def test_predictors_invert_reference():
     z = smooth((5, 33), np.float64)
     raw = float_predict(z).tobytes()
-    got = lzw.decode_segments([raw], 1, 3, [(5, 33, 1)], np.dtype("<f8"))[0][:, :, 0]
+    got = tiff_codecs.decode_segments([raw], 1, 3, [(5, 33, 1)], np.dtype("<f8"))[0][:, :, 0]
     np.testing.assert_array_equal(got, z)
-    np.testing.assert_array_equal(lzw.predict_float(z), float_predict(z))
+    np.testing.assert_array_equal(tiff_codecs.predict_float(z), float_predict(z))
     ints = np.random.default_rng(2).integers(-30000, 30000, (4, 50)).astype(np.int16)
-    diff = lzw.predict_horizontal(ints)
+    diff = tiff_codecs.predict_horizontal(ints)
     np.testing.assert_array_equal(np.cumsum(diff, axis=1, dtype=np.int16), ints)
-    got = lzw.decode_segments([diff.astype(">i2").tobytes()], 1, 2, [(4, 50, 1)], np.dtype(">i2"))[0]
+    got = tiff_codecs.decode_segments([diff.astype(">i2").tobytes()], 1, 2, [(4, 50, 1)], np.dtype(">i2"))[0]
     np.testing.assert_array_equal(got[:, :, 0], ints)
 
 
@@ -112,9 +112,9 @@ def test_real_lzw_strips_decode_like_imagecodecs_and_reencode(real_data):
         for i in (0, len(page.dataoffsets) - 1):
             fh.seek(page.dataoffsets[i])
             stream = fh.read(page.databytecounts[i])
-            decoded = lzw.lzw_decode(stream)
+            decoded = tiff_codecs.lzw_decode(stream)
             assert len(decoded) == page.rowsperstrip * page.imagewidth * 4
-            assert lzw.lzw_decode(lzw_encode(decoded)) == decoded
+            assert tiff_codecs.lzw_decode(lzw_encode(decoded)) == decoded
             if imagecodecs is not None:
                 assert decoded == imagecodecs.lzw_decode(stream)
 
@@ -129,10 +129,10 @@ def test_gdal_lzw_files_read_like_source(tmp_path, real_data, options):
     args = ["gdal_translate", "-q", "-ot", dtype, "-co", "COMPRESS=LZW"]
     for option in options:
         args += ["-co", option]
-    subprocess.run(args + [str(source), str(tmp_path / "lzw.tif")], check=True)
-    subprocess.run(["gdal_translate", "-q", "-co", "COMPRESS=NONE", str(tmp_path / "lzw.tif"),
+    subprocess.run(args + [str(source), str(tmp_path / "tiff_codecs.tif")], check=True)
+    subprocess.run(["gdal_translate", "-q", "-co", "COMPRESS=NONE", str(tmp_path / "tiff_codecs.tif"),
                     str(tmp_path / "plain.tif")], check=True)
-    got, info = read_raster(tmp_path / "lzw.tif")
+    got, info = read_raster(tmp_path / "tiff_codecs.tif")
     expected, _ = read_raster(tmp_path / "plain.tif")
     np.testing.assert_array_equal(got, expected)
     assert info.origin == read_info(source).origin and info.epsg == 2193

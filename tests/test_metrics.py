@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lib.metrics import (EMPTY_TILE_POLICY, ClassificationMetrics, RegressionMetrics, SegmentationMetrics,
+from lib.train.metrics import (EMPTY_TILE_POLICY, ClassificationMetrics, RegressionMetrics, SegmentationMetrics,
                          ThresholdMetrics)
 
 THRESHOLDS = [2.0, 5.0, 10.0, 15.0]

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib.config import load_config
-from lib.errors import ModelError
+from lib.core.config import load_config
+from lib.core.errors import ModelError
 from lib.models import MODELS, build_model, model_summary, rebuild_model, stride_of
 from lib.models.blocks import CBAM, DropPath, FiLM, positional_channels, resolve_norm
-from lib.schema import ModelConfig
+from lib.core.schema import ModelConfig
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from lib.errors import DataError
-from lib.normalize import HIST_BIN_M, Normalizer, compute_height_stats, tile_reference, tile_reference_numpy
+from lib.core.errors import DataError
+from lib.data.normalize import HIST_BIN_M, Normalizer, compute_height_stats, tile_reference, tile_reference_numpy
 
 
 def quantised_dsm(rng, shape=(3, 1, 24, 20), base=40.0) -> torch.Tensor:
@@ -132,7 +132,7 @@ FEATURES = ["dsm", "relative_height_9m", "relative_height_15m"]
 
 
 def test_feature_channels_equal_the_classical_relative_height():
-    from lib.baselines import classical_relative_height
+    from lib.gaps.baselines import classical_relative_height
     rng = np.random.default_rng(7)
     dsm = quantised_dsm(rng, (2, 1, 32, 28))
     dsm[1, 0, 4:9, 3:11] = float("nan")

@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 import pytest
 
-from lib import png
+from lib.geoio import png
 
 
 def decode_png(data: bytes) -> np.ndarray:

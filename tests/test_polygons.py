@@ -8,13 +8,13 @@ import subprocess
 import numpy as np
 import pytest
 
-from lib.components import label_components
-from lib.errors import DataError
-from lib.gaps import gap_labels, gap_stats
-from lib.geojson import write_geojson
-from lib.gpkg import APPLICATION_ID, geometry_blob, parse_blob, read_gpkg, write_gpkg
-from lib.polygons import gap_polygons
-from lib.raster import GeoInfo, read_raster
+from lib.gaps.components import label_components
+from lib.core.errors import DataError
+from lib.gaps.masks import gap_labels, gap_stats
+from lib.geoio.geojson import write_geojson
+from lib.geoio.geopackage import APPLICATION_ID, geometry_blob, parse_blob, read_gpkg, write_gpkg
+from lib.gaps.polygons import gap_polygons
+from lib.geoio.geotiff import GeoInfo, read_raster
 
 # ForestGapR README: GapSPDF(getForestGaps(ALS_CHM_DUC, 10, c(4, 1000))) merged with GapStats, x and y
 # printed to 7 significant digits. Gaps 11 and 13 have several parts: sp places them at the centroid

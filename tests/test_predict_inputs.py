@@ -10,9 +10,9 @@ import pytest
 
 import predict
 from conftest import make_checkpoint
-from lib.errors import ConfigError
-from lib.inference import check_thresholds
-from lib.raster import read_info, read_raster, write_raster
+from lib.core.errors import ConfigError
+from lib.infer.loading import check_thresholds
+from lib.geoio.geotiff import read_info, read_raster, write_raster
 from tests.test_scene import write_dsm
 from tests.test_scenes import QUIET, smooth_dsm
 

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from lib.gaps import IGNORE
-from lib.normalize import Normalizer
-from lib.tasks import SegmentationTask
+from lib.gaps.masks import IGNORE
+from lib.data.normalize import Normalizer
+from lib.train.tasks import SegmentationTask
 
 
 def _batch(seed=0, b=6, size=16):
@@ -68,8 +68,8 @@ def test_validation_stays_on_the_listed_thresholds():
 
 
 def test_config_validates_the_range():
-    from lib.config import build_config
-    from lib.errors import ConfigError
+    from lib.core.config import build_config
+    from lib.core.errors import ConfigError
     cfg = build_config({"train": {"threshold_sampling": "continuous", "threshold_range_m": [1, 30]}})
     assert cfg.train.threshold_range_m == [1, 30]
     with pytest.raises(ConfigError, match="threshold_range_m"):
@@ -79,8 +79,8 @@ def test_config_validates_the_range():
 
 
 def test_hybrid_sources_keep_the_chm_in_every_orientation(real_data):
-    from lib.raster import read_raster
-    from lib.sources import hybrid_sources
+    from lib.geoio.geotiff import read_raster
+    from lib.data.site_sources import hybrid_sources
     chm, _ = read_raster(real_data / "ALS_CHM_DUC.tif")
     sources = hybrid_sources([real_data / "ALS_CHM_DUC.tif"], 8, 1.0, seed=5)
     assert [s.name for s in sources] == [f"hyb-ALS_CHM_DUC-{i:02d}" for i in range(8)]
@@ -101,15 +101,15 @@ def test_hybrid_sources_keep_the_chm_in_every_orientation(real_data):
 
 
 def test_hybrid_sources_refuse_another_pixel_size(real_data):
-    from lib.errors import DataError
-    from lib.sources import hybrid_sources
+    from lib.core.errors import DataError
+    from lib.data.site_sources import hybrid_sources
     with pytest.raises(DataError, match="pixel_size_m is 0.5"):
         hybrid_sources([real_data / "ALS_CHM_DUC.tif"], 1, 0.5, seed=0)[0].load()
 
 
 def test_sources_from_config_mix_hybrid_and_synthetic(real_data):
-    from lib.config import build_config
-    from lib.sources import sources_from_config
+    from lib.core.config import build_config
+    from lib.data.site_sources import sources_from_config
     cfg = build_config({"data": {"synthetic_sites": 2, "synthetic_size_px": 64,
                                  "hybrid_chms": [str(real_data / "ALS_CHM_DUC.tif")], "hybrid_per_chm": 3}})
     names = [s.name for s in sources_from_config(cfg.data, 0)]
@@ -117,7 +117,7 @@ def test_sources_from_config_mix_hybrid_and_synthetic(real_data):
 
 
 def test_photogrammetric_hybrid_smooths_the_surface_but_keeps_the_label():
-    from lib.synthetic import SiteParams, hybrid_site
+    from lib.data.synthetic import SiteParams, hybrid_site
     chm = np.random.default_rng(0).gamma(4.0, 6.0, (64, 64)).astype(np.float32)
     lidar = hybrid_site(chm, 1, SiteParams(sensor="lidar", relief_m=0.0, strip_offset_m=0.0))
     photo = hybrid_site(chm, 1, SiteParams(sensor="photogrammetry", relief_m=0.0, strip_offset_m=0.0))
@@ -127,7 +127,7 @@ def test_photogrammetric_hybrid_smooths_the_surface_but_keeps_the_label():
 
 
 def test_random_sites_include_steep_mountain_sides():
-    from lib.synthetic import random_site_params
+    from lib.data.synthetic import random_site_params
     rng = np.random.default_rng(0)
     drawn = [random_site_params(rng, 256) for _ in range(200)]
     steep = [p for p in drawn if p.relief_m > 256 * np.tan(np.radians(20))]

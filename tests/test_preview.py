@@ -3,7 +3,7 @@
 import numpy as np
 
 from conftest import tiny_config
-from lib.preview import tile_row, write_previews
+from lib.data.preview import tile_row, write_previews
 
 
 def _png_size(path):

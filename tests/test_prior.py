@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from lib.baselines import classical_relative_height
-from lib.errors import ModelError
+from lib.gaps.baselines import classical_relative_height
+from lib.core.errors import ModelError
 from lib.models import build_model, rebuild_model
 from lib.models.prior import INITIAL_GAIN, TRUST_RANGE, ClassicalPrior
-from lib.normalize import Normalizer, relative_height_channels
+from lib.data.normalize import Normalizer, relative_height_channels
 
 FEATURES = ["dsm", "relative_height_9m", "relative_height_15m"]
 
@@ -134,8 +134,8 @@ def test_prior_needs_relative_height_channels_and_segmentation(tmp_path):
 
 def test_training_with_the_prior_gives_a_checkpoint_predict_can_load(tiny_dataset, tmp_path):
     """Train on relative-height features with the prior, then load the checkpoint as predict does."""
-    from lib.inference import load_model
-    from lib.runner import train_model
+    from lib.infer.loading import load_model
+    from lib.train.runner import train_model
     cfg = tiny_config(tmp_path, data={"root": str(tiny_dataset / "data"),
                                       "input_features": ["dsm", "relative_height_9m"]},
                       model={"classical_prior": True, "prior_trust_map": True}, train={"epochs": 1, "max_steps": 3},
@@ -152,8 +152,8 @@ def test_training_with_the_prior_gives_a_checkpoint_predict_can_load(tiny_datase
 def test_init_from_a_plain_prior_run_starts_the_knob_model_at_its_learnt_rule(tiny_dataset, tmp_path):
     """v4's recipe: --init-from a plain-prior checkpoint into a per-tile-knob model takes the body and the
     learnt gain and mix; the wider output layer starts at zero, so the first output is that rule."""
-    from lib.checkpoint import load_checkpoint
-    from lib.runner import build_trainer, train_model
+    from lib.train.checkpoint import load_checkpoint
+    from lib.train.runner import build_trainer, train_model
     common = dict(data={"root": str(tiny_dataset / "data"), "input_features": FEATURES},
                   train={"epochs": 1, "max_steps": 3},
                   log={"tensorboard": False, "images_every_epochs": 0})
@@ -203,8 +203,8 @@ def _mean_correction(model, x, t) -> float:
 
 def test_the_correction_penalty_keeps_the_network_closer_to_its_rule(tiny_dataset, tmp_path):
     """loss.prior_correction_weight: the same short run from the rule grows a smaller correction."""
-    from lib.errors import ConfigError
-    from lib.runner import build_trainer
+    from lib.core.errors import ConfigError
+    from lib.train.runner import build_trainer
     common = dict(data={"root": str(tiny_dataset / "data"), "input_features": FEATURES},
                   train={"epochs": 1, "max_steps": 4}, log={"tensorboard": False, "images_every_epochs": 0})
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([0.2, 0.8])
@@ -225,8 +225,8 @@ def test_the_correction_penalty_keeps_the_network_closer_to_its_rule(tiny_datase
 def test_the_rule_loss_adds_the_task_loss_of_the_rule_alone(tiny_dataset, tmp_path):
     """loss.prior_rule_weight: the training loss gains weight x the criterion on the rule's logits (no
     correction), so the knobs are asked to make the rule right by itself."""
-    from lib.errors import ConfigError
-    from lib.runner import build_trainer
+    from lib.core.errors import ConfigError
+    from lib.train.runner import build_trainer
     common = dict(data={"root": str(tiny_dataset / "data"), "input_features": FEATURES},
                   model={"classical_prior": True, "prior_trust_map": True}, augment={"enabled": False},
                   log={"tensorboard": False, "images_every_epochs": 0})

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from lib.errors import ModelError
-from lib.gaps import IGNORE
+from lib.core.errors import ModelError
+from lib.gaps.masks import IGNORE
 from lib.models import build_model, rebuild_model
 from lib.models.prior import CLASSICAL_GAIN, GATE_START, ClassicalPrior, gate_loss
 
@@ -61,7 +61,7 @@ def test_the_gate_target_is_whichever_errs_less_on_the_labelled_pixels_of_each_t
 
 
 def test_prior_gate_builds_rebuilds_trains_and_needs_the_prior(tiny_dataset, tmp_path):
-    from lib.runner import build_trainer
+    from lib.train.runner import build_trainer
     cfg = tiny_config(tmp_path, data={"root": str(tiny_dataset / "data"), "input_features": FEATURES},
                       model={"classical_prior": True, "prior_gate": True}, train={"epochs": 1, "max_steps": 3},
                       log={"tensorboard": False, "images_every_epochs": 0})

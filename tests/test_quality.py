@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from lib.gaps import IGNORE
-from lib.quality import classical_ious, flat_closed_scene, ious, reference_gaps, score_scene
-from lib.raster import GeoInfo, write_raster
+from lib.gaps.masks import IGNORE
+from lib.infer.quality import classical_ious, flat_closed_scene, ious, reference_gaps, score_scene
+from lib.geoio.geotiff import GeoInfo, write_raster
 
 GROUND_M = 100.0
 
@@ -62,7 +62,7 @@ def test_score_scene_with_an_oracle_and_an_inverted_net(tmp_path):
     assert good["valid_pixels"] == 70 * 90 - 40
     assert all(0 <= v <= 1 for v in good["classical"]["best"])
     bad = score_scene(OracleNet(flip=True), dsm_path, chm_path, thresholds, window_px=32, dense_thresholds_m=())
-    from lib.raster import read_raster
+    from lib.geoio.geotiff import read_raster
     chm = read_raster(chm_path)[0]
     maps = [chm <= 30 - t for t in thresholds]                              # what the inverted net maps
     wrong = sum((low & ~high).sum() for low, high in zip(maps, maps[1:]))
@@ -74,7 +74,7 @@ def test_score_scene_with_an_oracle_and_an_inverted_net(tmp_path):
 
 def test_classical_best_is_the_best_window(tmp_path):
     dsm_path, chm_path = flat_closed_scene(tmp_path, size_px=96)
-    from lib.raster import read_raster
+    from lib.geoio.geotiff import read_raster
     dsm, chm = read_raster(dsm_path)[0], read_raster(chm_path)[0]
     ref = reference_gaps(chm, dsm, [5.0, 10.0])
     scores = classical_ious(dsm, ref, [5.0, 10.0], windows_m=(11.0, 31.0))
@@ -84,7 +84,7 @@ def test_classical_best_is_the_best_window(tmp_path):
 
 
 def test_classical_baseline_on_wellington_matches_the_published_figures(real_data):
-    from lib.raster import read_raster
+    from lib.geoio.geotiff import read_raster
     dsm, _ = read_raster(real_data / "wellington_DSM.tif")
     chm, _ = read_raster(real_data / "wellington_CHM.tif")
     scores = classical_ious(dsm, reference_gaps(chm, dsm, [2, 5, 10, 15]), [2, 5, 10, 15])
@@ -92,8 +92,8 @@ def test_classical_baseline_on_wellington_matches_the_published_figures(real_dat
 
 
 def _shipped_model():
-    from lib.inference import load_model
-    from lib.weights import DEFAULT_WEIGHTS, verified_weights
+    from lib.infer.loading import load_model
+    from lib.infer.weights import DEFAULT_WEIGHTS, verified_weights
     if not DEFAULT_WEIGHTS.exists():
         pytest.skip("no shipped weights in this checkout")
     return load_model(verified_weights())
@@ -109,7 +109,7 @@ def _assert_beats_classical(report, thresholds, scene: str) -> None:
 
 def test_shipped_model_beats_the_classical_method_on_wellington(real_data):
     """Issue 12: the shipped weights beat the best classical window at every threshold on the unseen NZ scene."""
-    from lib.quality import score_scene
+    from lib.infer.quality import score_scene
     loaded, thresholds = _shipped_model(), [2.0, 5.0, 10.0, 15.0]
     report = score_scene(loaded.net, real_data / "wellington_DSM.tif", real_data / "wellington_CHM.tif", thresholds,
                          window_px=loaded.config.predict.window_px, stride=loaded.stride, dense_thresholds_m=())
@@ -119,7 +119,7 @@ def test_shipped_model_beats_the_classical_method_on_wellington(real_data):
 def test_shipped_model_beats_the_classical_method_on_flat_closed_canopy():
     """Issue 12: ... and on flat closed temperate canopy (a seed no training site uses), the classical
     method's best case, where LiDAR pits let the opening find the ground."""
-    from lib.quality import score_flat_closed
+    from lib.infer.quality import score_flat_closed
     loaded, thresholds = _shipped_model(), [2.0, 5.0, 10.0, 15.0]
     report = score_flat_closed(loaded.net, thresholds, window_px=loaded.config.predict.window_px,
                                stride=loaded.stride, dense_thresholds_m=())

@@ -12,9 +12,9 @@ import pytest
 import tifffile
 
 import gaps
-from lib import lzw
-from lib.errors import RasterError
-from lib.raster import check_heights, read_info, read_raster
+from lib.geoio import tiff_codecs
+from lib.core.errors import RasterError
+from lib.geoio.geotiff import check_heights, read_info, read_raster
 from tests.test_raster import tiff_bytes
 
 UTM_KEYS = (1, 1, 0, 2, 1024, 0, 1, 1, 3072, 0, 1, 32633)  # projected, EPSG:32633
@@ -126,9 +126,9 @@ def test_packbits_decoder_matches_reference():
             parts.append(bytes([n]) + (rng.integers(0, 256, n + 1, dtype=np.uint8).tobytes() if n < 128
                                        else bytes([n % 7]) if n > 128 else b""))
         stream = b"".join(parts)
-        assert lzw.packbits_decode(stream) == packbits_reference_decode(stream)
+        assert tiff_codecs.packbits_decode(stream) == packbits_reference_decode(stream)
     with pytest.raises(ValueError, match="passes the end"):
-        lzw.packbits_decode(b"\x05ab")
+        tiff_codecs.packbits_decode(b"\x05ab")
 
 
 @pytest.mark.filterwarnings("ignore:.*no georeferencing:UserWarning")

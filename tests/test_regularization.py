@@ -8,8 +8,8 @@ import torch
 
 from conftest import tiny_config
 from lib.models import build_model
-from lib.optimizers import build_optimizer
-from lib.regularization import AdaptiveRegularization, build_regularization
+from lib.train.optimizers import build_optimizer
+from lib.train.regularization import AdaptiveRegularization, build_regularization
 
 
 def _parts(tmp_path, **train):
@@ -50,7 +50,7 @@ def test_adaptive_raises_only_after_two_widenings_and_resumes(tmp_path, caplog):
     _validate(callback, trainer, [0.5], 0.7)          # gap 0.2: narrowed
     assert reg.scale == 1.0
     _validate(callback, trainer, [0.4], 0.7)          # gap 0.3
-    with caplog.at_level(logging.INFO, logger="lib.regularization"):
+    with caplog.at_level(logging.INFO, logger="lib.train.regularization"):
         _validate(callback, trainer, [0.3], 0.8)      # gap 0.5: widened twice in a row
     assert reg.scale == pytest.approx(1.5)
     assert "widened twice" in caplog.text
@@ -66,9 +66,9 @@ def test_adaptive_raises_only_after_two_widenings_and_resumes(tmp_path, caplog):
 
 
 def test_adaptive_regularization_in_a_run_is_resumable(tiny_dataset):
-    from lib import runner
+    from lib.train import runner
     cfg = tiny_config(tiny_dataset, run={"name": "adaptive"}, train={"adaptive_regularization": True, "epochs": 1})
     run_dir = runner.train_model(cfg)
-    from lib.checkpoint import load_checkpoint
+    from lib.train.checkpoint import load_checkpoint
     state = load_checkpoint(run_dir / "last.ckpt")["callbacks"]["AdaptiveRegularization"]
     assert state["scale"] == 1.0 and len(state["gaps"]) == 1 and state["loss_steps"] == 0

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib.errors import RasterError
-from lib.raster import GeoInfo, read_info, read_raster, write_raster
-from lib.resample import (axis_taps, dsm_methods, needs_resampling, resample, resample_raster,
+from lib.core.errors import RasterError
+from lib.geoio.geotiff import GeoInfo, read_info, read_raster, write_raster
+from lib.geoio.resample import (axis_taps, dsm_methods, needs_resampling, resample, resample_raster,
                           resampled_grid)
 
 GRID = GeoInfo(height=0, width=0, pixel_size=(1.0, 1.0), origin=(500000.0, 4100000.0),

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from lib import batch_finder, sanity
-from lib.checkpoint import seed_everything
-from lib.config import save_config
-from lib.runner import build_trainer
-from lib.shards import iter_shard, read_manifest
+from lib.tune import batch_finder
+from lib.tune import sanity
+from lib.train.checkpoint import seed_everything
+from lib.core.config import save_config
+from lib.train.runner import build_trainer
+from lib.data.shards import iter_shard, read_manifest
 
 CPU = torch.device("cpu")
 

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 
 import predict
 from conftest import make_checkpoint
-from lib.analysis import summarize_gap_map
-from lib.gaps import IGNORE, gap_labels, gap_masks
-from lib.raster import GeoInfo, RasterWriter, read_info, read_raster, write_raster
-from lib.scene import blend_ramp, d4_average, filter_gaps, iter_scene, plan_scene, predict_thresholds, write_scene
-from lib.scene_scores import score_scene
+from lib.gaps.analysis import summarize_gap_map
+from lib.gaps.masks import IGNORE, gap_labels, gap_masks
+from lib.geoio.geotiff import GeoInfo, RasterWriter, read_info, read_raster, write_raster
+from lib.infer.scene_windows import blend_ramp, d4_average, filter_gaps, iter_scene, plan_scene, predict_thresholds, write_scene
+from lib.infer.scene_scores import score_scene
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NZTM_KEYS = (1, 1, 0, 4, 1024, 0, 1, 1, 1025, 0, 1, 1, 1026, 34737, 12, 0, 3072, 0, 1, 2193)
@@ -218,8 +218,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[3])
     sys.path.insert(0, sys.argv[3] + "/tests")
     from test_scene import PointOracle
-    from lib.raster import read_info
-    from lib.scene import plan_scene, write_scene
+    from lib.geoio.geotiff import read_info
+    from lib.infer.scene_windows import plan_scene, write_scene
 
     def run(path, out):
         info = read_info(path)

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import predict
 from conftest import make_checkpoint
-from lib.gapmaps import nesting_violations
-from lib.raster import read_info, read_raster
+from lib.gaps.nesting import nesting_violations
+from lib.geoio.geotiff import read_info, read_raster
 from tests.test_scene import random_dsm, write_dsm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_half_metre_scene_maps_as_its_one_metre_original(tmp_path):
         assert areas[0] == areas[1]
         prob = torch.from_numpy(band(one / f"prob_{tag}.tif"))[None, None]
         want = F.interpolate(prob, scale_factor=2, mode="bilinear", align_corners=False)[0, 0].numpy()
-        ok = np.isfinite(want)                       # torch spreads NaN; lib.resample renormalises around it
+        ok = np.isfinite(want)                       # torch spreads NaN; lib.geoio.resample renormalises around it
         np.testing.assert_allclose(band(half / f"prob_{tag}.tif")[ok], want[ok], atol=1e-6)
     out_info = read_info(half / "gaps_5m.tif")
     assert (out_info.height, out_info.width, out_info.pixel_size, out_info.origin) == \
@@ -169,7 +169,7 @@ def test_region_from_a_folder_and_clear_errors(tmp_path, capsys):
 
 
 def test_a_folder_s_chms_and_dtms_are_not_mapped_as_dsms(tmp_path, caplog):
-    from lib.scenes import list_scenes
+    from lib.infer.mapping import list_scenes
     for name in ("a_DSM.tif", "a_CHM.tif", "b.tif", "b_dtm.tiff", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
     assert [p.name for p in list_scenes(tmp_path)] == ["a_DSM.tif", "b.tif"]

@@ -4,9 +4,9 @@ import random
 import pytest
 import torch
 
-from lib.errors import ConfigError
-from lib.schedulers import SCHEDULES, ReduceOnPlateau, build_schedule, set_lr
-from lib.schema import ScheduleConfig
+from lib.core.errors import ConfigError
+from lib.train.schedulers import SCHEDULES, ReduceOnPlateau, build_schedule, set_lr
+from lib.core.schema import ScheduleConfig
 
 BASE = 1e-3
 

@@ -12,14 +12,17 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_config
-from lib import runner, search, search_report, search_trials
-from lib.atomic import append_jsonl, read_jsonl
-from lib.callbacks import Callback
-from lib.checkpoint import load_checkpoint
-from lib.config import config_to_dict, load_config, save_config
-from lib.errors import ConfigError, DataError
-from lib.folds import prepare_folds, site_folds
-from lib.shards import iter_shard, read_manifest
+from lib.train import runner
+from lib.tune import search
+from lib.tune import search_report
+from lib.tune import search_trials
+from lib.core.atomic import append_jsonl, read_jsonl
+from lib.train.callbacks import Callback
+from lib.train.checkpoint import load_checkpoint
+from lib.core.config import config_to_dict, load_config, save_config
+from lib.core.errors import ConfigError, DataError
+from lib.data.folds import prepare_folds, site_folds
+from lib.data.shards import iter_shard, read_manifest
 
 GRID = {"optim.lr": [0.003, 0.001], "model.name": ["unet_film", "unet_film_cbam"], "train.batch_size": [4, 8, 2]}
 QUIET = {"log": {"tensorboard": False, "images_every_epochs": 0, "progress_every_steps": 1000}}
@@ -90,7 +93,7 @@ def test_trial_ids_hash_the_config_not_where_or_how_it_runs(tiny_dataset, tmp_pa
     assert search.trial_id(cfg) == search.trial_id(same)
     assert search.trial_id(cfg) != search.trial_id(search.with_values(config_to_dict(cfg), {"optim.lr": 0.002}))
     assert search.trial_id(cfg) != search.trial_id(search.with_values(config_to_dict(cfg), {"run.seed": 1}))
-    code = ("import sys, json; sys.path.insert(0, '.'); from lib import search, config; "
+    code = ("import sys, json; sys.path.insert(0, '.'); from lib.tune import search; from lib.core import config; "
             f"print(search.trial_id(config.build_config(json.loads({json.dumps(json.dumps(config_to_dict(cfg)))}))))")
     other_process = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert other_process.stdout.strip() == search.trial_id(cfg)     # stable across processes
@@ -286,7 +289,7 @@ def test_pool_children_die_with_a_killed_search():
     import signal
     import time
     parent = subprocess.Popen(
-        [sys.executable, "-c", "import subprocess, sys, time; from lib.search_trials import _stop_with_parent; "
+        [sys.executable, "-c", "import subprocess, sys, time; from lib.tune.search_trials import _stop_with_parent; "
          "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], preexec_fn=_stop_with_parent); "
          "print(p.pid, flush=True); time.sleep(60)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())

@@ -1,12 +1,12 @@
-"""lib/shards.py fast paths against the standard library: ustar headers vs tarfile, .npy vs np.load."""
+"""lib/data/shards.py fast paths against the standard library: ustar headers vs tarfile, .npy vs np.load."""
 import io
 import tarfile
 
 import numpy as np
 import pytest
 
-from lib.errors import ShardError
-from lib.shards import _any_header, _load_npy, _plain_header
+from lib.core.errors import ShardError
+from lib.data.shards import _any_header, _load_npy, _plain_header
 
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])

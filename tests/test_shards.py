@@ -7,8 +7,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from lib.errors import ShardError
-from lib.shards import (ShardWriter, iter_shard, mask_member, read_manifest, verify_shard,
+from lib.core.errors import ShardError
+from lib.data.shards import (ShardWriter, iter_shard, mask_member, read_manifest, verify_shard,
                         write_manifest)
 
 

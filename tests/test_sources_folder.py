@@ -3,8 +3,8 @@ import warnings
 
 import pytest
 
-from lib.errors import DataError
-from lib.sources import folder_sources
+from lib.core.errors import DataError
+from lib.data.site_sources import folder_sources
 
 
 def _touch(folder, *names):

@@ -4,8 +4,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from lib.errors import ConfigError, DataError
-from lib.synthetic import (STAND_TYPES, STAND_UNKNOWN, Site, SiteParams, generate_site, generate_stand_tile,
+from lib.core.errors import ConfigError, DataError
+from lib.data.synthetic import (STAND_TYPES, STAND_UNKNOWN, Site, SiteParams, generate_site, generate_stand_tile,
                            hybrid_site, random_site_params, stand_tile_params)
 
 THRESHOLDS_M = (2, 5, 10, 15)

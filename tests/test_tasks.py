@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from lib import runner
-from lib.checkpoint import load_checkpoint
-from lib.errors import ConfigError
-from lib.gaps import IGNORE
-from lib.normalize import Normalizer
-from lib.tasks import RegressionTask, SegmentationTask, build_task
+from lib.train import runner
+from lib.train.checkpoint import load_checkpoint
+from lib.core.errors import ConfigError
+from lib.gaps.masks import IGNORE
+from lib.data.normalize import Normalizer
+from lib.train.tasks import RegressionTask, SegmentationTask, build_task
 
 THRESHOLDS = [2.0, 5.0, 10.0]
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from lib.terrain import box_blur, fractal_noise, gaussian_blur, make_terrain, max_filter3, slope_tan, upsample
+from lib.data.synth_terrain import box_blur, fractal_noise, gaussian_blur, make_terrain, max_filter3, slope_tan, upsample
 
 
 def _slope_deg(dem, pixel_size_m=1.0):

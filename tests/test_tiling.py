@@ -1,8 +1,8 @@
-"""lib/tiling.py: tile grids and valid fractions against per-tile brute force."""
+"""lib/data/tiling.py: tile grids and valid fractions against per-tile brute force."""
 import numpy as np
 import pytest
 
-from lib.tiling import tile_origins, valid_fractions
+from lib.data.tiling import tile_origins, valid_fractions
 
 
 @pytest.mark.parametrize("shape,tile_px,stride_px", [

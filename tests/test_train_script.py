@@ -7,7 +7,7 @@ import torch
 
 import train
 from conftest import TINY
-from lib.checkpoint import load_checkpoint
+from lib.train.checkpoint import load_checkpoint
 
 
 def _config_file(tmp_path, root):

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_config
-from lib import runner
-from lib.checkpoint import load_checkpoint
-from lib.gaps import IGNORE
+from lib.train import runner
+from lib.train.checkpoint import load_checkpoint
+from lib.gaps.masks import IGNORE
 
 CPU = torch.device("cpu")
 STILL = {"augment": {"enabled": False}, "model": {"dropout": 0.0, "norm": "group"}}  # no randomness, no batch coupling

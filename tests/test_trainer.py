@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from lib import runner
-from lib.callbacks import Callback
-from lib.checkpoint import load_checkpoint
-from lib.errors import TrainingError
+from lib.train import runner
+from lib.train.callbacks import Callback
+from lib.train.checkpoint import load_checkpoint
+from lib.core.errors import TrainingError
 
 
 class Crash(Callback):

@@ -4,17 +4,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.checkpoint import atomic_torch_save
-from lib.errors import ModelError
-from lib.weights import DEFAULT_WEIGHTS, card_sha256, file_sha256, ship_checkpoint, verified_weights
+from lib.train.checkpoint import atomic_torch_save
+from lib.core.errors import ModelError
+from lib.infer.weights import DEFAULT_WEIGHTS, card_sha256, file_sha256, ship_checkpoint, verified_weights
 
 
 def _checkpoint(tmp_path) -> Path:
     """A training-style checkpoint of a tiny untrained model with relative-height features."""
     from conftest import tiny_config
-    from lib.config import config_to_dict
+    from lib.core.config import config_to_dict
     from lib.models import build_model
-    from lib.normalize import Normalizer
+    from lib.data.normalize import Normalizer
     cfg = tiny_config(tmp_path, data={"input_features": ["dsm", "relative_height_11m"]})
     norm = Normalizer(scale=5.0, features=cfg.data.input_features)
     torch.manual_seed(0)
@@ -26,7 +26,7 @@ def _checkpoint(tmp_path) -> Path:
 
 
 def test_slim_fp16_checkpoint_loads_and_predicts_like_the_original(tmp_path):
-    from lib.inference import load_model
+    from lib.infer.loading import load_model
     ckpt = _checkpoint(tmp_path)
     info = ship_checkpoint(ckpt, tmp_path / "w.pt")
     assert info["sha256"] == file_sha256(tmp_path / "w.pt") and info["bytes"] < ckpt.stat().st_size

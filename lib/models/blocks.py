@@ -4,7 +4,7 @@ import math
 import torch
 from torch import nn
 
-from lib.errors import ModelError
+from lib.core.errors import ModelError
 
 # Below this per-device batch BatchNorm statistics are too noisy and GroupNorm wins (Wu & He, 2018).
 MIN_BATCHNORM_BATCH = 16

@@ -2,7 +2,7 @@
 import dataclasses
 import difflib
 
-from lib.errors import ModelError
+from lib.core.errors import ModelError
 from lib.models.blocks import apply_spectral_norm, resolve_norm
 from lib.models.classify import EncoderClassifier
 from lib.models.prior import ClassicalPrior
@@ -106,7 +106,7 @@ def build_model(cfg, task: str = "segmentation", in_channels: int = 1, num_class
                 batch_size: int | None = None, prior_channels=()) -> ForestModel:
     """A fresh model for `cfg` (a ModelConfig). in_channels: data channels only (positional ones are added
     by the model). batch_size: per-device batch, which decides model.norm='adaptive' (None: large enough).
-    prior_channels: indices of the relative-height input channels (lib.normalize.relative_height_channels),
+    prior_channels: indices of the relative-height input channels (lib.data.normalize.relative_height_channels),
     read when cfg.classical_prior is set.
     Output: (B, 1, H, W) logits for segmentation/regression, (B, num_classes) for classification.
     """

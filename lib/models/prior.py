@@ -40,8 +40,8 @@ import math
 import torch
 from torch import nn
 
-from lib.errors import ModelError
-from lib.gaps import IGNORE
+from lib.core.errors import ModelError
+from lib.gaps.masks import IGNORE
 
 INITIAL_GAIN = 16.0  # logits per normalised unit: about 1 logit per metre at the usual ~17 m scale
 TRUST_RANGE = 4.0    # the trust channel scales the gain by at most e^4 either way (bounded: no overflow)
@@ -52,7 +52,7 @@ GATE_START = -2.0    # the gate's first logit: weight 0.12 on the classical meth
 class ClassicalPrior(nn.Module):
     """gain * (T - h) + bias, h a learned convex mix of the relative-height input channels (bias optional).
 
-    Inputs and threshold are in the same normalised units (lib.normalize), so T - h compares metres.
+    Inputs and threshold are in the same normalised units (lib.data.normalize), so T - h compares metres.
     At init the mix is uniform and the bias zero: p = 0.5 exactly where h = T, as in the classical rule.
     trust_map: the network's output has more channels, per-pixel knobs of the rule (see rule()).
     """

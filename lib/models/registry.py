@@ -5,7 +5,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lib.errors import ModelError
+from lib.core.errors import ModelError
 
 
 class ForestModel(nn.Module):

@@ -1,0 +1,157 @@
+"""GeoPackage (OGC 12-128, v1.3) of gap polygons with the standard library's sqlite3, and a reader.
+
+One feature table of MULTIPOLYGONs: GPKG geometry blobs ("GP" header, SRS id, xy envelope) holding
+little-endian WKB. The CRS row carries the EPSG code from the GeoTIFF keys; its definition is
+"undefined" (no projection database here), which GDAL resolves from the EPSG code.
+"""
+import sqlite3
+import struct
+from contextlib import closing
+from pathlib import Path
+
+import numpy as np
+
+from lib.core.atomic import replacing
+from lib.core.errors import DataError
+
+APPLICATION_ID, USER_VERSION = 0x47504B47, 10300        # "GPKG", version 1.3.0
+_WGS84 = ('GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563,AUTHORITY["EPSG",'
+          '"7030"]],AUTHORITY["EPSG","6326"]],PRIMEM["Greenwich",0,AUTHORITY["EPSG","8901"]],UNIT["degree",'
+          '0.0174532925199433,AUTHORITY["EPSG","9122"]],AUTHORITY["EPSG","4326"]]')
+_SCHEMA = """
+CREATE TABLE gpkg_spatial_ref_sys (srs_name TEXT NOT NULL, srs_id INTEGER PRIMARY KEY,
+  organization TEXT NOT NULL, organization_coordsys_id INTEGER NOT NULL, definition TEXT NOT NULL,
+  description TEXT);
+CREATE TABLE gpkg_contents (table_name TEXT NOT NULL PRIMARY KEY, data_type TEXT NOT NULL,
+  identifier TEXT UNIQUE, description TEXT DEFAULT '',
+  last_change DATETIME NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
+  min_x DOUBLE, min_y DOUBLE, max_x DOUBLE, max_y DOUBLE, srs_id INTEGER,
+  CONSTRAINT fk_gc_r_srs_id FOREIGN KEY (srs_id) REFERENCES gpkg_spatial_ref_sys(srs_id));
+CREATE TABLE gpkg_geometry_columns (table_name TEXT NOT NULL, column_name TEXT NOT NULL,
+  geometry_type_name TEXT NOT NULL, srs_id INTEGER NOT NULL, z TINYINT NOT NULL, m TINYINT NOT NULL,
+  CONSTRAINT pk_geom_cols PRIMARY KEY (table_name, column_name),
+  CONSTRAINT uk_gc_table_name UNIQUE (table_name),
+  CONSTRAINT fk_gc_tn FOREIGN KEY (table_name) REFERENCES gpkg_contents(table_name),
+  CONSTRAINT fk_gc_srs FOREIGN KEY (srs_id) REFERENCES gpkg_spatial_ref_sys (srs_id));
+"""
+_WKB_POLYGON, _WKB_MULTIPOLYGON = 3, 6
+_REQUIRED_SRS = [  # (srs_name, srs_id, organization, organization_coordsys_id, definition, description)
+    ("Undefined cartesian SRS", -1, "NONE", -1, "undefined", "undefined cartesian coordinate system"),
+    ("Undefined geographic SRS", 0, "NONE", 0, "undefined", "undefined geographic coordinate system"),
+    ("WGS 84 geodetic", 4326, "EPSG", 4326, _WGS84, "longitude/latitude in decimal degrees on WGS 84")]
+
+
+def write_gpkg(path, polygons, columns: dict[str, np.ndarray], epsg: int | None,
+               crs_name: str | None = None, table: str = "gaps") -> None:
+    """Write GapPolygons with one attribute column per entry of `columns` (int, float or str), atomically.
+
+    epsg None writes the GeoPackage's "undefined Cartesian" CRS (srs_id -1).
+    """
+    path = Path(path)
+    srs_id = int(epsg) if epsg else -1
+    with replacing(path) as tmp:
+        with closing(sqlite3.connect(tmp)) as db, db:
+            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            db.execute(f"PRAGMA user_version = {USER_VERSION}")
+            db.executescript(_SCHEMA)
+            rows = list(_REQUIRED_SRS)
+            if srs_id not in (-1, 0, 4326):
+                rows.append((crs_name or f"EPSG:{srs_id}", srs_id, "EPSG", srs_id, "undefined",
+                             f"EPSG:{srs_id} from the GeoTIFF keys"))
+            db.executemany("INSERT INTO gpkg_spatial_ref_sys VALUES (?, ?, ?, ?, ?, ?)", rows)
+            _write_features(db, table, polygons, columns, srs_id)
+
+
+def _write_features(db, table: str, polygons, columns: dict, srs_id: int) -> None:
+    """The feature table, its gpkg_contents row (with the extent) and its geometry column row."""
+    types = {name: _sql_type(np.asarray(values)) for name, values in columns.items()}
+    fields = "".join(f', "{name}" {kind}' for name, kind in types.items())
+    db.execute(f'CREATE TABLE "{table}" (fid INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL, '
+               f'geom MULTIPOLYGON{fields})')
+    marks = ", ".join("?" * (len(types) + 1))
+    names = ", ".join(f'"{name}"' for name in ["geom", *types])
+    db.executemany(f'INSERT INTO "{table}" ({names}) VALUES ({marks})',
+                   ([geometry_blob(parts, srs_id), *props.values()]
+                    for parts, props in polygons.features(columns)))
+    xy = polygons.coords
+    extent = (xy[:, 0].min(), xy[:, 1].min(), xy[:, 0].max(), xy[:, 1].max()) if len(xy) else (None,) * 4
+    db.execute("INSERT INTO gpkg_contents (table_name, data_type, identifier, min_x, min_y, max_x, max_y, "
+               "srs_id) VALUES (?, 'features', ?, ?, ?, ?, ?, ?)",
+               (table, table, *map(_plain, extent), srs_id))
+    db.execute("INSERT INTO gpkg_geometry_columns VALUES (?, 'geom', 'MULTIPOLYGON', ?, 0, 0)",
+               (table, srs_id))
+
+
+def geometry_blob(parts: list[list[np.ndarray]], srs_id: int) -> bytes:
+    """GPKG geometry: "GP", version 0, flags (little-endian, xy envelope), srs id, envelope, WKB."""
+    xy = np.concatenate([ring for rings in parts for ring in rings]) if parts else np.zeros((0, 2))
+    envelope = (xy[:, 0].min(), xy[:, 0].max(), xy[:, 1].min(), xy[:, 1].max()) if len(xy) else (np.nan,) * 4
+    flags = 0b0000_0011 if len(xy) else 0b0001_0011             # bit 4: empty geometry
+    wkb = [struct.pack("<BII", 1, _WKB_MULTIPOLYGON, len(parts))]
+    for rings in parts:
+        wkb.append(struct.pack("<BII", 1, _WKB_POLYGON, len(rings)))
+        wkb += [struct.pack("<I", len(ring)) + np.ascontiguousarray(ring, "<f8").tobytes() for ring in rings]
+    return b"GP" + struct.pack("<BBi4d", 0, flags, srs_id, *envelope) + b"".join(wkb)
+
+
+def read_gpkg(path, table: str | None = None) -> tuple[int, list[dict]]:
+    """(srs_id, features) of a GeoPackage feature table; a feature: its columns + "parts" (rings (k, 2))."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        rows = db.execute("SELECT table_name, column_name, srs_id FROM gpkg_geometry_columns").fetchall()
+        match = [row for row in rows if table in (None, row[0])]
+        if not match:
+            raise DataError(f"{path}: no feature table {table!r}; found {[row[0] for row in rows]}")
+        name, column, srs_id = match[0]
+        cursor = db.execute(f'SELECT * FROM "{name}"')
+        names = [d[0] for d in cursor.description]
+        features = []
+        for row in cursor:
+            feature = dict(zip(names, row))
+            feature["parts"] = parse_blob(feature.pop(column), path)
+            features.append(feature)
+    return srs_id, features
+
+
+def parse_blob(blob: bytes, path="geometry") -> list[list[np.ndarray]]:
+    """GPKG blob of a little- or big-endian (Multi)Polygon -> [[ring (k, 2)], ...]."""
+    if blob[:2] != b"GP":
+        raise DataError(f"{path}: geometry blob does not start with 'GP' (found {blob[:2]!r})")
+    envelope_doubles = {0: 0, 1: 4, 2: 6, 3: 6, 4: 8}.get((blob[3] >> 1) & 7)
+    if envelope_doubles is None:
+        raise DataError(f"{path}: invalid envelope code {(blob[3] >> 1) & 7} in a geometry blob")
+    view = memoryview(blob)[8 + 8 * envelope_doubles:]
+    order = "<" if view[0] == 1 else ">"
+    kind, count = struct.unpack_from(order + "II", view, 1)
+    if kind == _WKB_POLYGON:
+        return [_polygon(view, 0)[0]]
+    if kind != _WKB_MULTIPOLYGON:
+        raise DataError(f"{path}: WKB geometry type {kind}; expected Polygon (3) or MultiPolygon (6)")
+    parts, at = [], 9
+    for _ in range(count):
+        rings, at = _polygon(view, at)
+        parts.append(rings)
+    return parts
+
+
+def _polygon(view, at: int) -> tuple[list[np.ndarray], int]:
+    """WKB Polygon at offset `at` -> (rings, offset after it)."""
+    order = "<" if view[at] == 1 else ">"
+    (count,) = struct.unpack_from(order + "I", view, at + 5)
+    at, rings = at + 9, []
+    for _ in range(count):
+        (k,) = struct.unpack_from(order + "I", view, at)
+        xy = np.frombuffer(view[at + 4:at + 4 + 16 * k], order + "f8")
+        rings.append(xy.reshape(k, 2).astype(np.float64))
+        at += 4 + 16 * k
+    return rings, at
+
+
+def _sql_type(values: np.ndarray) -> str:
+    return {"i": "INTEGER", "u": "INTEGER", "b": "INTEGER", "f": "REAL"}.get(values.dtype.kind, "TEXT")
+
+
+def _plain(value):
+    return None if value is None else float(value)

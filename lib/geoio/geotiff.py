@@ -1,0 +1,412 @@
+"""GeoTIFF I/O on numpy + tifffile: windowed reads, streaming tiled writes (the grid: lib/geoio/georef.py).
+
+tifffile parses the tags; strips and tiles are read and decoded here (lib/geoio/tiff_codecs.py), so LZW files
+read without imagecodecs and a window touches only the blocks it needs. Writes are tiled
+(256 x 256), deflate with a predictor, one IFD at the end, atomic via a temp file + os.replace.
+"""
+import logging
+import math
+import os
+import secrets
+import struct
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import tifffile
+
+from lib.geoio import tiff_codecs
+from lib.core.errors import RasterError
+from lib.geoio.georef import GeoInfo, check_same_grid, geotiff_tags, parse_geoinfo
+
+__all__ = ["GeoInfo", "RasterWriter", "check_same_grid", "iter_strips", "read_info", "read_pair",
+           "read_bands", "read_raster", "write_raster"]  # GeoInfo and check_same_grid live in lib/geoio/georef.py
+
+_FILL_VALUES = 9999.0  # +-9999 without a nodata tag is almost always an undeclared fill value
+_LOWEST_CHM_M = -1.0  # canopy heights below this are not interpolation noise but a DSM/DTM mismatch
+_TALLEST_MEDIAN_M = 120.0  # no forest's median canopy is this tall: the heights are not metres
+_TILE = 256
+_BIGTIFF_BYTES = 2**32 - 2**26  # rasters larger than this get 64-bit offsets (BigTIFF)
+
+
+# ----------------------------------------------------------------------------- reading
+# tifffile complains that GDAL_NODATA does not fit the sample type for GDAL's float32 nodata
+# -3.4028234663852886e+38 (a float64 string); geoinfo parses the tag itself, so drop that noise.
+logging.getLogger("tifffile").addFilter(lambda record: "GDAL_NODATA" not in record.getMessage())
+
+
+def _open(path) -> tifffile.TiffFile:
+    if not Path(path).is_file():
+        raise RasterError(f"{path}: no such file")
+    try:
+        tif = tifffile.TiffFile(path)
+    except (tifffile.TiffFileError, ValueError, OSError, struct.error) as exc:
+        raise RasterError(f"{path}: not a readable TIFF ({exc})") from None
+    if not len(tif.pages):  # the header points past the end: tifffile only warns
+        tif.close()
+        raise RasterError(f"{path}: truncated TIFF: no image directory in its {Path(path).stat().st_size} bytes")
+    return tif
+
+
+def _page_info(page, path) -> GeoInfo:
+    tags = {tag.code: tag.value for tag in page.tags.values()}
+    return parse_geoinfo(tags, page.imagelength, page.imagewidth, path)
+
+
+def read_info(path) -> GeoInfo:
+    """Grid and georeferencing of a GeoTIFF without reading its pixels."""
+    with _open(path) as tif:
+        return _page_info(tif.pages[0], path)
+
+
+class _Blocks:
+    """One band of a TIFF's first page: decodes only the strips/tiles a window touches."""
+
+    def __init__(self, path, band: int | None = None):
+        self.path = str(path)
+        self._tif = _open(path)
+        try:
+            self._setup(self._tif.pages[0], band)
+        except Exception:
+            self._tif.close()
+            raise
+
+    def _setup(self, page, band):
+        self.info = _page_info(page, self.path)
+        spp = int(page.samplesperpixel)
+        if band is None and spp != 1:
+            raise RasterError(f"{self.path}: expected one band, found {spp}",
+                              hint=f"extract the height band: gdal_translate -b 1 in.tif out.tif"
+                                   f" (in Python: band=1..{spp})")
+        if band is not None and not 1 <= band <= spp:
+            raise RasterError(f"{self.path}: band {band} requested, the file has bands 1..{spp}")
+        self._compression, self._predictor = int(page.compression), int(page.predictor)
+        if self._compression not in tiff_codecs.COMPRESSIONS:
+            name = getattr(page.compression, "name", str(self._compression))
+            raise RasterError(f"{self.path}: compression {name} ({self._compression}) is not supported;"
+                              f" supported: {', '.join(dict.fromkeys(tiff_codecs.COMPRESSIONS.values()))}",
+                              hint="convert it: gdal_translate -co COMPRESS=DEFLATE in.tif out.tif")
+        dtype = np.dtype(page.dtype) if page.dtype is not None else None
+        if dtype is None or dtype.kind not in "uif" or page.bitspersample != 8 * dtype.itemsize:
+            raise RasterError(f"{self.path}: {page.bitspersample}-bit {page.dtype} samples are not"
+                              f" supported; expected 8/16/32/64-bit integers or floats")
+        self.dtype = dtype.newbyteorder(self._tif.byteorder)
+        self._tiled = bool(page.is_tiled)
+        if self._tiled:
+            self._block = (int(page.tilelength), int(page.tilewidth))
+        else:
+            self._block = (min(int(page.rowsperstrip or self.info.height), self.info.height),
+                           self.info.width)
+        separate = spp > 1 and int(page.planarconfig) == 2
+        grid = [-(-n // b) for n, b in zip((self.info.height, self.info.width), self._block)]
+        self._grid_cols = grid[1]
+        self._first = ((band or 1) - 1) * grid[0] * grid[1] if separate else 0  # plane start
+        self._spp, self._sample = (1, 0) if separate else (spp, (band or 1) - 1)
+        self._offsets, self._counts = page.dataoffsets, page.databytecounts
+        self._cache = {}
+        nodata = self.info.nodata  # fills the blocks a sparse file leaves out, as GDAL does
+        fits = nodata is not None and (dtype.kind == "f" or (
+            nodata.is_integer() and np.iinfo(dtype).min <= nodata <= np.iinfo(dtype).max))
+        self._fill = nodata if fits else 0
+
+    def _raw(self, index: int) -> bytes:
+        offset, count = int(self._offsets[index]), int(self._counts[index])
+        if offset + count > self._tif.filehandle.size:
+            raise RasterError(f"{self.path}: truncated: block {index} ends at byte {offset + count},"
+                              f" the file has {self._tif.filehandle.size} bytes")
+        self._tif.filehandle.seek(offset)
+        return self._tif.filehandle.read(count)
+
+    def _decode(self, keys: list) -> list[np.ndarray]:
+        """Decode blocks (row, col) of the block grid together: [(rows, width)], native order.
+
+        A block with no bytes (a sparse file: GDAL's SPARSE_OK leaves all-nodata blocks out) is
+        the nodata value, or 0 without one.
+        """
+        th, tw = self._block
+        shapes = [(th if self._tiled else min(th, self.info.height - r * th), tw, self._spp)
+                  for r, _ in keys]  # the last strip is short; edge tiles are padded
+        index = [self._first + r * self._grid_cols + c for r, c in keys]
+        stored = [k for k, i in enumerate(index) if int(self._counts[i])]
+        try:
+            blocks = tiff_codecs.decode_segments([self._raw(index[k]) for k in stored], self._compression,
+                                         self._predictor, [shapes[k] for k in stored], self.dtype)
+        except ValueError as exc:
+            if len(stored) > 1:  # find the broken one to name it
+                for k in stored:
+                    self._decode([keys[k]])
+            raise RasterError(f"{self.path}: cannot decode block {index[stored[0]]}: {exc}") from None
+        decoded = dict(zip(stored, blocks))
+        return [decoded[k][:, :, self._sample] if k in decoded
+                else np.full(shapes[k][:2], self._fill, self.dtype.newbyteorder("="))
+                for k in range(len(keys))]
+
+    def read(self, row0: int, col0: int, height: int, width: int) -> np.ndarray:
+        """(height, width) samples in the file's dtype; keeps the blocks it used for the next call."""
+        th, tw = self._block
+        keys = [(br, bc) for br in range(row0 // th, (row0 + height - 1) // th + 1)
+                for bc in range(col0 // tw, (col0 + width - 1) // tw + 1)]
+        missing = [key for key in keys if key not in self._cache]
+        self._cache = {key: self._cache.get(key) for key in keys if key in self._cache}
+        self._cache.update(zip(missing, self._decode(missing)))  # one window's blocks: bounded
+        out = np.empty((height, width), self.dtype.newbyteorder("="))
+        for (br, bc), block in self._cache.items():
+            r0, r1 = max(row0, br * th), min(row0 + height, (br + 1) * th)
+            c0, c1 = max(col0, bc * tw), min(col0 + width, (bc + 1) * tw)
+            out[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = \
+                block[r0 - br * th : r1 - br * th, c0 - bc * tw : c1 - bc * tw]
+        return out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._tif.close()
+
+
+def _to_float32(raw: np.ndarray, nodata: float | None) -> np.ndarray:
+    """float32 copy with the nodata value and non-finite values as NaN."""
+    with np.errstate(over="ignore"):  # float64 beyond float32 range -> inf -> NaN below
+        out = raw.astype(np.float32)
+    if nodata is not None and not math.isnan(nodata):
+        if raw.dtype.kind == "f":
+            out[raw == raw.dtype.type(nodata)] = np.nan
+        elif nodata.is_integer() and np.iinfo(raw.dtype).min <= nodata <= np.iinfo(raw.dtype).max:
+            out[raw == int(nodata)] = np.nan
+    out[np.isinf(out)] = np.nan
+    return out
+
+
+def _warn_fill(path, n_fill: int, n_total: int) -> None:
+    if n_fill:
+        warnings.warn(f"{path}: {n_fill / n_total:.2%} of pixels are +-9999 and the file has no"
+                      f" nodata tag; values kept (set GDAL_NODATA if they are fill values)",
+                      stacklevel=3)
+
+
+def _window(window, info: GeoInfo, path) -> tuple[int, int, int, int]:
+    row0, col0, h, w = (0, 0, info.height, info.width) if window is None else map(int, window)
+    if h <= 0 or w <= 0 or row0 < 0 or col0 < 0 or row0 + h > info.height or col0 + w > info.width:
+        raise RasterError(f"{path}: window (row0, col0, h, w) = {tuple(window)} is not inside the"
+                          f" {info.height}x{info.width} raster")
+    return row0, col0, h, w
+
+
+def read_raster(path, window=None, band: int | None = None) -> tuple[np.ndarray, GeoInfo]:
+    """float32 (H, W) with nodata as NaN, and its GeoInfo; window=(row0, col0, h, w) reads a part.
+
+    band is 1-based (as in GDAL) and needed only for multi-band files.
+    """
+    with _Blocks(path, band) as blocks:
+        row0, col0, h, w = _window(window, blocks.info, path)
+        values = _to_float32(blocks.read(row0, col0, h, w), blocks.info.nodata)
+    if blocks.info.nodata is None:
+        _warn_fill(path, int(np.count_nonzero(np.abs(values) == _FILL_VALUES)), values.size)
+    return values, blocks.info.window(row0, col0, h, w)
+
+
+def read_bands(path) -> np.ndarray:
+    """Every band of a (multi-band) GeoTIFF as float32 (C, H, W), nodata as NaN (EuroSAT-style tiles)."""
+    with _open(path) as tif:
+        bands = int(tif.pages[0].samplesperpixel)
+    return np.stack([read_raster(path, band=b)[0] for b in range(1, bands + 1)])
+
+
+def iter_strips(path, rows: int, band: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (row0, float32 (<=rows, W)) top to bottom; memory stays one strip of blocks."""
+    if rows < 1:
+        raise RasterError(f"{path}: iter_strips needs rows >= 1, got {rows}")
+    with _Blocks(path, band) as blocks:
+        info, n_fill = blocks.info, 0
+        for row0 in range(0, info.height, rows):
+            h = min(rows, info.height - row0)
+            block = _to_float32(blocks.read(row0, 0, h, info.width), info.nodata)
+            if info.nodata is None:
+                n_fill += int(np.count_nonzero(np.abs(block) == _FILL_VALUES))
+            yield row0, block
+    _warn_fill(path, n_fill, info.height * info.width)
+
+
+# ----------------------------------------------------------------------------- writing
+_TYPES = {2: "s", 3: "H", 4: "I", 12: "d", 16: "Q"}  # TIFF field type -> struct code
+_SAMPLE_FORMAT = {"u": 1, "i": 2, "f": 3}
+
+
+def _ifd(tags: list, at: int, big: bool) -> bytes:
+    """One IFD written at file offset `at`; values too long to sit inline follow it."""
+    count_fmt, entry_fmt, slot = ("<Q", "<HHQ", 8) if big else ("<H", "<HHI", 4)
+    size = struct.calcsize(count_fmt) + len(tags) * (struct.calcsize(entry_fmt) + slot) + slot
+    entries, extra = [], b""
+    for code, typ, values in sorted(tags):
+        if typ == 2:
+            data = values.encode("ascii") + b"\0"
+        else:
+            data = struct.pack(f"<{len(values)}{_TYPES[typ]}", *values)
+        count = len(data) if typ == 2 else len(values)
+        if len(data) <= slot:
+            field = data.ljust(slot, b"\0")
+        else:
+            field = struct.pack("<Q" if big else "<I", at + size + len(extra))
+            extra += data + b"\0" * (len(data) % 2)  # keep values word-aligned
+        entries.append(struct.pack(entry_fmt, code, typ, count) + field)
+    return struct.pack(count_fmt, len(tags)) + b"".join(entries) + bytes(slot) + extra
+
+
+def _check_cast(block: np.ndarray, dtype: np.dtype, path) -> None:
+    """Floats never go silently into integer rasters; integers must fit the target type."""
+    fits = block.dtype.kind in "uib" and dtype.kind in "ui" and (block.size == 0 or (
+        np.iinfo(dtype).min <= block.min() and block.max() <= np.iinfo(dtype).max))
+    if not (fits or np.can_cast(block.dtype, dtype, "same_kind")):
+        raise RasterError(f"{path}: cannot store {block.dtype} values as {dtype.name}")
+
+
+class RasterWriter:
+    """Stream a GeoTIFF top to bottom in bounded memory (one row of 256 x 256 tiles).
+
+    with RasterWriter(path, info, np.float32) as out:
+        for row0, block in blocks: out.write(row0, block)   # renamed into place on success
+    """
+
+    def __init__(self, path, info: GeoInfo, dtype, nodata=None, compress: bool = True):
+        self.path, self.info, self.compress = Path(path), info, compress
+        dtype = np.dtype(np.uint8 if np.dtype(dtype) == bool else dtype)
+        if dtype.kind not in _SAMPLE_FORMAT:
+            raise RasterError(f"{path}: cannot write {dtype} rasters; expected integers or floats")
+        if nodata is not None and dtype.kind in "ui" and not (
+                float(nodata).is_integer() and np.iinfo(dtype).min <= nodata <= np.iinfo(dtype).max):
+            raise RasterError(f"{path}: nodata {nodata} does not fit {dtype}")
+        self.dtype, self.nodata, self._row = dtype.newbyteorder("<"), nodata, 0
+        self._cols = -(-info.width // _TILE)  # tiles per row
+        self._buf = np.zeros((_TILE, self._cols * _TILE), self.dtype)  # one tile row
+        self._big = info.height * info.width * dtype.itemsize > _BIGTIFF_BYTES
+        self._offsets, self._counts = [], []
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            self._fh = open(self._tmp, "xb")  # beside the target, so os.replace is atomic
+        except OSError as exc:
+            raise RasterError(f"{path}: cannot create the output ({exc})") from None
+        self._fh.write(bytes(16 if self._big else 8))  # header, patched in close()
+
+    def write(self, row0: int, block) -> None:
+        """Append rows [row0, row0 + len(block)); blocks must come in order, top to bottom."""
+        block = np.asarray(block)
+        if row0 != self._row:
+            raise RasterError(f"{self.path}: blocks must arrive top to bottom: expected row0="
+                              f"{self._row}, got {row0}")
+        if block.ndim != 2 or block.shape[1] != self.info.width or row0 + len(block) > self.info.height:
+            raise RasterError(f"{self.path}: block {block.shape} at row {row0} does not fit the"
+                              f" {self.info.height}x{self.info.width} raster")
+        _check_cast(block, self.dtype, self.path)
+        done = 0
+        while done < len(block):  # fill the tile row; encode it when full
+            fill = self._row % _TILE
+            n = min(_TILE - fill, len(block) - done)
+            self._buf[fill : fill + n, : self.info.width] = block[done : done + n]
+            self._row, done = self._row + n, done + n
+            if self._row % _TILE == 0:
+                self._flush_tiles()
+
+    def _flush_tiles(self) -> None:
+        tiles = self._buf.reshape(_TILE, self._cols, _TILE).transpose(1, 0, 2)  # (cols, T, T)
+        for data in tiff_codecs.encode_tiles(np.ascontiguousarray(tiles), self.compress):
+            self._offsets.append(self._fh.tell())
+            self._counts.append(len(data))
+            self._fh.write(data)
+        self._buf[:] = 0  # edge tiles are zero-padded
+
+    def close(self) -> None:
+        """Write the IFD and move the file into place; fails if rows are missing."""
+        if self._row != self.info.height:
+            raise RasterError(f"{self.path}: only {self._row} of {self.info.height} rows were written")
+        if self._row % _TILE:
+            self._flush_tiles()
+        offset_type, kind = (16 if self._big else 4), self.dtype.kind
+        tags = [(256, 4, (self.info.width,)), (257, 4, (self.info.height,)),
+                (258, 3, (8 * self.dtype.itemsize,)), (259, 3, (8 if self.compress else 1,)),
+                (262, 3, (1,)), (277, 3, (1,)), (284, 3, (1,)),
+                (317, 3, (tiff_codecs.predictor_for(self.dtype) if self.compress else 1,)),
+                (322, 3, (_TILE,)), (323, 3, (_TILE,)), (324, offset_type, self._offsets),
+                (325, offset_type, self._counts), (339, 3, (_SAMPLE_FORMAT[kind],)),
+                *geotiff_tags(self.info, self.nodata)]
+        at = self._fh.seek(0, os.SEEK_END)
+        at += self._fh.write(bytes(at % 2))  # IFDs start on a word boundary
+        self._fh.write(_ifd(tags, at, self._big))
+        self._fh.seek(0)
+        self._fh.write(b"II+\0" + struct.pack("<HHQ", 8, 0, at) if self._big
+                       else b"II*\0" + struct.pack("<I", at))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop the temp file; the destination is left untouched."""
+        self._fh.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
+
+
+def write_raster(path, array, info: GeoInfo, nodata=None, compress: bool = True) -> None:
+    """Write a 2-D array as a tiled GeoTIFF on `info`'s grid (info.nodata is ignored: NaN is NaN).
+
+    nodata, when given, is written as GDAL_NODATA (e.g. 255 for a uint8 mask).
+    """
+    array = np.asarray(array)
+    if array.shape != (info.height, info.width):
+        raise RasterError(f"{path}: array shape {array.shape} does not match the grid"
+                          f" {info.height}x{info.width}")
+    with RasterWriter(path, info, array.dtype, nodata=nodata, compress=compress) as out:
+        out.write(0, array)
+
+
+# ----------------------------------------------------------------------------- pairs
+def read_pair(dsm, chm=None, dtm=None, window=None) -> tuple[np.ndarray, np.ndarray, GeoInfo]:
+    """(dsm, chm, info) on one checked grid; chm = dsm - dtm when a DTM is given.
+
+    A pixel that is nodata in either input is NaN in both outputs.
+    """
+    if (chm is None) == (dtm is None):
+        raise RasterError(f"read_pair needs exactly one of chm= or dtm=, got chm={chm}, dtm={dtm}")
+    other = chm if chm is not None else dtm
+    check_same_grid({str(dsm): read_info(dsm), str(other): read_info(other)})
+    surface, info = read_raster(dsm, window)
+    second, _ = read_raster(other, window)
+    height = second if chm is not None else surface - second
+    invalid = np.isnan(surface) | np.isnan(height)
+    surface[invalid] = np.nan
+    height[invalid] = np.nan
+    if window is None:
+        check_heights(height, f"{dsm} with {other}")
+    return surface, height, info
+
+
+def check_heights(chm: np.ndarray, where) -> None:
+    """RasterError when no pixel is valid; warnings for canopy heights below -1 m and for a median
+    canopy too tall to be in metres (scaled integers: centimetres, decimetres)."""
+    n_valid = int(np.count_nonzero(~np.isnan(chm)))
+    if not n_valid:
+        raise RasterError(f"{where}: every pixel is nodata",
+                          hint="check the files and their nodata value (GDAL_NODATA tag)")
+    n_low = int(np.count_nonzero(chm < _LOWEST_CHM_M))  # NaN compares False
+    if n_low:
+        warnings.warn(f"{where}: {n_low / n_valid:.2%} of the valid canopy heights are below {_LOWEST_CHM_M:g} m "
+                      f"(lowest {np.nanmin(chm):.2f} m); check the DSM/DTM order, units and vertical datum",
+                      stacklevel=2)
+    median = float(np.nanmedian(chm.ravel()[:: max(1, chm.size // 2**20)]))  # a sample: ~1 M pixels
+    if median > _TALLEST_MEDIAN_M:
+        warnings.warn(f"{where}: the median canopy height is {median:g}, over {_TALLEST_MEDIAN_M:g} m: not a"
+                      f" CHM in metres (a DSM given as CHM? centimetres or other scaled integers must be"
+                      f" converted to metres first)", stacklevel=2)

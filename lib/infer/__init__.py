@@ -1,0 +1,1 @@
+"""Inference and evaluation: checkpoint loading, scene mapping, scores, quality, export, shipped weights."""

@@ -1,0 +1,259 @@
+"""Checkpoint -> a model that takes raw DSM metres and thresholds in metres (or, for a tile classifier,
+raw band values): the one loading path shared by evaluate, predict and export, so deployment cannot
+drift from training.
+
+Shipped weights (`weights/gaps_dsm_v5.pt`, used when no checkpoint is named) are checked against the
+sha256 of their card before loading. A weights card is `<stem>.json` beside the file:
+
+    {"file": "gaps_dsm_v5.pt", "sha256": "<64 hex digits>", "bytes": 1234567, "pixel_size_m": 1.0,
+     "threshold_range_m": [1.0, 30.0], "command": "python train.py --config configs/pretrain.json", ...}
+
+("file" and "sha256" are required, the rest is provenance), or, for the shipped file only,
+`weights/MODEL_CARD.md` with a line `sha256: <64 hex digits>` (lib/infer/weights.py).
+"""
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lib.data.bands import normalizer_from_stats
+from lib.train.checkpoint import load_checkpoint
+from lib.core.config import build_config
+from lib.core.errors import ConfigError, ModelError
+from lib.models import build_model, rebuild_model
+from lib.data.normalize import Normalizer, relative_height_channels
+from lib.infer.weights import DEFAULT_WEIGHTS, file_sha256, verified_weights
+
+log = logging.getLogger(__name__)
+EXPORTED = (".ts", ".pt2")  # TorchScript, torch.export ExportedProgram: both need their model card
+
+
+class InferenceModel(torch.nn.Module):
+    """normalise -> model -> sigmoid. forward(dsm (B,1,H,W) metres with NaN, thresholds (B,) metres) -> (B,1,H,W).
+
+    Nodata pixels enter the model as 0 (lib.data.normalize) and come out with a finite but meaningless
+    probability: callers mask them (lib.infer.scene_windows writes nodata there).
+    """
+
+    def __init__(self, normalizer: Normalizer, model: torch.nn.Module):
+        super().__init__()
+        self.normalizer, self.model = normalizer, model
+
+    def forward(self, dsm: torch.Tensor, thresholds_m: torch.Tensor) -> torch.Tensor:
+        x = self.normalizer(dsm)
+        logits = self.model(x, self.normalizer.normalise_threshold(thresholds_m))
+        return torch.sigmoid(logits.float())
+
+    def forward_thresholds(self, dsm: torch.Tensor, thresholds_m: torch.Tensor) -> torch.Tensor:
+        """dsm (B,1,H,W), thresholds (K,) -> (B,K,H,W) in one forward pass, each window normalised once.
+
+        Equal to forward on the DSM repeated K times (the normalisation is per window), without K sorts.
+        """
+        b, k = dsm.shape[0], thresholds_m.numel()
+        x = self.normalizer(dsm).repeat_interleave(k, dim=0)                  # (B*K, C, H, W), row = b*K + k
+        t = self.normalizer.normalise_threshold(thresholds_m).repeat(b)      # (B*K,)
+        return torch.sigmoid(self.model(x, t).float()).view(b, k, *dsm.shape[-2:])
+
+    def compile(self, *args, **kwargs) -> None:
+        """torch.compile the normaliser and the model in place, so forward and forward_thresholds both use them."""
+        self.normalizer.compile(*args, **kwargs)
+        self.model.compile(*args, **kwargs)
+
+
+class EnsembleModel(torch.nn.Module):
+    """The mean of several InferenceModels' probabilities: runs of one recipe trade the steep scene against
+    the flat one differently (docs/quality.md), and their mean is steadier than any one of them."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, dsm: torch.Tensor, thresholds_m: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(dsm, thresholds_m) for m in self.members]).mean(0)
+
+    def forward_thresholds(self, dsm: torch.Tensor, thresholds_m: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m.forward_thresholds(dsm, thresholds_m) for m in self.members]).mean(0)
+
+    def compile(self, *args, **kwargs) -> None:
+        for member in self.members:
+            member.compile(*args, **kwargs)
+
+
+class ClassifierModel(torch.nn.Module):
+    """normalise bands -> model -> softmax. forward(image (B,C,H,W) raw band values, NaN = nodata) -> (B, classes)."""
+
+    def __init__(self, normalizer: torch.nn.Module, model: torch.nn.Module):
+        super().__init__()
+        self.normalizer, self.model = normalizer, model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits = self.model(self.normalizer(image))                         # (B, classes)
+        return torch.softmax(logits.float(), dim=1)
+
+
+@dataclass
+class LoadedModel:
+    net: torch.nn.Module          # InferenceModel, or an exported module with the same forward
+    thresholds_m: list[float]     # thresholds seen in training
+    pixel_size_m: float
+    tile_px: int
+    stride: int
+    config: object = None         # lib.core.schema.Config, None for exported models
+    meta: dict = field(default_factory=dict)  # metrics, version, normalisation
+    task: str = "segmentation"    # data.task: segmentation and regression map gaps, classification labels tiles
+    class_names: list[str] = field(default_factory=list)  # classification only, in output order
+
+
+def resolve_checkpoint(path=None) -> Path:
+    """path, or the shipped weights when path is None; ModelError when neither exists."""
+    if path is not None:
+        return Path(path)
+    if not DEFAULT_WEIGHTS.is_file():
+        raise ModelError(f"no --checkpoint given and no shipped model at {DEFAULT_WEIGHTS}",
+                         hint="pass --checkpoint runs/<name>/best.ckpt, or restore the weights from git")
+    return DEFAULT_WEIGHTS
+
+
+def check_weights_card(path: Path) -> None:
+    """Verify path's sha256 against its weights card (<stem>.json naming it); the shipped file must have one."""
+    card_path = path.with_suffix(".json")
+    card = {}
+    if card_path.is_file():
+        try:
+            card = json.loads(card_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelError(f"{card_path}: weights card is not JSON ({exc})") from None
+    if isinstance(card, dict) and card.get("file") == path.name and "sha256" in card:
+        got = file_sha256(path)
+        if got != str(card["sha256"]).lower():
+            raise ModelError(f"{path} has sha256 {got} but its card {card_path} records {card['sha256']}",
+                             hint="the file is corrupt, partially downloaded, or not the weights the card describes")
+    elif path.resolve() == DEFAULT_WEIGHTS.resolve():
+        verified_weights(path)                                              # weights/MODEL_CARD.md
+
+
+def load_model(path: str | Path, device="cpu") -> LoadedModel:
+    """A checkpoint (.ckpt/.pt, weights_only) or an exported model (.ts TorchScript, .pt2 ExportedProgram)."""
+    path = Path(path)
+    if path.suffix in EXPORTED:
+        return _load_exported(path, device)
+    check_weights_card(path)
+    ckpt = load_checkpoint(path, map_location="cpu")
+    cfg = build_config(ckpt["config"], source=f"{path} (embedded config)")
+    if cfg.data.task == "classification":
+        return _load_classifier(path, ckpt, cfg, device)
+    normalizer = Normalizer.from_stats(ckpt["normalization"])
+    model = build_model(cfg.model, task=cfg.data.task, in_channels=normalizer.out_channels,
+                        batch_size=cfg.train.batch_size, prior_channels=relative_height_channels(normalizer.features))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise ModelError(f"{path}: weights do not fit model {cfg.model.name!r}: {str(exc).splitlines()[0]}") from None
+    net = InferenceModel(normalizer, model).to(device).eval()
+    meta = {"metrics": ckpt.get("metrics", {}), "version": ckpt.get("version", {}),
+            "normalization": ckpt["normalization"], "step": ckpt.get("step")}
+    return LoadedModel(net, list(cfg.data.thresholds_m), cfg.data.pixel_size_m, cfg.data.tile_px,
+                       getattr(model, "stride", 1), cfg, meta)
+
+
+def load_models(paths, device="cpu") -> LoadedModel:
+    """One checkpoint (load_model) or, for several, their ensemble (load_ensemble)."""
+    return load_model(paths[0], device) if len(paths) == 1 else load_ensemble(paths, device)
+
+
+def load_ensemble(paths, device="cpu") -> LoadedModel:
+    """Several gap-map checkpoints averaged (EnsembleModel); the first one's config, window and thresholds.
+
+    The members must map gaps (not exported, not classifiers) at one pixel size, from one training set of
+    thresholds: otherwise their mean has no single meaning, and a ModelError names the odd one.
+    """
+    loaded = [load_model(p, device) for p in paths]
+    first, name = loaded[0], paths[0]
+    for path, member in zip(paths, loaded):
+        if not isinstance(member.net, InferenceModel) or member.task != "segmentation":
+            raise ModelError(f"{path}: an ensemble averages gap-map checkpoints (.ckpt/.pt of data.task "
+                             f"'segmentation'), not {'an exported model' if member.config is None else member.task}")
+        if not math.isclose(member.pixel_size_m, first.pixel_size_m, rel_tol=0.01):
+            raise ModelError(f"{path} was trained on {member.pixel_size_m:g} m pixels but {name} on "
+                             f"{first.pixel_size_m:g} m: ensemble members must share the pixel size")
+        if _threshold_training(member) != _threshold_training(first):
+            raise ModelError(f"{path} was trained on thresholds {_threshold_training(member)} but {name} on "
+                             f"{_threshold_training(first)}: ensemble members must share them")
+    meta = {"members": [{"checkpoint": str(p), **m.meta} for p, m in zip(paths, loaded)]}
+    return LoadedModel(EnsembleModel([m.net for m in loaded]).eval(), first.thresholds_m, first.pixel_size_m,
+                       first.tile_px, first.stride, first.config, meta)
+
+
+def _threshold_training(loaded: LoadedModel) -> tuple:
+    """What a model's thresholds mean: the fixed ones, or the continuous sampling and its range."""
+    train = loaded.config.train
+    if str(train.threshold_sampling).startswith("continuous"):
+        return ("continuous", *map(float, train.threshold_range_m))
+    return ("fixed", *map(float, loaded.thresholds_m))
+
+
+def _load_classifier(path: Path, ckpt: dict, cfg, device) -> LoadedModel:
+    """A tile classifier: per-band normaliser + model + softmax, and its class names."""
+    try:
+        model = rebuild_model(cfg.model, ckpt["model"])
+    except RuntimeError as exc:
+        raise ModelError(f"{path}: weights do not fit model {cfg.model.name!r}: {str(exc).splitlines()[0]}") from None
+    classes = model.build_kwargs["num_classes"]
+    names = ckpt.get("task", {}).get("class_names") or [f"class_{i}" for i in range(classes)]  # older checkpoints
+    net = ClassifierModel(normalizer_from_stats(ckpt["normalization"]), model).to(device).eval()
+    meta = {"metrics": ckpt.get("metrics", {}), "version": ckpt.get("version", {}),
+            "normalization": ckpt["normalization"], "step": ckpt.get("step")}
+    return LoadedModel(net, [], cfg.data.pixel_size_m, cfg.data.tile_px, 1, cfg, meta, "classification", names)
+
+
+def _load_exported(path: Path, device) -> LoadedModel:
+    """An exported model and what its model card (same stem, .json, written by lib/export) says about it."""
+    card_path = path.with_suffix(".json")
+    if not card_path.is_file():
+        raise ModelError(f"{path}: exported model has no model card {card_path.name} beside it")
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    try:
+        if path.suffix == ".ts":
+            net = torch.jit.load(str(path), map_location=device).eval()
+        else:  # an ExportedProgram's module has no train/eval modes: it was exported in eval mode
+            program = torch.export.load(str(path))
+            if torch.device(device).type != "cpu":
+                from torch.export.passes import move_to_device_pass
+                program = move_to_device_pass(program, device)
+            net = program.module()
+    except Exception as exc:  # torch raises RuntimeError, ValueError... for foreign or truncated files
+        raise ModelError(f"cannot load exported model {path}: {str(exc).splitlines()[0][:200]}") from None
+    return LoadedModel(net, card["thresholds_m"], card["pixel_size_m"], card["tile_px"], card["stride"],
+                       None, card, card.get("task", "segmentation"), card.get("class_names", []))
+
+
+def check_thresholds(requested, trained_m, train_cfg) -> list[float]:
+    """The thresholds to map: the trained ones when none are requested.
+
+    They must be distinct finite heights > 0 m. A model trained on fixed thresholds maps only those; one
+    trained with continuous thresholds (train.threshold_sampling continuous or continuous_log) maps any,
+    with a warning outside train.threshold_range_m.
+    """
+    thresholds = [float(t) for t in (requested or trained_m)]
+    bad = [t for t in thresholds if not (math.isfinite(t) and t > 0)]
+    if bad:  # CHM <= 0 m is never a gap definition; NaN/inf would map nothing or everything
+        raise ConfigError(f"--thresholds must be canopy heights in metres > 0, found {bad}",
+                          hint="e.g. --thresholds 2 5 10 15")
+    if len(set(thresholds)) != len(thresholds):
+        raise ConfigError(f"--thresholds must be distinct, found {thresholds}")
+    if str(getattr(train_cfg, "threshold_sampling", "")).startswith("continuous"):
+        low, high = train_cfg.threshold_range_m
+        outside = [t for t in thresholds if not low <= t <= high]
+        if outside:
+            log.warning("WARNING: thresholds %s m are outside the range the model was trained on "
+                        "(continuous thresholds in [%g, %g] m): it extrapolates there", outside, low, high)
+        return thresholds
+    untrained = [t for t in thresholds if not any(math.isclose(t, u, abs_tol=1e-6) for u in trained_m)]
+    if untrained:
+        raise ConfigError(f"thresholds {untrained} m were not trained: this model was trained on the fixed "
+                          f"thresholds {list(trained_m)} m (train.threshold_sampling is not 'continuous')",
+                          hint="use trained thresholds, or a model trained with --train.threshold_sampling=continuous")
+    return thresholds

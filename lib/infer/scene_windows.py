@@ -1,0 +1,296 @@
+"""Whole-scene gap mapping: overlapping windows blended with a smooth weight, streamed strip by strip.
+
+Memory is bounded by the window batch and one window-high strip of rows, not by the scene: the input is
+read as strips of `window_px` rows (the overlap with the next strip is the halo), the accumulator holds
+only the rows in flight, and finished rows go straight to `RasterWriter`s. All K thresholds of a window
+run in one forward pass (the window normalised once, repeated K times). Finished rows are made to nest
+over the thresholds (optional; lib.gaps.nesting), counting the raw maps' violations first. The area filter and
+the gap table need the whole mask (a gap may span many strips), so they run afterwards on the uint8 maps.
+The end-to-end driver (resampling, many scenes) is lib/infer/mapping.py.
+"""
+import functools
+import itertools
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lib.core.errors import ConfigError
+from lib.gaps.nesting import nest_probabilities, nesting_violations
+from lib.gaps.masks import IGNORE, gap_labels, gap_stats, threshold_tag, write_gap_table
+from lib.geoio.png import hillshade_quicklook, write_png
+from lib.geoio.geotiff import RasterWriter, iter_strips, read_info, read_raster, write_raster
+from lib.data.tiling import tile_origins
+
+BLEND_FLOOR = 1e-3  # weight at a window's outer edge: > 0, so scene borders (one window only) stay defined
+
+
+@dataclass(frozen=True)
+class ScenePlan:
+    """Window grid over a (height, width) scene; windows past the scene edge are padded with NaN."""
+
+    height: int
+    width: int
+    window_px: int
+    overlap_px: int
+    rows: tuple[int, ...]  # window top rows, increasing
+    cols: tuple[int, ...]  # window left columns, increasing
+
+    @property
+    def padded_width(self) -> int:
+        return max(self.width, self.window_px)
+
+
+def _starts(size: int, window_px: int, step_px: int) -> tuple[int, ...]:
+    """Window starts every step_px, the last flush with the edge; (0,) when the scene is smaller."""
+    return tuple(int(s) for s in tile_origins(max(size, window_px), window_px, window_px, step_px)[:, 0])
+
+
+def plan_scene(height: int, width: int, window_px: int, overlap: float, stride: int = 1) -> ScenePlan:
+    """Windows of window_px sharing round(overlap * window_px) pixels with each neighbour."""
+    if window_px % stride:
+        raise ConfigError(f"predict.window_px ({window_px}) must be a multiple of the model stride {stride}",
+                          hint=f"use {max(stride, window_px // stride * stride)}")
+    if not 0 <= overlap < 1:
+        raise ConfigError(f"predict.overlap must be in [0, 1), found {overlap}")
+    overlap_px = int(round(overlap * window_px))
+    step = window_px - overlap_px
+    return ScenePlan(height, width, window_px, overlap_px, _starts(height, window_px, step),
+                     _starts(width, window_px, step))
+
+
+def blend_ramp(window_px: int, overlap_px: int, floor: float = BLEND_FLOOR) -> torch.Tensor:
+    """(window_px,) profile: flat 1 in the middle, raised-cosine ramps over the overlap, never below floor.
+
+    Across an overlap of two neighbours the ramps are sin² and cos², so one window fades into the next;
+    dividing by the accumulated weight makes any coverage (scene borders, flush last windows) exact.
+    """
+    ramp = torch.ones(window_px, dtype=torch.float64)
+    if overlap_px:
+        phase = (torch.arange(overlap_px, dtype=torch.float64) + 0.5) / overlap_px * (torch.pi / 2)
+        ramp[:overlap_px] = torch.sin(phase) ** 2
+        ramp[-overlap_px:] = torch.minimum(ramp[-overlap_px:], ramp[:overlap_px].flip(0))
+    return (floor + (1 - floor) * ramp).float()
+
+
+def _coverage(ramp: torch.Tensor, starts, size: int) -> torch.Tensor:
+    """(size,) sum of the 1-D window weights `ramp` (w,) placed at `starts`."""
+    total = torch.zeros(size, dtype=ramp.dtype, device=ramp.device)
+    for s in starts:
+        total[s:s + len(ramp)] += ramp
+    return total
+
+
+def d4_average(fn, x: torch.Tensor) -> torch.Tensor:
+    """Mean of fn over the 8 rotations/flips of x (B,C,H,W), each output (B,K,H,W) mapped back."""
+    total = 0.0
+    for flip in (False, True):
+        xf = x.flip(-1) if flip else x
+        for k in range(4):
+            p = torch.rot90(fn(torch.rot90(xf, k, (-2, -1))), -k, (-2, -1))
+            total = total + (p.flip(-1) if flip else p)
+    return total / 8
+
+
+def _repeated(net, dsm: torch.Tensor, thresholds_m: torch.Tensor) -> torch.Tensor:
+    """(B,K,H,W) from a net taking one threshold per sample (exported models): each window repeated K times."""
+    b, k = dsm.shape[0], thresholds_m.numel()
+    x = dsm.repeat_interleave(k, dim=0)  # (B*K, 1, H, W), window-major: row = b*K + k
+    return net(x, thresholds_m.repeat(b)).view(b, k, *dsm.shape[-2:])
+
+
+def predict_thresholds(net, dsm: torch.Tensor, thresholds_m: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """dsm (B,1,H,W) metres -> probabilities (B,K,H,W) at the K thresholds, in ONE forward pass (or 8 with tta).
+
+    Uses net.forward_thresholds when it has one (lib.infer.loading: each window normalised once, not K times).
+    """
+    multi = getattr(net, "forward_thresholds", None) or functools.partial(_repeated, net)
+
+    def fn(x):
+        return multi(x, thresholds_m)
+    return d4_average(fn, dsm) if tta else fn(dsm)
+
+
+def _windows(path, plan: ScenePlan):
+    """(r0, c0, (w, w) float32 window) in row-major order; reads one strip of w rows per window row."""
+    w = plan.window_px
+    for r0 in plan.rows:
+        strip, _ = read_raster(path, window=(r0, 0, min(w, plan.height - r0), plan.width))
+        if strip.shape != (w, plan.padded_width):
+            strip = np.pad(strip, ((0, w - strip.shape[0]), (0, plan.padded_width - plan.width)),
+                           constant_values=np.nan)
+        for c0 in plan.cols:
+            yield r0, c0, strip[:, c0:c0 + w]
+
+
+class _RowAccumulator:
+    """Weighted probability sums for the rows in flight [row0, row0 + window_px) of the scene.
+
+    The weight is an outer product and the windows form a full grid, so the accumulated weight is the
+    outer product of two 1-D sums: no per-pixel weight buffer.
+    """
+
+    def __init__(self, k: int, plan: ScenePlan, device):
+        self.plan, self.row0 = plan, 0
+        w, width = plan.window_px, plan.padded_width
+        ramp = blend_ramp(w, plan.overlap_px).to(device)                          # (w,)
+        self.weight = torch.outer(ramp, ramp)                                     # (w, w)
+        self.row_weight = _coverage(ramp, plan.rows, plan.height + w)             # (H + w,)
+        self.col_weight = _coverage(ramp, plan.cols, width)                       # (W,)
+        self.probs = torch.zeros(k, w, width, device=device)                      # (K, w, W) sum of w*p
+        self.valid = torch.zeros(w, width, dtype=torch.bool, device=device)       # (w, W) DSM finite
+
+    def add(self, r0: int, c0: int, probs: torch.Tensor, valid: torch.Tensor) -> None:
+        """probs (K, w, w) and valid (w, w) of the window whose top-left pixel is (r0, c0)."""
+        w = self.plan.window_px
+        rows, cols = slice(r0 - self.row0, r0 - self.row0 + w), slice(c0, c0 + w)
+        self.probs[:, rows, cols] += probs * self.weight
+        self.valid[rows, cols] = valid
+
+    def pop_until(self, row: int) -> tuple[int, np.ndarray]:
+        """Finished rows [row0, row): (row0, (K, n, width) float32, NaN at nodata); the window moves down."""
+        n, width, w = row - self.row0, self.plan.width, self.plan.window_px
+        wsum = torch.outer(self.row_weight[self.row0:row], self.col_weight[:width])  # (n, width)
+        probs = self.probs[:, :n, :width] / wsum
+        probs = probs.masked_fill_(~self.valid[:n, :width], torch.nan).cpu().numpy()  # a host sync
+        for buf in (self.probs, self.valid):  # move the w - n rows still in flight to the top
+            buf[..., :w - n, :] = buf[..., n:, :].clone()
+            buf[..., w - n:, :] = 0
+        out, self.row0 = (self.row0, probs), row
+        return out
+
+
+def iter_scene(net, path, plan: ScenePlan, thresholds_m, batch_size: int = 8, tta: bool = False,
+               device="cpu", pad_batches: bool = False):
+    """Yield (row0, probabilities (K, n, width) float32 with NaN at nodata) top to bottom over the scene.
+
+    pad_batches fills the last batch with NaN windows so every forward has the same shape (torch.compile).
+    """
+    device = torch.device(device)
+    t = torch.tensor(list(thresholds_m), dtype=torch.float32, device=device)
+    acc = _RowAccumulator(len(t), plan, device)
+    windows = _windows(path, plan)
+    while batch := list(itertools.islice(windows, batch_size)):
+        x = torch.from_numpy(np.stack([win for _, _, win in batch]))[:, None]      # (B, 1, w, w)
+        if pad_batches and len(batch) < batch_size:
+            x = torch.cat([x, x.new_full((batch_size - len(batch), *x.shape[1:]), torch.nan)])
+        x = x.to(device, non_blocking=True)
+        with torch.no_grad():  # not around the yields: the caller's code would run under it
+            probs = predict_thresholds(net, x, t, tta)[:len(batch)]                # (B, K, w, w)
+        valid = torch.isfinite(x[:len(batch), 0])
+        for (r0, c0, _), p, v in zip(batch, probs, valid):
+            if r0 > acc.row0:  # every window of the previous row is in: its top rows are final
+                yield acc.pop_until(r0)
+            acc.add(r0, c0, p, v)
+    yield acc.pop_until(plan.height)
+
+
+def gap_mask(probs: np.ndarray, prob_threshold: float = 0.5) -> np.ndarray:
+    """Probabilities (NaN = nodata) -> uint8 1 gap, 0 not gap, IGNORE nodata."""
+    mask = (probs > prob_threshold).astype(np.uint8)
+    mask[np.isnan(probs)] = IGNORE
+    return mask
+
+
+class NestingCount:
+    """Nesting violations of the raw maps (gap at T, not at the next higher T'), summed over a scene's strips.
+
+    report() has lib.gaps.nesting.nesting_violations' form: {"pairs": [...], "rate": violations / gap pixels}.
+    """
+
+    def __init__(self, thresholds_m):
+        self.thresholds_m = list(thresholds_m)
+        self.counts = np.zeros((max(len(self.thresholds_m) - 1, 0), 2), np.int64)  # per pair: gap, violations
+
+    def add(self, masks: np.ndarray) -> None:
+        """masks (K, ...) bool at thresholds_m."""
+        pairs = nesting_violations(masks, self.thresholds_m)["pairs"]
+        self.counts += np.array([[p["gap_pixels"], p["violations"]] for p in pairs], np.int64).reshape(-1, 2)
+
+    def report(self) -> dict:
+        t = sorted(self.thresholds_m)
+        pairs = [{"lower_m": low, "upper_m": high, "gap_pixels": int(gap), "violations": int(bad),
+                  "rate": bad / gap if gap else float("nan")}
+                 for low, high, (gap, bad) in zip(t, t[1:], self.counts.tolist())]
+        gap, bad = self.counts.sum(axis=0).tolist() if len(self.counts) else (0, 0)
+        return {"pairs": pairs, "rate": bad / gap if gap else float("nan")}
+
+
+@dataclass
+class WrittenScene:
+    paths: dict[str, Path]  # {tag: gaps_{tag}.tif}
+    nesting: dict           # NestingCount.report() of the maps before nesting
+
+
+def write_scene(net, dsm_path, out_dir, plan: ScenePlan, thresholds_m, batch_size: int = 8, tta: bool = False,
+                device="cpu", write_prob: bool = False, prob_threshold: float = 0.5, pad_batches: bool = False,
+                progress=None, nested: bool = False, compress: bool = True) -> WrittenScene:
+    """Stream the scene into gaps_{tag}.tif (uint8, before the area filter) and optional prob_{tag}.tif.
+
+    nested: probabilities made monotone over the thresholds (lib.gaps.nesting), so the gap map at T lies inside
+    the one at every T' > T; the violations of the raw maps are counted either way.
+    progress(rows_done) is called after each finished block of rows; compress=False for temporary maps.
+    """
+    info, out_dir = read_info(dsm_path), Path(out_dir)
+    tags = [threshold_tag(t) for t in thresholds_m]
+    paths = {tag: out_dir / f"gaps_{tag}.tif" for tag in tags}
+    nesting = NestingCount(thresholds_m)
+    with ExitStack() as stack:
+        gaps = [stack.enter_context(RasterWriter(paths[tag], info, np.uint8, IGNORE, compress)) for tag in tags]
+        probs = [stack.enter_context(RasterWriter(out_dir / f"prob_{tag}.tif", info, np.float32, float("nan"),
+                                                  compress)) for tag in tags] if write_prob else []
+        for row0, block in iter_scene(net, dsm_path, plan, thresholds_m, batch_size, tta, device, pad_batches):
+            nesting.add(block > prob_threshold)                              # (K, n, W); NaN compares False
+            if nested:
+                block = nest_probabilities(block, thresholds_m)
+            for k, writer in enumerate(gaps):
+                writer.write(row0, gap_mask(block[k], prob_threshold))
+            for k, writer in enumerate(probs):
+                writer.write(row0, block[k])
+            if progress:
+                progress(row0 + block.shape[1])
+    return WrittenScene(paths, nesting.report())
+
+
+def read_mask(path, strip_rows: int = 256) -> np.ndarray:
+    """A written gap map back as uint8 (H, W) 0/1/IGNORE, strip by strip (never a float copy of the scene)."""
+    info = read_info(path)
+    mask = np.empty((info.height, info.width), np.uint8)
+    for row0, block in iter_strips(path, strip_rows):                   # float32, IGNORE read as NaN
+        mask[row0:row0 + len(block)] = np.where(np.isnan(block), IGNORE, block)
+    return mask
+
+
+def mask_labels(gap: np.ndarray, min_area_m2: float, max_area_m2: float, pixel_area_m2: float):
+    """(gap ids (H, W) int32, n) of a bool gap map after the training labels' [min, max] area filter.
+
+    Labelled as a 2-byte pseudo-CHM, 0 in gaps, so lib.gaps.masks applies exactly the training labels' rule.
+    """
+    return gap_labels((~gap).astype(np.float16), 0.5, min_area_m2, max_area_m2, pixel_area_m2)
+
+
+def filter_gaps(gaps_path, dsm_path, min_area_m2: float, max_area_m2: float) -> int:
+    """Apply the training labels' [min, max] area filter to a written gap map, in place, and write its
+    CSV (gap id, area m², centroid x/y in the CRS, DSM stats) beside it; returns the number of gaps.
+
+    Needs the whole mask (a gap may span many strips); holds about 10 bytes per pixel at its peak.
+    """
+    gaps_path = Path(gaps_path)
+    info = read_info(gaps_path)
+    labels, n = mask_labels(read_mask(gaps_path) == 1, min_area_m2, max_area_m2, info.pixel_area)
+    dsm, _ = read_raster(dsm_path)
+    stats = {name.replace("chm_", "dsm_"): col for name, col in gap_stats(labels, n, dsm, info).items()}
+    mask = (labels > 0).astype(np.uint8)
+    mask[np.isnan(dsm)] = IGNORE
+    write_raster(gaps_path, mask, info, nodata=IGNORE)
+    write_gap_table(gaps_path.with_suffix(".csv"), stats)
+    return n
+
+
+def write_quicklook(path, dsm_path, gaps_paths) -> None:
+    """PNG hillshade of the DSM with each gap map outlined in its own colour (lib.geoio.png); holds the scene."""
+    dsm, info = read_raster(dsm_path)
+    masks = np.stack([read_mask(p) for p in gaps_paths])                 # (K, H, W) uint8
+    write_png(path, hillshade_quicklook(dsm, masks, info.pixel_size[0]))

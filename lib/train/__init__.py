@@ -1,0 +1,1 @@
+"""Training: the loop, its wiring, tasks, losses, metrics, callbacks, schedules, optimisers, checkpoints."""
