@@ -32,11 +32,11 @@ def parse_args(argv):
 @handle_errors
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
-    from lib.core.atomic import write_text
+    from lib.core.atomic import write_json, write_text
     from lib.core.config import build_config, config_to_dict
     from lib.data.dataset import ShardDataset, build_loader
     from lib.core.env import default_workers, select_device
-    from lib.infer.evaluate_gaps import Evaluator, report_markdown, train_gap_rates, write_json
+    from lib.infer.evaluate_gaps import Evaluator, report_markdown, train_gap_rates
     from lib.infer.loading import load_models
     from lib.train.monitor import MonitoringSystem
     from lib.data.shards import read_manifest

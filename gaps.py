@@ -14,7 +14,9 @@ import numpy as np
 from lib.core.cli import handle_errors
 from lib.core.errors import ConfigError, DataError
 from lib.gaps.masks import gap_labels, gap_stats, threshold_tag, write_gap_table
-from lib.geoio.geotiff import check_heights, check_same_grid, read_info, read_pair, read_raster, write_raster
+from lib.geoio.georef import check_same_grid
+from lib.geoio.geotiff_read import check_heights, read_info, read_pair, read_raster
+from lib.geoio.geotiff_write import write_raster
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -122,8 +124,9 @@ def write_polygons(stem: Path, tag: str, polygons, stats: dict, info) -> None:
 def write_analysis(out: Path, tag: str, labels, n: int, stats: dict, surface, info, args) -> dict:
     """Polygons, analysis_<T>.json, size-frequency and Ripley CSV + PNG, quick-look PNG -> the summary."""
     from lib.gaps import analysis
-    from lib.geoio.geojson import write_json
-    from lib.geoio.png import hillshade_quicklook, ripley_plot, size_frequency_plot, write_png
+    from lib.core.atomic import write_json
+    from lib.gaps.figures import ripley_plot, size_frequency_plot
+    from lib.geoio.png import hillshade_quicklook, write_png
     from lib.gaps.polygons import gap_polygons
 
     polygons = gap_polygons(labels, n, info)
@@ -151,7 +154,7 @@ def write_analysis(out: Path, tag: str, labels, n: int, stats: dict, surface, in
 def write_change(out: Path, tag: str, labels, n: int, later, threshold: float, args, info) -> dict:
     """change_<T>.tif (pixel classes), .json (areas per class) and .csv (class of each gap)."""
     from lib.gaps import analysis
-    from lib.geoio.geojson import write_json
+    from lib.core.atomic import write_json
 
     labels2, n2 = gap_labels(later, threshold, args.min_area, args.max_area, info.pixel_area)
     change = analysis.gap_change(labels, n, labels2, n2)

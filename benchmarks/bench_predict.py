@@ -58,7 +58,8 @@ def naive(net, dsm_path, out: Path, window: int, device) -> None:
     """Read the whole scene, run each non-overlapping tile at all thresholds, write whole arrays."""
     import torch
     from lib.gaps.masks import threshold_tag
-    from lib.geoio.geotiff import read_raster, write_raster
+    from lib.geoio.geotiff_read import read_raster
+    from lib.geoio.geotiff_write import write_raster
     from lib.infer.scene_windows import gap_mask, predict_thresholds
 
     dsm, info = read_raster(dsm_path)
@@ -82,7 +83,7 @@ def worker(args) -> None:
     import torch
     from lib.core.env import select_device
     from lib.infer.loading import load_model
-    from lib.geoio.geotiff import read_info
+    from lib.geoio.geotiff_read import read_info
     from lib.infer.scene_windows import plan_scene, predict_thresholds, write_scene
 
     device = select_device(args.device)
@@ -129,7 +130,8 @@ def resampling_cost(folder: Path, dsm, ckpt, args) -> tuple[float, float]:
     import io
 
     import predict
-    from lib.geoio.geotiff import read_raster, write_raster
+    from lib.geoio.geotiff_read import read_raster
+    from lib.geoio.geotiff_write import write_raster
     from lib.geoio.resample import resampled_grid
 
     x, info = read_raster(dsm)
@@ -153,7 +155,8 @@ def make_inputs(folder: Path, size: int, base_channels: int, depth: int) -> tupl
     import torch
     from lib.core.config import build_config, config_to_dict
     from lib.models import build_model
-    from lib.geoio.geotiff import GeoInfo, write_raster
+    from lib.geoio.georef import GeoInfo
+    from lib.geoio.geotiff_write import write_raster
     from lib.data.synthetic import SiteParams, generate_site
 
     site = generate_site(0, SiteParams(size_px=size))

@@ -10,7 +10,6 @@ CHM <= T, no area filter, nodata excluded). Prints `threshold  model  nested  cl
 (ratio = model / classical best-of-windows), the nesting violation rate of the raw masks, and a verdict.
 """
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -76,7 +75,7 @@ def main(argv=None) -> int:
     print("\nbeats the classical best-of-windows at every threshold: "
           + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in beats.items()))
     if args.json:
-        from lib.infer.evaluate_gaps import write_json
+        from lib.core.atomic import write_json
         write_json(args.json, {"checkpoint": str(args.checkpoint), **run, "scenes": reports, "beats": beats})
     return 0
 

@@ -13,7 +13,9 @@ import pytest
 import gaps
 from lib.gaps import analysis
 from lib.gaps.masks import gap_labels
-from lib.geoio.geotiff import GeoInfo, read_raster, write_raster
+from lib.geoio.georef import GeoInfo
+from lib.geoio.geotiff_read import read_raster
+from lib.geoio.geotiff_write import write_raster
 
 # ForestGapR on ALS_CHM_DUC.tif, threshold 10 m, areas 1-10,000 m² (GapSizeFDist, GapsSpatPattern with
 # the spatstat of its time, before clarkevans.test defaulted to the Donnelly correction)

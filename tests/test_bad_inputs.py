@@ -14,7 +14,9 @@ import tifffile
 import torch
 
 from conftest import TINY, tiny_config
-from lib.geoio.geotiff import GeoInfo, read_raster, write_raster
+from lib.geoio.georef import GeoInfo
+from lib.geoio.geotiff_read import read_raster
+from lib.geoio.geotiff_write import write_raster
 
 GRID = GeoInfo(96, 96, (1.0, 1.0), (0.0, 96.0))
 EPSG_2193 = (1, 1, 0, 2, 1024, 0, 1, 1, 3072, 0, 1, 2193)  # GeoKeyDirectory: projected, EPSG:2193

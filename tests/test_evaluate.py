@@ -16,7 +16,8 @@ from lib.gaps.components import label_components
 from lib.core.config import build_config
 from lib.data.dataset import ShardDataset, build_loader
 from lib.core.errors import DataError
-from lib.infer.evaluate_gaps import METHODS, Evaluator, GapSizes, MethodScores, PRHistogram, train_gap_rates, write_json
+from lib.core.atomic import write_json
+from lib.infer.evaluate_gaps import METHODS, Evaluator, GapSizes, MethodScores, PRHistogram, train_gap_rates
 from lib.gaps.masks import IGNORE
 from lib.train.metrics import ThresholdMetrics
 from lib.data.shards import read_manifest

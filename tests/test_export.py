@@ -14,7 +14,7 @@ from lib.infer import export as lib_export
 from lib.core.errors import ExportError
 from lib.infer.loading import load_model
 from lib.models import MODELS
-from lib.geoio.geotiff import read_raster
+from lib.geoio.geotiff_read import read_raster
 from tests.test_scene import random_dsm, write_dsm
 
 SEGMENTATION_MODELS = sorted(name for name, spec in MODELS.items() if not spec.classifier_only)

@@ -14,7 +14,8 @@ from test_faults import checkpoints_readable, dataset_state, prepare_config, wri
 
 
 def _chm_file(tmp_path: Path) -> Path:
-    from lib.geoio.geotiff import GeoInfo, write_raster
+    from lib.geoio.georef import GeoInfo
+    from lib.geoio.geotiff_write import write_raster
     path = tmp_path / "chm.tif"
     write_raster(path, torch.rand(64, 64).numpy() * 30, GeoInfo(64, 64, (1.0, 1.0), (0.0, 64.0)))
     return path

@@ -12,7 +12,9 @@ from lib.gaps.components import label_components
 from lib.core.errors import ConfigError, DataError
 from lib.gaps.masks import (IGNORE, ROUNDED_COLUMNS, STAT_COLUMNS, gap_labels, gap_masks, gap_stats, round_like_r,
                       threshold_tag, write_gap_table)
-from lib.geoio.geotiff import GeoInfo, read_raster, write_raster
+from lib.geoio.georef import GeoInfo
+from lib.geoio.geotiff_read import read_raster
+from lib.geoio.geotiff_write import write_raster
 
 # ForestGapR README, GapStats(getForestGaps(ALS_CHM_DUC, threshold = 10, size = c(5, 1000))):
 # gap_id gap_area chm_max chm_min chm_mean chm_sd chm_gini chm_range (R rounds to 2 decimals)

@@ -14,7 +14,7 @@ from lib.infer import loading
 from lib.core.config import build_config
 from lib.core.errors import ConfigError, ModelError
 from lib.infer.loading import check_thresholds, load_model, resolve_checkpoint
-from lib.geoio.geotiff import read_raster
+from lib.geoio.geotiff_read import read_raster
 from lib.infer.scene_windows import predict_thresholds
 from lib.infer.weights import file_sha256
 from tests.test_scene import random_dsm, write_dsm

@@ -8,7 +8,7 @@ import pytest
 import tifffile
 
 from lib.geoio import tiff_codecs
-from lib.geoio.geotiff import read_info, read_raster
+from lib.geoio.geotiff_read import read_info, read_raster
 
 try:
     import imagecodecs

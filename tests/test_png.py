@@ -101,17 +101,6 @@ def test_band_fills_between_its_bounds():
     assert abs(grey_rows.min() - expected[0]) <= 2 and abs(grey_rows.max() - expected[1]) <= 2
 
 
-def test_figures_render_with_and_without_gaps():
-    sizes, counts = np.arange(1, 6, dtype=float), np.array([9, 4, 0, 1, 1])
-    assert png.size_frequency_plot(sizes, counts, 1.7, 2.0).shape == (480, 640, 3)
-    assert png.size_frequency_plot([], [], math.nan, math.nan).shape == (480, 640, 3)
-    r = np.linspace(0, 10, 20)
-    envelope = {"r": r, "l": r * 1.1, "l_theo": r, "l_lo": r * 0.9, "l_hi": r * 1.2}
-    assert png.ripley_plot(envelope).shape == (480, 640, 3)
-    nan = np.full_like(r, np.nan)
-    assert png.ripley_plot({"r": r, "l": nan, "l_theo": r, "l_lo": nan, "l_hi": nan}).shape == (480, 640, 3)
-
-
 def test_hillshade_outlines_and_nodata():
     dsm = np.full((30, 40), 100.0, np.float32)
     dsm[:, 35:] = np.nan

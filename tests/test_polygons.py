@@ -14,7 +14,8 @@ from lib.gaps.masks import gap_labels, gap_stats
 from lib.geoio.geojson import write_geojson
 from lib.geoio.geopackage import APPLICATION_ID, geometry_blob, parse_blob, read_gpkg, write_gpkg
 from lib.gaps.polygons import gap_polygons
-from lib.geoio.geotiff import GeoInfo, read_raster
+from lib.geoio.georef import GeoInfo
+from lib.geoio.geotiff_read import read_raster
 
 # ForestGapR README: GapSPDF(getForestGaps(ALS_CHM_DUC, 10, c(4, 1000))) merged with GapStats, x and y
 # printed to 7 significant digits. Gaps 11 and 13 have several parts: sp places them at the centroid

@@ -12,7 +12,8 @@ import predict
 from conftest import make_checkpoint
 from lib.core.errors import ConfigError
 from lib.infer.loading import check_thresholds
-from lib.geoio.geotiff import read_info, read_raster, write_raster
+from lib.geoio.geotiff_read import read_info, read_raster
+from lib.geoio.geotiff_write import write_raster
 from tests.test_scene import write_dsm
 from tests.test_scenes import QUIET, smooth_dsm
 

@@ -79,7 +79,7 @@ def test_config_validates_the_range():
 
 
 def test_hybrid_sources_keep_the_chm_in_every_orientation(real_data):
-    from lib.geoio.geotiff import read_raster
+    from lib.geoio.geotiff_read import read_raster
     from lib.data.site_sources import hybrid_sources
     chm, _ = read_raster(real_data / "ALS_CHM_DUC.tif")
     sources = hybrid_sources([real_data / "ALS_CHM_DUC.tif"], 8, 1.0, seed=5)

@@ -6,7 +6,8 @@ import torch
 
 from lib.gaps.masks import IGNORE
 from lib.infer.quality import classical_ious, flat_closed_scene, ious, reference_gaps, score_scene
-from lib.geoio.geotiff import GeoInfo, write_raster
+from lib.geoio.georef import GeoInfo
+from lib.geoio.geotiff_write import write_raster
 
 GROUND_M = 100.0
 
@@ -62,7 +63,7 @@ def test_score_scene_with_an_oracle_and_an_inverted_net(tmp_path):
     assert good["valid_pixels"] == 70 * 90 - 40
     assert all(0 <= v <= 1 for v in good["classical"]["best"])
     bad = score_scene(OracleNet(flip=True), dsm_path, chm_path, thresholds, window_px=32, dense_thresholds_m=())
-    from lib.geoio.geotiff import read_raster
+    from lib.geoio.geotiff_read import read_raster
     chm = read_raster(chm_path)[0]
     maps = [chm <= 30 - t for t in thresholds]                              # what the inverted net maps
     wrong = sum((low & ~high).sum() for low, high in zip(maps, maps[1:]))
@@ -74,7 +75,7 @@ def test_score_scene_with_an_oracle_and_an_inverted_net(tmp_path):
 
 def test_classical_best_is_the_best_window(tmp_path):
     dsm_path, chm_path = flat_closed_scene(tmp_path, size_px=96)
-    from lib.geoio.geotiff import read_raster
+    from lib.geoio.geotiff_read import read_raster
     dsm, chm = read_raster(dsm_path)[0], read_raster(chm_path)[0]
     ref = reference_gaps(chm, dsm, [5.0, 10.0])
     scores = classical_ious(dsm, ref, [5.0, 10.0], windows_m=(11.0, 31.0))
@@ -84,7 +85,7 @@ def test_classical_best_is_the_best_window(tmp_path):
 
 
 def test_classical_baseline_on_wellington_matches_the_published_figures(real_data):
-    from lib.geoio.geotiff import read_raster
+    from lib.geoio.geotiff_read import read_raster
     dsm, _ = read_raster(real_data / "wellington_DSM.tif")
     chm, _ = read_raster(real_data / "wellington_CHM.tif")
     scores = classical_ious(dsm, reference_gaps(chm, dsm, [2, 5, 10, 15]), [2, 5, 10, 15])

@@ -14,9 +14,9 @@ import pytest
 import tifffile
 
 from lib.core.errors import RasterError
-from lib.geoio.georef import geotiff_tags, parse_geoinfo
-from lib.geoio.geotiff import (GeoInfo, RasterWriter, check_same_grid, iter_strips, read_info,
-                        read_pair, read_raster, write_raster)
+from lib.geoio.georef import GeoInfo, check_same_grid, geotiff_tags, parse_geoinfo
+from lib.geoio.geotiff_read import iter_strips, read_info, read_pair, read_raster
+from lib.geoio.geotiff_write import RasterWriter, write_raster
 from tests.test_lzw import float_predict, lzw_encode, pack_codes
 
 try:
@@ -349,7 +349,7 @@ def test_model_transformation_and_missing_georeferencing(tmp_path):
 
 
 def test_bigtiff_layout(tmp_path, monkeypatch):
-    monkeypatch.setattr("lib.geoio.geotiff._BIGTIFF_BYTES", 0)
+    monkeypatch.setattr("lib.geoio.geotiff_write._BIGTIFF_BYTES", 0)
     values = surface((INFO.height, INFO.width))
     for compress in (False, True):
         write_raster(tmp_path / "big.tif", values, INFO, compress=compress)

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from lib.core.errors import RasterError
-from lib.geoio.geotiff import GeoInfo, read_info, read_raster, write_raster
+from lib.geoio.georef import GeoInfo
+from lib.geoio.geotiff_read import read_info, read_raster
+from lib.geoio.geotiff_write import write_raster
 from lib.geoio.resample import (axis_taps, dsm_methods, needs_resampling, resample, resample_raster,
                           resampled_grid)
 

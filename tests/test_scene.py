@@ -17,7 +17,9 @@ import predict
 from conftest import make_checkpoint
 from lib.gaps.analysis import summarize_gap_map
 from lib.gaps.masks import IGNORE, gap_labels, gap_masks
-from lib.geoio.geotiff import GeoInfo, RasterWriter, read_info, read_raster, write_raster
+from lib.geoio.georef import GeoInfo
+from lib.geoio.geotiff_read import read_info, read_raster
+from lib.geoio.geotiff_write import RasterWriter, write_raster
 from lib.infer.scene_windows import blend_ramp, d4_average, filter_gaps, iter_scene, plan_scene, predict_thresholds, write_scene
 from lib.infer.scene_scores import score_scene
 
@@ -218,7 +220,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[3])
     sys.path.insert(0, sys.argv[3] + "/tests")
     from test_scene import PointOracle
-    from lib.geoio.geotiff import read_info
+    from lib.geoio.geotiff_read import read_info
     from lib.infer.scene_windows import plan_scene, write_scene
 
     def run(path, out):

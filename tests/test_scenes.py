@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import predict
 from conftest import make_checkpoint
 from lib.gaps.nesting import nesting_violations
-from lib.geoio.geotiff import read_info, read_raster
+from lib.geoio.geotiff_read import read_info, read_raster
 from tests.test_scene import random_dsm, write_dsm
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,5 +1,6 @@
 """Atomic writes: a temp file in the same folder, fsync, then os.replace, so a kill never leaves half a file."""
 import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,8 +44,23 @@ def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: str | Path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
+def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
+    """Strict JSON (NaN and infinities as null, numpy/torch values as plain ones), atomically."""
+    text = json.dumps(_plain(obj), indent=indent, separators=None if indent else (",", ":"), allow_nan=False)
+    write_text(path, text + "\n")
+
+
+def _plain(obj):
+    """Recursively: array and scalar types with .tolist() (numpy, torch) -> Python, non-finite floats -> None."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return _plain(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:

@@ -44,7 +44,7 @@ def read_tile(path: Path) -> np.ndarray:
             raise DataError(f"{path}: tile is {image.dtype} of shape {image.shape}, expected numbers (H, W) "
                             f"or (C, H, W)")
         return np.asarray(image[None] if image.ndim == 2 else image, np.float32)
-    from lib.geoio.geotiff import read_bands
+    from lib.geoio.geotiff_read import read_bands
     with warnings.catch_warnings():  # tiles need no georeferencing: its absence is not news
         warnings.filterwarnings("ignore", message=".*no georeferencing")
         return read_bands(path)

@@ -19,7 +19,7 @@ class SiteData:
     name: str
     dsm: np.ndarray       # (H, W) float32 metres, NaN = nodata
     chm: np.ndarray       # (H, W) float32 metres, NaN = nodata
-    info: object          # lib.geoio.geotiff.GeoInfo of the grid
+    info: object          # lib.geoio.georef.GeoInfo of the grid
     provenance: dict = field(default_factory=dict)
 
 
@@ -61,7 +61,8 @@ def hybrid_sources(chm_paths, per_chm: int, pixel_size_m: float, seed: int) -> l
 
 def _hybrid_loader(path: str, stem: str, index: int, pixel_size_m: float, seed: int) -> Callable[[], SiteData]:
     def load() -> SiteData:
-        from lib.geoio.geotiff import GeoInfo, read_raster
+        from lib.geoio.georef import GeoInfo
+        from lib.geoio.geotiff_read import read_raster
         from lib.data.synthetic import hybrid_site, random_hybrid_params
         chm, info = read_raster(path)
         if any(abs(s - pixel_size_m) > 1e-6 * pixel_size_m for s in info.pixel_size):
@@ -82,7 +83,7 @@ def _hybrid_loader(path: str, stem: str, index: int, pixel_size_m: float, seed: 
 
 def synthetic_site(index: int, size_px: int, pixel_size_m: float, seed: int) -> SiteData:
     """One varied synthetic site, reproducible from (seed, index), on a local metric grid."""
-    from lib.geoio.geotiff import GeoInfo
+    from lib.geoio.georef import GeoInfo
     from lib.data.synthetic import generate_site, random_site_params
     site_seed = seed * 100_003 + index
     params = random_site_params(np.random.default_rng(site_seed), size_px, pixel_size_m)
@@ -95,7 +96,7 @@ def synthetic_site(index: int, size_px: int, pixel_size_m: float, seed: int) -> 
 
 def write_synthetic_scene(folder: str | Path, index: int, size_px: int, pixel_size_m: float, seed: int) -> dict:
     """Write a synthetic site as `<name>_DSM.tif`, `_DTM.tif`, `_CHM.tif` (to try gaps/predict without data)."""
-    from lib.geoio.geotiff import write_raster
+    from lib.geoio.geotiff_write import write_raster
     site = synthetic_site(index, size_px, pixel_size_m, seed)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -113,7 +114,7 @@ def raster_source(name: str, dsm: str, chm: str | None = None, dtm: str | None =
     name = safe_site_name(name)
 
     def load() -> SiteData:
-        from lib.geoio.geotiff import read_pair
+        from lib.geoio.geotiff_read import read_pair
         dsm_arr, chm_arr, info = read_pair(dsm, chm=chm, dtm=dtm)
         files = {"dsm": str(dsm), **({"chm": str(chm)} if chm else {"dtm": str(dtm)})}
         return SiteData(name, dsm_arr, chm_arr, info, {"source": "raster", "files": files})

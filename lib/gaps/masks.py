@@ -69,7 +69,7 @@ def _kept_components(below: np.ndarray, min_area_m2: float, max_area_m2: float,
 def gap_stats(labels: np.ndarray, n: int, chm: np.ndarray, info) -> dict[str, np.ndarray]:
     """Per-gap statistics, each column shape (n,); x, y: centroid of the gap's pixel centres (CRS units).
 
-    info is a lib.geoio.geotiff.GeoInfo (uses pixel_area and xy_of). Gaps without pixels get NaN. x, y equal
+    info is a lib.geoio.georef.GeoInfo (uses pixel_area and xy_of). Gaps without pixels get NaN. x, y equal
     GapSPDF's x, y (terra::centroids, area-weighted over all parts of a gap).
     """
     chm = _check_chm(chm)

@@ -61,7 +61,7 @@ class GapPolygons:
 
 
 def gap_polygons(labels: np.ndarray, n: int, info) -> GapPolygons:
-    """(H, W) gap ids 1..n (0 = none) on info's grid (a lib.geoio.geotiff.GeoInfo) -> GapPolygons.
+    """(H, W) gap ids 1..n (0 = none) on info's grid (a lib.geoio.georef.GeoInfo) -> GapPolygons.
 
     Ids are patches that do not touch each other, as gap_labels makes them.
     """

@@ -1,7 +1,7 @@
 """The grid of a north-up raster (GeoInfo), its GeoTIFF tags both ways, and same-grid checks.
 
 No tifffile here: tags come in and go out as plain {code: value} / (code, type, values), so
-lib/geoio/geotiff.py owns the file format and this module owns what the numbers mean.
+lib/geoio/geotiff_read.py and geotiff_write.py own the file format and this module owns what the numbers mean.
 """
 import warnings
 from dataclasses import dataclass, replace
@@ -85,7 +85,7 @@ def _georef(tags: dict, point: bool, path) -> tuple[tuple, tuple]:
     elif len(tiepoints) > 6:
         raise RasterError(f"{path}: georeferenced by {len(tiepoints) // 6} ground control points, not by a"
                           f" pixel size and origin", hint=_WARP_HINT)
-    else:  # stacklevel 4: the caller of lib.geoio.geotiff.read_info / read_raster
+    else:  # stacklevel 4: the caller of lib.geoio.geotiff_read.read_info / read_raster
         warnings.warn(f"{path}: no georeferencing; assuming 1 m pixels at origin (0, 0)", stacklevel=4)
         return (1.0, 1.0), (0.0, 0.0)
     if not (sx > 0 and sy > 0):

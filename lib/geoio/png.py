@@ -1,11 +1,10 @@
 """PNG images without a plotting library: a zlib PNG writer, a tiny plot renderer and a quick-look.
 
-The plots (log-log gap-size frequency, Ripley's L with its envelope) are drawn into numpy RGB arrays:
+Plots (the gap figures of lib/gaps/figures.py) are drawn into numpy RGB arrays:
 axes with tick marks, a 3 x 5 pixel font for labels, lines, points and shaded bands. Enough to read
 a figure in a report, not a replacement for matplotlib.
 """
 import math
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -13,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from lib.core.atomic import write_bytes
-from lib.gaps.analysis import zeta
 
 BLACK, GREY, RED, BLUE, GREEN = (0, 0, 0), (190, 190, 190), (200, 30, 30), (30, 70, 200), (34, 139, 34)
 OUTLINE_COLOURS = ((255, 40, 40), (255, 220, 0), (0, 220, 255), (255, 0, 255), (80, 255, 80))
@@ -200,33 +198,6 @@ def _draw_axes(canvas, box, limits, logs, x_label: str, y_label: str) -> None:
         draw_text(canvas, left - 8, row - 5, _label(t, logs[1]), anchor="right")
     draw_text(canvas, (left + right) // 2, bottom + 30, x_label, anchor="centre")
     draw_text(canvas, 8, (top + bottom) // 2, y_label, vertical=True)
-
-
-# ----------------------------------------------------------------------------- figures
-def size_frequency_plot(sizes, counts, lambda_asner: float, lambda_hanel: float) -> np.ndarray:
-    """Log-log gap count per 1 m² class (as GapSizeFDist) with the zeta fit n x^-l / zeta(l)."""
-    sizes, counts = np.asarray(sizes, np.float64), np.asarray(counts, np.float64)
-    seen = counts > 0
-    n = int(counts.sum())
-    series = [{"x": sizes[seen], "y": counts[seen], "style": "points", "colour": GREEN,
-               "label": f"GAPS N {n}"}]
-    if np.isfinite(lambda_asner) and seen.any():
-        fit = np.geomspace(sizes[seen].min(), sizes[seen].max(), 64)
-        series.append({"x": fit, "y": n * fit ** -lambda_asner / float(zeta(lambda_asner)), "style": "dashed",
-                       "colour": RED, "label": f"ASNER L {lambda_asner:.3f}"})
-    if np.isfinite(lambda_hanel):
-        series.append({"x": [], "y": [], "colour": BLUE, "label": f"HANEL L {lambda_hanel:.3f}"})
-    return plot(series, "GAP SIZE (M2)", "FREQUENCY", "GAP SIZE FREQUENCY", log_x=True, log_y=True)
-
-
-def ripley_plot(envelope: dict) -> np.ndarray:
-    """Ripley's L(r) of the gaps, L under CSR (= r) and the min-max envelope of the simulations."""
-    r = envelope["r"]
-    return plot([{"x": r, "y": envelope["l_lo"], "y_hi": envelope["l_hi"], "style": "band", "colour": GREY,
-                  "label": "CSR ENVELOPE"},
-                 {"x": r, "y": envelope["l_theo"], "style": "dashed", "colour": RED, "label": "CSR"},
-                 {"x": r, "y": envelope["l"], "style": "line", "colour": BLACK, "label": "GAPS"}],
-                "R (M)", "L(R) (M)", "RIPLEY L FUNCTION")
 
 
 def hillshade_quicklook(dsm: np.ndarray, masks, pixel_size: float = 1.0, max_side: int = 2048,

@@ -13,7 +13,8 @@ import numpy as np
 
 from lib.core.errors import RasterError
 from lib.geoio.georef import GeoInfo
-from lib.geoio.geotiff import RasterWriter, iter_strips, read_info
+from lib.geoio.geotiff_read import iter_strips, read_info
+from lib.geoio.geotiff_write import RasterWriter
 
 METHODS = ("area", "bilinear", "nearest")
 SAME_SIZE = 0.01   # pixel sizes closer than 1 % are the same grid: no resampling

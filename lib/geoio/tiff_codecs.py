@@ -2,7 +2,7 @@
 
 tifffile alone cannot decode LZW (it needs imagecodecs, which is not a dependency), so this
 module decodes it with numpy. imagecodecs is used instead when it happens to be installed.
-Errors are ValueError; lib/geoio/geotiff.py turns them into RasterError naming the file.
+Errors are ValueError; lib/geoio/geotiff_read.py turns them into RasterError naming the file.
 """
 import lzma
 import zlib

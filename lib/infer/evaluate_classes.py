@@ -121,8 +121,7 @@ def log_tensorboard(monitor, report: dict, step: int) -> None:
 def write_reports(report: dict, out, tensorboard: bool = True) -> str:
     """report.json, report.md, confusion_<split>.png and TensorBoard events (eval_classification/tb) in out;
     returns the markdown text."""
-    from lib.core.atomic import write_text
-    from lib.infer.evaluate_gaps import write_json
+    from lib.core.atomic import write_json, write_text
     from lib.train.monitor import MonitoringSystem
     from lib.geoio.png import write_png
     out = Path(out)

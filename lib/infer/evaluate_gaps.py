@@ -7,13 +7,11 @@ class. Gap sizes are connected components of the TARGET tile: a gap cut by the t
 by its part inside the tile. Model and baselines see exactly the same tiles, and none of them gets an
 area filter at tile level (predict.py filters whole scenes).
 """
-import json
 import math
 
 import numpy as np
 import torch
 
-from lib.core.atomic import write_text
 from lib.gaps.baselines import classical_gaps
 from lib.gaps.components import component_sizes, label_components
 from lib.core.errors import DataError
@@ -25,24 +23,6 @@ METHODS = ("model", "all_canopy", "random", "classical")
 SIZE_CLASSES = ("small", "medium", "large")
 TABLE_KEYS = ("iou", "f1", "precision", "recall", "accuracy", "balanced_accuracy", "tile_iou", "tile_f1")
 PR_BINS = 200  # probability bins of the PR curves: exact counts at thresholds j / PR_BINS
-
-
-def _strict(obj):
-    """NaN/inf -> None and numpy scalars -> Python, so the output is strict JSON."""
-    if isinstance(obj, dict):
-        return {str(k): _strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-def write_json(path, obj) -> None:
-    """Write a report / model card as strict JSON (NaN -> null), atomically (lib.core.atomic)."""
-    write_text(path, json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n")
 
 
 class GapSizes:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from lib.core.errors import ExportError
-from lib.infer.evaluate_gaps import write_json
+from lib.core.atomic import write_json
 
 FORMATS = {"torchscript": ".ts", "exported": ".pt2", "onnx": ".onnx"}
 PARITY_TOL = 1e-4

@@ -27,9 +27,11 @@ import torch
 from lib.core.atomic import write_text
 from lib.core.config import config_to_dict
 from lib.core.errors import DataError, RasterError
-from lib.infer.evaluate_gaps import write_json
+from lib.core.atomic import write_json
 from lib.gaps.masks import IGNORE, threshold_tag
-from lib.geoio.geotiff import RasterWriter, check_same_grid, iter_strips, read_info
+from lib.geoio.georef import check_same_grid
+from lib.geoio.geotiff_read import iter_strips, read_info
+from lib.geoio.geotiff_write import RasterWriter
 from lib.geoio.resample import dsm_methods, needs_resampling, resample_raster, resampled_grid
 from lib.infer.scene_windows import WrittenScene, filter_gaps, plan_scene, write_quicklook, write_scene
 from lib.infer.scene_scores import score_scene

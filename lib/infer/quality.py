@@ -15,7 +15,9 @@ import torch
 from lib.gaps.baselines import classical_gaps
 from lib.gaps.nesting import nest_probabilities, nesting_violations
 from lib.gaps.masks import IGNORE
-from lib.geoio.geotiff import GeoInfo, read_info, read_raster, write_raster
+from lib.geoio.georef import GeoInfo
+from lib.geoio.geotiff_read import read_info, read_raster
+from lib.geoio.geotiff_write import write_raster
 from lib.infer.scene_windows import iter_scene, plan_scene
 
 CLASSICAL_WINDOWS_M = (31.0, 51.0, 71.0, 101.0)

@@ -21,7 +21,8 @@ from lib.core.errors import ConfigError
 from lib.gaps.nesting import nest_probabilities, nesting_violations
 from lib.gaps.masks import IGNORE, gap_labels, gap_stats, threshold_tag, write_gap_table
 from lib.geoio.png import hillshade_quicklook, write_png
-from lib.geoio.geotiff import RasterWriter, iter_strips, read_info, read_raster, write_raster
+from lib.geoio.geotiff_read import iter_strips, read_info, read_raster
+from lib.geoio.geotiff_write import RasterWriter, write_raster
 from lib.data.tiling import tile_origins
 
 BLEND_FLOOR = 1e-3  # weight at a window's outer edge: > 0, so scene borders (one window only) stay defined
