@@ -5,7 +5,7 @@
 
 The peer is imagecodecs.lzw_decode when importable, else tifffile reading an uncompressed copy
 of the same bytes (what reading costs when no decoding is needed). Streams are made by the
-plain-Python reference encoder of tests/test_raster.py, plus the real LZW strips of the shared
+plain-Python reference encoder of tests/test_geotiff.py, plus the real LZW strips of the shared
 rasters when present. Ours decodes a case's segments in one lzw_decode_many call, as
 read_raster does for a window. Prints `case  ours  peer  ratio` (ratio = ours / peer).
 """
@@ -22,8 +22,8 @@ import tifffile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from lib.geoio.tiff_codecs import lzw_decode_many  # noqa: E402
-from tests.test_lzw import lzw_encode  # noqa: E402  (the reference encoder)
-from tests.test_raster import surface  # noqa: E402
+from tests.test_tiff_codecs import lzw_encode  # noqa: E402  (the reference encoder)
+from tests.test_geotiff import surface  # noqa: E402
 
 try:
     import imagecodecs

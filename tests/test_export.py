@@ -15,7 +15,7 @@ from lib.core.errors import ExportError
 from lib.infer.loading import load_model
 from lib.models import MODELS
 from lib.geoio.geotiff_read import read_raster
-from tests.test_scene import random_dsm, write_dsm
+from tests.test_scene_windows import random_dsm, write_dsm
 
 SEGMENTATION_MODELS = sorted(name for name, spec in MODELS.items() if not spec.classifier_only)
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))

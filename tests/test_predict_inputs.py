@@ -14,8 +14,8 @@ from lib.core.errors import ConfigError
 from lib.infer.loading import check_thresholds
 from lib.geoio.geotiff_read import read_info, read_raster
 from lib.geoio.geotiff_write import write_raster
-from tests.test_scene import write_dsm
-from tests.test_scenes import QUIET, smooth_dsm
+from tests.test_scene_windows import write_dsm
+from tests.test_mapping import QUIET, smooth_dsm
 
 CONTINUOUS = {"threshold_sampling": "continuous", "threshold_range_m": [1.0, 30.0]}
 

@@ -15,7 +15,7 @@ import gaps
 from lib.geoio import tiff_codecs
 from lib.core.errors import RasterError
 from lib.geoio.geotiff_read import check_heights, read_info, read_raster
-from tests.test_raster import tiff_bytes
+from tests.test_geotiff import tiff_bytes
 
 UTM_KEYS = (1, 1, 0, 2, 1024, 0, 1, 1, 3072, 0, 1, 32633)  # projected, EPSG:32633
 

@@ -17,7 +17,7 @@ from lib.infer.loading import check_thresholds, load_model, resolve_checkpoint
 from lib.geoio.geotiff_read import read_raster
 from lib.infer.scene_windows import predict_thresholds
 from lib.infer.weights import file_sha256
-from tests.test_scene import random_dsm, write_dsm
+from tests.test_scene_windows import random_dsm, write_dsm
 
 
 def dsm_batch(b=3, size=32, seed=0) -> torch.Tensor:

@@ -17,7 +17,7 @@ import predict
 from conftest import make_checkpoint
 from lib.gaps.nesting import nesting_violations
 from lib.geoio.geotiff_read import read_info, read_raster
-from tests.test_scene import random_dsm, write_dsm
+from tests.test_scene_windows import random_dsm, write_dsm
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--no-quicklook", "--window", "32"]

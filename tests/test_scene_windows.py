@@ -219,7 +219,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     sys.path.insert(0, sys.argv[3])
     sys.path.insert(0, sys.argv[3] + "/tests")
-    from test_scene import PointOracle
+    from test_scene_windows import PointOracle
     from lib.geoio.geotiff_read import read_info
     from lib.infer.scene_windows import plan_scene, write_scene
 

@@ -1,6 +1,6 @@
 """GeoTIFF I/O: reading stripped/tiled/LZW files, georeferencing round trips, windows, grids, errors.
 
-The LZW codec itself is tested in tests/test_lzw.py; its reference encoder builds the LZW files here.
+The LZW codec itself is tested in tests/test_tiff_codecs.py; its reference encoder builds the LZW files here.
 """
 import json
 import shutil
@@ -17,7 +17,7 @@ from lib.core.errors import RasterError
 from lib.geoio.georef import GeoInfo, check_same_grid, geotiff_tags, parse_geoinfo
 from lib.geoio.geotiff_read import iter_strips, read_info, read_pair, read_raster
 from lib.geoio.geotiff_write import RasterWriter, write_raster
-from tests.test_lzw import float_predict, lzw_encode, pack_codes
+from tests.test_tiff_codecs import float_predict, lzw_encode, pack_codes
 
 try:
     import imagecodecs
