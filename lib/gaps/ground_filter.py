@@ -29,13 +29,13 @@ PROBE_RADIUS_M = 20.0      # ... over this reach, and its ground is smoothed ove
 class GroundFilter:
     """Settings of the filter; defaults chosen on the validation scenes of benchmarks/bench_quality.py."""
     method: str = "slope"             # "slope": Vosselman's cone test; "progressive": Zhang's openings
-    radius_m: float = 40.0            # how far a cell looks for lower ground (slope; also lowest_floor)
+    radius_m: float = 80.0            # how far a cell looks for lower ground (slope; also lowest_floor)
     max_window_m: float = 64.0        # progressive: widest opening
-    slope: float = 0.02               # rise/run tolerated on top of the terrain's own slope
+    slope: float = 0.1                # rise/run tolerated on top of the terrain's own slope
     step_m: float = 0.5               # the least drop below a cell that makes it an object
     elevation_threshold_m: float = 0.5   # final pass: this close above the first ground = ground
     elevation_scaler: float = 1.0     # ... plus this x the first ground's slope x pixel size
-    lowest_floor: bool = False        # the terrain rises from the lowest ground cells at the terrain's slope
+    lowest_floor: bool = True         # the terrain rises from the lowest ground cells at the terrain's slope
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -100,7 +100,9 @@ def ground_surface(dsm: torch.Tensor, pixel_size_m: float = 1.0, f: GroundFilter
     first = fill_holes(dsm, valid & ~objects)
     near = f.elevation_threshold_m + f.elevation_scaler * _slope(first, pixel_size_m) * pixel_size_m
     cells = valid & (dsm - first <= near)
-    if f.lowest_floor:
+    if f.lowest_floor:                             # the terrain's slope once more, now under the first ground
+        k = odd(_px(PROBE_RADIUS_M, pixel_size_m))
+        terrain = _slope(mean_filter(first, torch.isfinite(first), k), pixel_size_m)
         lowest = cone_erosion(torch.where(cells, dsm, torch.full_like(dsm, float("nan"))), terrain,
                               _px(f.radius_m, pixel_size_m), pixel_size_m)
         reached = lowest < torch.finfo(lowest.dtype).max
