@@ -164,9 +164,11 @@ def _check_ranges(offsets, counts, header: int, file_size: int, path) -> None:
     bad |= ends > file_size
     if bad.any():
         k = int(np.argmax(bad))
-        raise RasterError(f"{path}: block {k} at byte {int(offsets[k])} with {int(counts[k])} bytes is not"
-                          f" inside the {file_size}-byte file (after its {header}-byte header)",
-                          hint="the file is truncated or damaged; copy or re-export it")
+        offset, count = int(offsets[k]), int(counts[k])
+        where = (f"starts at byte {offset}, inside the {header}-byte header" if offset < header else
+                 f"ends at byte {offset + count}, the file has {file_size} bytes")
+        raise RasterError(f"{path}: truncated or damaged: block {k} {where}",
+                          hint="copy or re-export the file from its source")
 
 
 def read_layout(tags: dict, byteorder: str, bigtiff: bool, file_size: int, path) -> Layout:
