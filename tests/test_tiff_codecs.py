@@ -30,7 +30,7 @@ def pack_codes(codes: list) -> bytes:
     return bytes(out + (bytes([(acc << (8 - n_bits)) & 0xFF]) if n_bits else b""))
 
 
-def lzw_encode(data: bytes) -> bytes:
+def lzw_codes(data: bytes) -> list[int]:
     """Reference TIFF LZW encoder in plain Python: a clear first and whenever the table is full."""
     codes, table, prefix = [256], {}, None  # table: (prefix code, next byte) -> code
     for byte in data:
@@ -44,7 +44,12 @@ def lzw_encode(data: bytes) -> bytes:
             if 258 + len(table) == 4094:
                 codes.append(256)
                 table = {}
-    return pack_codes(codes + ([] if prefix is None else [prefix]) + [257])
+    return codes + ([] if prefix is None else [prefix]) + [257]
+
+
+def lzw_encode(data: bytes) -> bytes:
+    """Reference TIFF LZW stream of `data` (see lzw_codes and pack_codes)."""
+    return pack_codes(lzw_codes(data))
 
 
 def float_predict(rows: np.ndarray) -> np.ndarray:

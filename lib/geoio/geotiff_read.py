@@ -80,6 +80,7 @@ class _Blocks:
         if band is not None and not 1 <= band <= spp:
             raise RasterError(f"{self.path}: band {band} requested, the file has bands 1..{spp}")
         self.dtype = self.layout.dtype
+        self.out_dtype = np.dtype("f4" if self.dtype.str[1:] == "f2" else self.dtype.str[1:])  # as GDAL's band
         rows, cols = self.layout.grid
         self._first = ((band or 1) - 1) * rows * cols if self.layout.separate else 0  # plane start
         self._spp, self._sample = (1, 0) if self.layout.separate else (spp, (band or 1) - 1)
@@ -115,12 +116,12 @@ class _Blocks:
                     self._decode([keys[k]])
             raise RasterError(f"{self.path}: cannot decode block {index[stored[0]]}: {exc}") from None
         decoded = dict(zip(stored, blocks))
-        return [decoded[k][:, :, self._sample] if k in decoded
-                else np.full(shapes[k][:2], self._fill, self.dtype.newbyteorder("="))
-                for k in range(len(keys))]
+        return [decoded[k][:, :, self._sample].astype(self.out_dtype, copy=False) if k in decoded
+                else np.full(shapes[k][:2], self._fill, self.out_dtype) for k in range(len(keys))]
 
     def read(self, row0: int, col0: int, height: int, width: int) -> np.ndarray:
-        """(height, width) samples in the file's dtype; keeps the blocks it used for the next call."""
+        """(height, width) samples in the file's dtype (float16 as float32, as GDAL reads it); keeps the
+        blocks it used for the next call."""
         (th, tw), itemsize = self.layout.block, self.dtype.itemsize
         need = (height * width + len(self._cache) * th * tw * self._spp) * itemsize
         if need > memory_budget():
@@ -131,7 +132,7 @@ class _Blocks:
         missing = [key for key in keys if key not in self._cache]
         self._cache = {key: self._cache.get(key) for key in keys if key in self._cache}
         self._cache.update(zip(missing, self._decode(missing)))  # one window's blocks: bounded
-        out = np.empty((height, width), self.dtype.newbyteorder("="))
+        out = np.empty((height, width), self.out_dtype)
         for (br, bc), block in self._cache.items():
             r0, r1 = max(row0, br * th), min(row0 + height, (br + 1) * th)
             c0, c1 = max(col0, bc * tw), min(col0 + width, (bc + 1) * tw)

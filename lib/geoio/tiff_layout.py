@@ -74,12 +74,12 @@ def _error(path, name, code, value, why, hint=_TRANSLATE) -> RasterError:
 
 
 def _values(tags, code, name, path) -> tuple[int, ...] | None:
-    """The tag's values as a tuple of non-negative ints; None when absent."""
+    """The tag's values as a tuple of non-negative ints (maybe empty); None when absent."""
     if code not in tags:
         return None
     value = tags[code].value
     values = value if isinstance(value, (tuple, list, np.ndarray)) else (value,)
-    if not len(values) or not all(isinstance(v, (int, np.integer)) and v >= 0 for v in values):
+    if not all(isinstance(v, (int, np.integer)) and v >= 0 for v in values):
         raise _error(path, name, code, value, "is not a list of non-negative integers")
     return tuple(int(v) for v in values)
 
@@ -151,8 +151,8 @@ def _positions(tags, code, n_blocks, path) -> np.ndarray:
     if values.dtype.kind not in "ui" or values.ndim != 1 or (values < 0).any():
         raise _error(path, name, code, tags[code].value, "is not a list of non-negative integers")
     if len(values) < n_blocks:
-        raise _error(path, name, code, f"{len(values)} values", f"but the block grid has {n_blocks}"
-                     f" blocks", hint="the file is damaged; re-export it from its source")
+        raise RasterError(f"{path}: TIFF tag {name} ({code}) has {len(values)} values, but the block grid"
+                          f" has {n_blocks} blocks", hint="the file is damaged; re-export it from its source")
     return values[:n_blocks]
 
 

@@ -1,0 +1,188 @@
+"""The GeoTIFF reader against independent decoders, on a seeded matrix of TIFF variants.
+
+tests/tiff_builder.py writes each variant (byte orders, BigTIFF, 8-64 bit integers, 16-64 bit floats,
+strips and tiles, planar configurations, every codec and predictor read here, FillOrder 2, old-style
+LZW, photometrics, orientations, sparse blocks, nodata tags); full, windowed and strip reads must equal
+the array written, tifffile's decoding where it decodes without imagecodecs, and GDAL's (Debian
+python3-gdal, tests/gdal_oracle.py) when installed.
+"""
+import numpy as np
+import pytest
+import tifffile
+
+from lib.core.errors import RasterError
+from lib.geoio.geotiff_read import iter_strips, read_info, read_raster
+from tests.gdal_oracle import gdal_python, gdal_reads
+from tests.tiff_builder import Variant, tiff_file
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*no georeferencing:UserWarning",
+                                        "ignore:.*nodata tag:UserWarning")
+SHAPE = (29, 37)  # not a multiple of any block size: short last strips, padded edge tiles
+DTYPES = ["u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f2", "f4", "f8"]
+N_CASES = 120
+
+
+def _samples(rng, dtype: np.dtype, spp: int) -> np.ndarray:
+    """(spp, H, W): full-range integers, or a DSM-like float surface with repeats, NaN and inf."""
+    shape = (spp, *SHAPE)
+    if dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        values = rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+        values[:, 20:, :9] = values[0, 20, 0]  # a run: long LZW strings
+        return values
+    values = (300 + np.cumsum(rng.normal(0, 0.7, shape), axis=-1)).astype(dtype)
+    values[:, 21:, 30:] = 312.5
+    values[0, 3, 4], values[0, 5, 6] = np.nan, np.inf
+    return values
+
+
+def make_case(k: int) -> tuple[np.ndarray, Variant]:
+    """Case k of the matrix: every dtype in turn, the other axes drawn with seed k."""
+    rng = np.random.default_rng(k)
+    dtype = np.dtype(DTYPES[k % len(DTYPES)])
+    spp = int(rng.choice([1, 1, 3]))
+    photometric = int(rng.choice([2, 1] if spp == 3 else [0, 1, 1] + ([3] if dtype.str[1:] in ("u1", "u2") else [])))
+    compression = int(rng.choice([1, 5, 5, 8, 32773, 34925]))
+    nodata = rng.choice([None, "0"] + (["-9999"] if dtype != "f2" else []) + (["nan"] if dtype.kind == "f" else [])
+                        + (["-3.4028234663852886e+38"] if dtype.str[1:] in ("f4", "f8") else []))
+    v = Variant(byteorder=str(rng.choice(["<", ">"])), bigtiff=bool(rng.random() < 0.3),
+                tile=[None, None, (16, 16), (16, 32), (32, 16)][rng.integers(5)],
+                rows_per_strip=int(rng.choice([1, 7, 29, 2**32 - 1])), planar=int(rng.choice([1, 2])),
+                compression=compression, predictor=int(rng.choice([1, 2] + ([3] if dtype.kind == "f" else []))),
+                fill_order=int(rng.choice([1, 2])), old_lzw=compression == 5 and rng.random() < 0.4,
+                photometric=photometric, orientation=int(rng.integers(1, 9)),
+                nodata=None if nodata is None else str(nodata), sparse=bool(rng.random() < 0.3))
+    samples = _samples(rng, dtype, spp)
+    if v.sparse:  # the top 16 rows are fill: whole strips/tiles that a sparse writer leaves out
+        fill = float(v.nodata) if v.nodata is not None else 0.0
+        fits = dtype.kind == "f" or np.iinfo(dtype).min <= fill <= np.iinfo(dtype).max
+        v.fill = fill if fits else 0.0
+        samples[:, :16] = v.fill
+    return samples, v
+
+
+def expected(raw: np.ndarray, nodata: str | None) -> np.ndarray:
+    """What read_raster returns for stored samples: float32, nodata and non-finite values NaN."""
+    out = raw.astype(np.float32)
+    if nodata is not None:
+        value = float(nodata)
+        ref = raw if raw.dtype.kind != "f" or raw.dtype.itemsize >= 4 else out
+        if raw.dtype.kind == "f" or value.is_integer():
+            out[ref == (ref.dtype.type(value) if raw.dtype.kind == "f" else value)] = np.nan
+    out[~np.isfinite(out)] = np.nan
+    return out
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    """[(path, samples (spp, H, W), Variant)] of every case, written once."""
+    root = tmp_path_factory.mktemp("matrix")
+    cases = []
+    for k in range(N_CASES):
+        samples, v = make_case(k)
+        path = root / f"case{k}.tif"
+        path.write_bytes(tiff_file(samples, v))
+        cases.append((path, samples, v))
+    return cases
+
+
+def _window(k: int) -> tuple[int, int, int, int]:
+    rng = np.random.default_rng(1000 + k)
+    row0, col0 = int(rng.integers(0, SHAPE[0] - 1)), int(rng.integers(0, SHAPE[1] - 1))
+    return row0, col0, int(rng.integers(1, SHAPE[0] - row0 + 1)), int(rng.integers(1, SHAPE[1] - col0 + 1))
+
+
+@pytest.mark.parametrize("k", range(N_CASES))
+def test_reads_equal_the_written_samples(matrix, k):
+    path, samples, v = matrix[k]
+    row0, col0, h, w = _window(k)
+    for b in range(len(samples)):
+        band = b + 1 if len(samples) > 1 else None
+        want = expected(samples[b], v.nodata)
+        got, info = read_raster(path, band=band)
+        np.testing.assert_array_equal(got, want, err_msg=f"{v}")
+        part, _ = read_raster(path, window=(row0, col0, h, w), band=band)
+        np.testing.assert_array_equal(part, want[row0 : row0 + h, col0 : col0 + w])
+        strips = [block for _, block in iter_strips(path, 1 + k % 9, band=band)]
+        np.testing.assert_array_equal(np.concatenate(strips), want)
+
+
+def test_tifffile_decodes_the_matrix_alike(matrix):
+    """The builder's files mean what it says: tifffile (without imagecodecs: no LZW, PackBits,
+    predictor 3) decodes them to the samples written, in stored order (it ignores Orientation too)."""
+    checked = 0
+    for path, samples, v in matrix:
+        if v.compression not in (1, 8, 34925) or v.predictor == 3 or v.sparse:
+            continue  # LZW, PackBits and predictor 3 need imagecodecs; sparse blocks come back as 0
+        if v.compression == 1 and v.predictor != 1:
+            continue  # tifffile undoes a predictor on uncompressed data; libtiff and GDAL ignore it
+        stored = tifffile.imread(path)
+        stored = stored.reshape(samples.shape) if v.planar == 2 or len(samples) == 1 else np.moveaxis(stored, -1, 0)
+        np.testing.assert_array_equal(stored, samples, err_msg=f"{v}")
+        checked += 1
+    assert checked >= 20
+
+
+@pytest.mark.skipif(gdal_python() is None, reason="GDAL's Python binding (Debian python3-gdal) not installed")
+def test_gdal_reads_the_matrix_as_we_do(matrix):
+    reads, ours = [], []
+    for k, (path, samples, v) in enumerate(matrix):
+        row0, col0, h, w = _window(k)
+        for b in range(len(samples)):
+            band = b + 1 if len(samples) > 1 else None
+            reads += [(path, b + 1, None), (path, b + 1, (col0, row0, w, h))]
+            ours += [(read_raster(path, band=band)[0], v.nodata, f"case {k} band {b + 1}"),
+                     (read_raster(path, window=(row0, col0, h, w), band=band)[0], v.nodata, f"case {k} window")]
+    for theirs, (got, nodata, what) in zip(gdal_reads(reads), ours):
+        assert not isinstance(theirs, str), f"{what}: GDAL failed: {theirs}"
+        np.testing.assert_array_equal(got, expected(theirs, nodata), err_msg=what)
+
+
+@pytest.mark.skipif(gdal_python() is None, reason="GDAL's Python binding (Debian python3-gdal) not installed")
+def test_gdal_reads_real_files_as_we_do(real_data):
+    names = sorted(p.name for p in real_data.glob("*.tif"))
+    theirs = gdal_reads([(real_data / name, 1, None) for name in names])
+    for name, raw in zip(names, theirs):
+        info = read_info(real_data / name)
+        nodata = None if info.nodata is None else repr(info.nodata)
+        np.testing.assert_array_equal(read_raster(real_data / name)[0], expected(raw, nodata), err_msg=name)
+
+
+# ----------------------------------------------------------------------------- refused as GDAL would not read them
+REFUSED = {  # name: (variant changes, what the error names)
+    "cmyk": (dict(photometric=5), r"Photometric \(262\) = 5 .*CMYK to RGBA"),
+    "cielab": (dict(photometric=8), r"Photometric \(262\) = 8 .*CIELab"),
+    "ycbcr": (dict(photometric=6), r"Photometric \(262\) = 6"),
+    "mask": (dict(photometric=4), r"Photometric \(262\) = 4"),
+    "planar_0": (dict(tags={284: ("H", [0])}), r"PlanarConfiguration \(284\) = 0"),
+    "planar_32767": (dict(tags={284: ("H", [32767])}), r"PlanarConfiguration \(284\) = 32767"),
+    "fill_order_3": (dict(tags={266: ("H", [3])}), r"FillOrder \(266\) = 3"),
+    "predictor_3_on_ints": (dict(compression=8, tags={317: ("H", [3])}), r"Predictor \(317\) = 3"),
+    "predictor_7": (dict(compression=8, tags={317: ("H", [7])}), r"Predictor \(317\) = 7"),
+    "predictor_pair": (dict(compression=8, tags={317: ("H", [2, 1])}), r"Predictor \(317\) = \(2, 1\)"),
+    "predictor_text": (dict(compression=8, tags={317: ("s", "2")}), r"Predictor \(317\) = '2'"),
+    "jpeg": (dict(tags={259: ("H", [7])}), r"Compression \(259\) = 7 \(JPEG\)"),
+    "complex": (dict(tags={339: ("H", [6])}), r"BitsPerSample \(258\) = 16 with SampleFormat 6"),
+    "void": (dict(tags={339: ("H", [4])}), r"SampleFormat 4 \(void\)"),
+    "12_bit": (dict(tags={258: ("H", [12])}), r"BitsPerSample \(258\) = 12"),
+    "samples_0": (dict(tags={277: ("H", [0])}), r"SamplesPerPixel \(277\) = 0"),
+    "extra_samples_3": (dict(tags={338: ("H", [3])}), r"ExtraSamples \(338\) = \(3,\)"),
+    "orientation_9": (dict(tags={274: ("H", [9])}), r"Orientation \(274\) = 9"),
+    "tile_length_0": (dict(tile=(16, 16), tags={323: ("I", [0])}), r"TileLength/TileWidth .* has a zero"),
+    "rows_per_strip_0": (dict(tags={278: ("I", [0])}), r"RowsPerStrip \(278\) = 0"),
+    "one_strip_offset": (dict(rows_per_strip=1, tags={273: ("I", [8])}), r"StripOffsets \(273\) has 1 values, but the block grid has 29 blocks"),
+    "huge_tiled": (dict(tile=(16, 16), tags={257: ("I", [2**31 - 1])}), r"TileOffsets \(324\) has 6 values, but the block grid has 402653184 blocks"),
+    "tile_offset_0": (dict(tile=(16, 16), tags={324: ("I", [0, 8, 8, 8, 8, 8])}), r"block 0 starts at byte 0"),
+    "offset_past_end": (dict(tags={273: ("I", [8, 8, 8, 8, 10**6])}), r"block 4 ends at byte"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_refused_with_tag_value_and_command(tmp_path, case):
+    changes, message = REFUSED[case]
+    path = tmp_path / f"{case}.tif"
+    path.write_bytes(tiff_file((np.arange(29 * 37) % 251).astype(np.uint16).reshape(SHAPE), Variant(**changes)))
+    for read in (read_info, read_raster):
+        with pytest.raises(RasterError, match=f"(?s){case}.tif: .*{message}") as caught:
+            read(path)
+        assert caught.value.hint, "a refusal says what to run instead"
