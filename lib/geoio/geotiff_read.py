@@ -5,6 +5,7 @@ read without imagecodecs and a window touches only the blocks it needs. Writing:
 """
 import logging
 import math
+import struct
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -15,7 +16,7 @@ import tifffile
 from lib.core.errors import RasterError
 from lib.geoio import tiff_codecs
 from lib.geoio.georef import GeoInfo, check_same_grid, parse_geoinfo
-from lib.geoio.tiff_layout import Layout, memory_budget, read_layout
+from lib.geoio.tiff_layout import Layout, check_dropped, memory_budget, read_layout
 
 _FILL_VALUES = 9999.0  # +-9999 without a nodata tag is almost always an undeclared fill value
 _LOWEST_CHM_M = -1.0  # canopy heights below this are not interpolation noise but a DSM/DTM mismatch
@@ -41,12 +42,26 @@ def _open(path) -> tifffile.TiffFile:
     return tif
 
 
+def _codes_in_ifd(tif, offset: int) -> set[int]:
+    """Tag codes of the image directory at `offset`, as stored (tifffile drops tags it cannot parse)."""
+    big, e = tif.is_bigtiff, tif.byteorder
+    fh = tif.filehandle
+    fh.seek(offset)
+    n = struct.unpack(e + ("Q" if big else "H"), fh.read(8 if big else 2))[0]
+    size = 20 if big else 12
+    table = np.frombuffer(fh.read(min(n, 2**16) * size), np.uint8).reshape(-1, size)
+    return set(table[:, :2].copy().view(e + "u2").ravel().tolist())
+
+
 def _first_page(tif, path) -> tuple[Layout, GeoInfo]:
     """Checked layout and grid of the first image: nothing is decoded or allocated before this."""
     try:
-        tags = {tag.code: tag for tag in tif.pages[0].tags.values()}
-    except Exception as exc:  # tifffile parses pages lazily
+        page = tif.pages[0]
+        tags = {tag.code: tag for tag in page.tags.values()}
+        codes = _codes_in_ifd(tif, page.offset)
+    except Exception as exc:  # tifffile parses pages lazily and raises many kinds
         raise RasterError(f"{path}: not a readable TIFF image directory ({type(exc).__name__}: {exc})") from None
+    check_dropped(codes, tags, path)
     layout = read_layout(tags, tif.byteorder, tif.is_bigtiff, tif.filehandle.size, path)
     info = parse_geoinfo({code: tag.value for code, tag in tags.items()}, layout.height, layout.width, path)
     return layout, info

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lib.core.errors import RasterError
+from lib.geoio import georef
 from lib.geoio.tiff_codecs import COMPRESSIONS, USES_PREDICTOR
 
 _TRANSLATE = "gdal_translate -ot Float32 -co COMPRESS=DEFLATE in.tif out.tif"  # a file we read
@@ -40,6 +41,20 @@ _REFUSED_HINTS = {  # what to run for refused values that GDAL converts while re
 # (SampleFormat, BitsPerSample) -> dtype; other pairs (1-15 or 24 bits, void, complex) are refused
 DTYPES = {(1, 8): "u1", (1, 16): "u2", (1, 32): "u4", (1, 64): "u8", (2, 8): "i1", (2, 16): "i2",
           (2, 32): "i4", (2, 64): "i8", (3, 16): "f2", (3, 32): "f4", (3, 64): "f8"}
+
+
+USED_TAGS = {256, 257, 258, 273, 278, 279, 322, 323, 324, 325, 339, 32997, *SAMPLE_TAGS, georef.PIXEL_SCALE,
+             georef.TIEPOINT, georef.TRANSFORM, georef.GEOKEYS, georef.GEODOUBLE, georef.GEOASCII,
+             georef.GDAL_NODATA}  # every tag that changes a pixel or the grid
+
+
+def check_dropped(codes_in_file: set, tags: dict, path) -> None:
+    """RasterError for a tag in the image directory that tifffile could not parse (a bad type,
+    count or value offset: it drops such tags) when the reader would use it; libtiff refuses those."""
+    dropped = sorted((codes_in_file & USED_TAGS) - set(tags))
+    if dropped:
+        raise RasterError(f"{path}: TIFF tag {dropped[0]} cannot be read (a wrong type, count or value"
+                          f" offset)", hint="the file is damaged; re-export it from its source")
 
 
 def memory_budget() -> int:
@@ -73,33 +88,44 @@ def _error(path, name, code, value, why, hint=_TRANSLATE) -> RasterError:
     return RasterError(f"{path}: TIFF tag {name} ({code}) = {value!r} {why}", hint=hint)
 
 
+_INTEGER_TYPES = {1, 3, 4, 6, 8, 9, 16, 17}  # BYTE, SHORT, LONG, their signed kinds, LONG8, SLONG8
+
+
 def _values(tags, code, name, path) -> tuple[int, ...] | None:
-    """The tag's values as a tuple of non-negative ints (maybe empty); None when absent."""
+    """The tag's values as a tuple of non-negative ints (maybe empty); None when absent.
+
+    As libtiff: an integer TIFF type whatever the tag's nominal one, values in range.
+    """
     if code not in tags:
         return None
-    value = tags[code].value
+    tag = tags[code]
+    value = tag.value
     values = value if isinstance(value, (tuple, list, np.ndarray)) else (value,)
-    if not all(isinstance(v, (int, np.integer)) and v >= 0 for v in values):
-        raise _error(path, name, code, value, "is not a list of non-negative integers")
+    if int(tag.dtype) not in _INTEGER_TYPES or not all(
+            isinstance(v, (int, np.integer)) and 0 <= v < 2**32 for v in values):
+        raise _error(path, name, code, value, f"(TIFF type {int(tag.dtype)}) is not a list of"
+                     f" non-negative integers")
     return tuple(int(v) for v in values)
 
 
-def _scalar(tags, code, name, path, default=None, count=1) -> int:
-    """One int from a tag that must hold it once (or `count` equal copies, one per sample)."""
+def _scalar(tags, code, name, path, default=None, samples=0) -> int:
+    """One int from a tag that holds exactly one, or, for a per-sample tag (samples > 0), one
+    value or at least `samples` values whose first `samples` are equal (libtiff's rule)."""
     values = _values(tags, code, name, path)
     if values is None:
         if default is None:
             raise RasterError(f"{path}: TIFF tag {name} ({code}) is missing", hint=_TRANSLATE)
         return default
-    if len(set(values)) != 1 or len(values) not in (1, count):
-        raise _error(path, name, code, values, f"must hold one value (or one per sample, {count})")
+    n = len(values)
+    if not (n == 1 or (samples and n >= samples and len(set(values[:samples])) == 1)):
+        raise _error(path, name, code, values, f"must hold one value{' per sample' if samples else ''}")
     return values[0]
 
 
-def _checked(tags, code, path, samples=1) -> int:
+def _checked(tags, code, path) -> int:
     """Value of a SAMPLE_TAGS tag, refused unless the table honours it."""
     name, default, accepted = SAMPLE_TAGS[code]
-    value = _scalar(tags, code, name, path, default, samples)
+    value = _scalar(tags, code, name, path, default)
     if value not in accepted:
         known = getattr(tags[code].value, "name", None)  # tifffile's enum name, e.g. JPEG
         hint = _REFUSED_HINTS.get((code, value), _TRANSLATE)
@@ -148,8 +174,10 @@ def _positions(tags, code, n_blocks, path) -> np.ndarray:
     if code not in tags:
         raise RasterError(f"{path}: TIFF tag {name} ({code}) is missing", hint=_TRANSLATE)
     values = np.atleast_1d(np.asarray(tags[code].value))
-    if values.dtype.kind not in "ui" or values.ndim != 1 or (values < 0).any():
-        raise _error(path, name, code, tags[code].value, "is not a list of non-negative integers")
+    if int(tags[code].dtype) not in (3, 4, 16) or values.dtype.kind not in "ui" or values.ndim != 1 \
+            or (values < 0).any():  # SHORT, LONG, LONG8: the types libtiff reads here
+        raise _error(path, name, code, tags[code].value, f"(TIFF type {int(tags[code].dtype)}) is not a"
+                     f" list of SHORT/LONG/LONG8 integers")
     if len(values) < n_blocks:
         raise RasterError(f"{path}: TIFF tag {name} ({code}) has {len(values)} values, but the block grid"
                           f" has {n_blocks} blocks", hint="the file is damaged; re-export it from its source")
@@ -180,8 +208,8 @@ def read_layout(tags: dict, byteorder: str, bigtiff: bool, file_size: int, path)
     if _scalar(tags, 32997, "ImageDepth", path, 1) != 1:
         raise _error(path, "ImageDepth", 32997, tags[32997].value, "is a volume, not an image")
     samples = _scalar(tags, 277, "SamplesPerPixel", path, 1)
-    if not samples:
-        raise _error(path, "SamplesPerPixel", 277, 0, "is zero")
+    if not 1 <= samples < 2**16:
+        raise _error(path, "SamplesPerPixel", 277, samples, "is not in 1..65535")
     compression = _checked(tags, 259, path)
     dtype = _dtype(tags, samples, path, byteorder)
     photometric = _checked(tags, 262, path) if 262 in tags else 1

@@ -1,0 +1,128 @@
+"""Seeded, bounded fuzzing of the GeoTIFF reader: mutated files give pixels equal to GDAL's (or to
+tifffile's, without GDAL) or a ForestGapsError naming the file; never another exception or a hang.
+
+Seeds are files of tests/tiff_builder.py and the small real rasters of ../shared/data/real/; mutations
+are byte flips (in the image directory and anywhere), truncations, tag type/count/value edits and IFD
+loops. Each read runs under a 10 s alarm and a 256 MiB memory budget.
+"""
+import signal
+import struct
+import warnings
+
+import numpy as np
+import pytest
+import tifffile
+
+from lib.core.errors import ForestGapsError
+from lib.geoio.geotiff_read import read_raster
+from tests.conftest import REAL_DATA
+from tests.gdal_oracle import gdal_python, gdal_reads
+from tests.test_geotiff_differential import expected, make_case
+from tests.tiff_builder import Variant, tiff_file
+
+N_MUTANTS = 40  # per seed file
+SPECIAL = [0, 1, 2, 3, 7, 255, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF]
+
+
+def _seeds() -> dict[str, bytes]:
+    seeds = {f"case{k}": tiff_file(*make_case(k)) for k in (1, 4, 16, 30, 41, 57)}
+    seeds["planar_lzw"] = tiff_file(make_case(3)[0][:1].repeat(3, 0), Variant(compression=5, planar=2, tile=(16, 16)))
+    for name in ("ALS_CHM_DUC.tif", "wellington_DTM.tif"):
+        if (REAL_DATA / name).exists():
+            seeds[name[:-4]] = (REAL_DATA / name).read_bytes()
+    return seeds
+
+
+def _entries(data: bytes) -> tuple[str, bool, int, list[int]]:
+    """(byte order, BigTIFF, next-IFD pointer position, positions of the first IFD's entries)."""
+    e = "<" if data[:2] == b"II" else ">"
+    big = struct.unpack(e + "H", data[2:4])[0] == 43
+    at = struct.unpack(e + ("Q" if big else "I"), data[8:16] if big else data[4:8])[0]
+    n = struct.unpack(e + ("Q" if big else "H"), data[at : at + (8 if big else 2)])[0]
+    first, size = at + (8 if big else 2), 20 if big else 12
+    return e, big, first + n * size, [first + i * size for i in range(n)]
+
+
+def mutate(data: bytes, rng) -> bytes:
+    """One seeded mutation of a TIFF's bytes."""
+    e, big, next_at, entries = _entries(data)
+    out = bytearray(data)
+    kind = rng.integers(6)
+    if kind == 0:  # flip bytes of the image directory
+        for _ in range(rng.integers(1, 4)):
+            out[int(rng.integers(entries[0], next_at))] = int(rng.integers(256))
+    elif kind == 1:  # flip bytes anywhere
+        for _ in range(rng.integers(1, 8)):
+            out[int(rng.integers(len(out)))] = int(rng.integers(256))
+    elif kind == 2:  # truncate
+        out = out[: int(rng.integers(8, len(out)))]
+    elif kind == 3:  # a tag's type
+        entry = entries[rng.integers(len(entries))]
+        out[entry + 2 : entry + 4] = struct.pack(e + "H", int(rng.integers(0, 19)))
+    elif kind == 4:  # a tag's count or inline value
+        entry = entries[rng.integers(len(entries))] + (4 if rng.random() < 0.5 else (12 if big else 8))
+        value = int(rng.choice(SPECIAL)) if rng.random() < 0.7 else int(rng.integers(2**32))
+        out[entry : entry + 4] = struct.pack(e + "I", value)
+    else:  # the next IFD points back at the first: a loop
+        out[next_at : next_at + (8 if big else 4)] = out[8:16] if big else out[4:8]
+    return bytes(out)
+
+
+def _alarm(signum, frame):
+    raise TimeoutError("read took over 10 s")
+
+
+def test_mutated_tiffs_read_as_oracle_or_fail_clearly(tmp_path, monkeypatch):
+    monkeypatch.setattr("lib.geoio.geotiff_read.memory_budget", lambda: 2**28)
+    monkeypatch.setattr("lib.geoio.tiff_layout.memory_budget", lambda: 2**28)
+    rng = np.random.default_rng(20261207)
+    read, refused, others = [], 0, []
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    try:
+        for name, data in _seeds().items():
+            for i in range(N_MUTANTS):
+                path = tmp_path / f"{name}_{i}.tif"
+                path.write_bytes(mutate(data, rng))
+                signal.alarm(10)
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        values, info = read_raster(path)
+                    read.append((path, values, info.nodata))
+                except ForestGapsError as exc:
+                    refused += 1
+                    assert str(path) in str(exc), f"{path}: error does not name the file: {exc}"
+                except Exception as exc:  # noqa: BLE001 - the fuzzer's whole point
+                    others.append(f"{path.name}: {type(exc).__name__}: {exc}")
+                finally:
+                    signal.alarm(0)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert not others, "\n".join(others)
+    assert refused and read, (refused, len(read))
+    differ = _compare(read)
+    assert not differ, "\n".join(differ)
+
+
+def _compare(read: list) -> list[str]:
+    """Files read whose pixels differ from GDAL's (tifffile's where GDAL is absent), or that the oracle
+    cannot read at all."""
+    if gdal_python() is not None:
+        theirs = gdal_reads([(path, 1, None) for path, _, _ in read])
+    else:
+        theirs = []
+        for path, _, _ in read:
+            try:
+                theirs.append(tifffile.imread(path, key=0, maxworkers=1))
+            except Exception as exc:  # noqa: BLE001 - tifffile cannot decode LZW without imagecodecs
+                theirs.append(None if "imagecodecs" in str(exc) else f"{type(exc).__name__}: {exc}")
+    differ = []
+    for (path, values, nodata), raw in zip(read, theirs):
+        if raw is None:
+            continue
+        if isinstance(raw, str):
+            differ.append(f"{path.name}: read here, the oracle refuses it: {raw}")
+        elif raw.shape != values.shape or not np.array_equal(
+                values, expected(raw, None if nodata is None else repr(nodata)), equal_nan=True):
+            differ.append(f"{path.name}: pixels differ from the oracle's")
+    return differ
