@@ -20,8 +20,8 @@ from tests.gdal_oracle import gdal_python, gdal_reads
 from tests.test_geotiff_differential import expected, make_case
 from tests.tiff_builder import Variant, tiff_file
 
-N_MUTANTS = 40  # per seed file
-SPECIAL = [0, 1, 2, 3, 7, 255, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF]
+N_MUTANTS = 120  # per seed file
+SPECIAL = [0, 1, 2, 3, 7, 255, 32767, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF]
 
 
 def _seeds() -> dict[str, bytes]:
