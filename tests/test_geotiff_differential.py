@@ -6,12 +6,15 @@ LZW, photometrics, orientations, sparse blocks, nodata tags); full, windowed and
 the array written, tifffile's decoding where it decodes without imagecodecs, and GDAL's (Debian
 python3-gdal, tests/gdal_oracle.py) when installed.
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
 
 from lib.core.errors import RasterError
 from lib.geoio.geotiff_read import iter_strips, read_info, read_raster
+from lib.geoio.tiff_layout import tag_table
 from tests.gdal_oracle import gdal_python, gdal_reads
 from tests.tiff_builder import Variant, tiff_file
 
@@ -186,3 +189,8 @@ def test_refused_with_tag_value_and_command(tmp_path, case):
         with pytest.raises(RasterError, match=f"(?s){case}.tif: .*{message}") as caught:
             read(path)
         assert caught.value.hint, "a refusal says what to run instead"
+
+
+def test_docs_tag_table_is_the_code_table():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "rasters.md").read_text(encoding="utf-8")
+    assert tag_table() in text, "docs/rasters.md is stale: paste lib.geoio.tiff_layout.tag_table()"

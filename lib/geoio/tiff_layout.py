@@ -26,7 +26,7 @@ SAMPLE_TAGS = {
                              3: "Palette: the colour indices, as GDAL's band"}),
     266: ("FillOrder", 1, {1: "most significant bit first", 2: "bits of every byte reversed before decoding"}),
     274: ("Orientation", 1, {v: "stored row order (GDAL ignores the tag)" for v in range(1, 9)}),
-    277: ("SamplesPerPixel", 1, None),  # 1..65535, bounded by the memory budget
+    277: ("SamplesPerPixel", 1, {"1..65535": "bands; one block of them within the memory budget"}),
     284: ("PlanarConfiguration", 1, {1: "samples interleaved", 2: "one plane of blocks per sample"}),
     317: ("Predictor", 1, {1: "none", 2: "horizontal differences of the bit patterns",
                            3: "floating point byte planes (float samples only)"}),
@@ -233,3 +233,17 @@ def read_layout(tags: dict, byteorder: str, bigtiff: bool, file_size: int, path)
     return Layout(height, width, samples, dtype, compression, _predictor(tags, compression, dtype, path),
                   _checked(tags, 266, path), tiled, block, grid, separate,
                   offsets.astype(np.int64), counts.astype(np.int64))
+
+
+def tag_table() -> str:
+    """SAMPLE_TAGS as the markdown table of docs/rasters.md (tests keep the two the same)."""
+    rows = ["| tag | code | absent means | read (as GDAL reads it) |", "|---|---|---|---|"]
+    for code, (name, default, accepted) in SAMPLE_TAGS.items():
+        by_meaning = {}
+        for value, meaning in (accepted or {}).items():
+            by_meaning.setdefault(meaning, []).append(str(value))
+        read = "; ".join(f"{', '.join(values)}: {meaning}" for meaning, values in by_meaning.items())
+        rows.append(f"| {name} | {code} | {default} | {read} |")
+    dtypes = "; ".join(f"{fmt}/{bits}: {dtype}" for (fmt, bits), dtype in DTYPES.items())
+    rows.append(f"| SampleFormat/BitsPerSample | 339/258 | 1/1 | {dtypes} (float16 read as float32) |")
+    return "\n".join(rows) + "\n"
