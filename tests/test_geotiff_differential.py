@@ -177,6 +177,17 @@ REFUSED = {  # name: (variant changes, what the error names)
     "huge_tiled": (dict(tile=(16, 16), tags={257: ("I", [2**31 - 1])}), r"TileOffsets \(324\) has 6 values, but the block grid has 402653184 blocks"),
     "tile_offset_0": (dict(tile=(16, 16), tags={324: ("I", [0, 8, 8, 8, 8, 8])}), r"block 0 starts at byte 0"),
     "offset_past_end": (dict(tags={273: ("I", [8, 8, 8, 8, 10**6])}), r"block 4 ends at byte"),
+    "pixel_scale_one": (dict(tags={33550: ("d", [1.0])}), r"ModelPixelScale \(33550\) has 1 values; expected 2 or 3"),
+    "pixel_scale_text": (dict(tags={33550: ("s", "1 1 0")}), r"ModelPixelScale \(33550\) = '1 1 0' is not a list"),
+    "pixel_scale_nan": (dict(tags={33550: ("d", [np.nan, 1.0, 0.0]), 33922: ("d", [0] * 6)}),
+                        r"ModelPixelScale .* not a list of finite numbers"),
+    "tiepoint_five": (dict(tags={33550: ("d", [1.0, 1.0, 0.0]), 33922: ("d", [0, 0, 0, 5, 5])}),
+                      r"ModelTiepoint \(33922\) has 5 values; expected 6 per tiepoint"),
+    "transform_eight": (dict(tags={34264: ("d", [1.0] * 8)}), r"ModelTransformation \(34264\) has 8 values"),
+    "geokeys_short": (dict(tags={34735: ("H", [1, 1, 0, 5, 1024, 0, 1, 1])}), r"GeoKeyDirectory \(34735\)"),
+    "geokeys_doubles": (dict(tags={34735: ("d", [1.0, 1.0, 0.0, 0.0])}), r"GeoKeyDirectory \(34735\)"),
+    "geoascii_shorts": (dict(tags={34737: ("H", [65, 66])}), r"GeoAsciiParams \(34737\) = \(65, 66\) is not text"),
+    "nodata_text": (dict(nodata="none"), r"GDAL_NODATA tag 'none' is not a number"),
 }
 
 

@@ -16,6 +16,8 @@ _RASTER_TYPE, _PIXEL_IS_POINT = 1025, 2  # GTRasterTypeGeoKey: tiepoint at the p
 _MODEL_TYPE, _GEOGRAPHIC = 1024, 2  # GTModelTypeGeoKey: longitude/latitude
 _LINEAR_UNITS, _METRE = 3076, 9001  # ProjLinearUnitsGeoKey
 _WARP_HINT = "make it a north-up grid: gdalwarp -r bilinear in.tif out.tif"
+_GEOREF_HINT = ("the georeferencing tags are damaged; set them again: gdal_translate -a_srs EPSG:<code>"
+                " -a_ullr <ulx> <uly> <lrx> <lry> in.tif out.tif")
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,11 @@ def _numbers(tags: dict, code: int, path) -> tuple | None:
     value = tags[code]
     values = tuple(value) if isinstance(value, (tuple, list, np.ndarray)) else (value,)
     if not all(isinstance(v, (int, float, np.number)) and np.isfinite(v) for v in values):
-        raise RasterError(f"{path}: GeoTIFF tag {name} ({code}) = {value!r:.80} is not a list of finite numbers")
+        raise RasterError(f"{path}: GeoTIFF tag {name} ({code}) = {value!r:.80} is not a list of finite numbers",
+                          hint=_GEOREF_HINT)
     if not valid(len(values)):
-        raise RasterError(f"{path}: GeoTIFF tag {name} ({code}) has {len(values)} values; expected {expected}")
+        raise RasterError(f"{path}: GeoTIFF tag {name} ({code}) has {len(values)} values; expected {expected}",
+                          hint=_GEOREF_HINT)
     return tuple(float(v) for v in values)
 
 
@@ -97,7 +101,7 @@ def _geokeys(tags: dict, path) -> tuple[int, ...] | None:
     if not all(isinstance(k, (int, np.integer)) and 0 <= k < 2**16 for k in keys) \
             or len(keys) < 4 or len(keys) < 4 + 4 * keys[3]:
         raise RasterError(f"{path}: GeoTIFF tag GeoKeyDirectory ({GEOKEYS}) = {value!r:.80} is not a key"
-                          f" directory (4 shorts, then 4 per key)", hint=_WARP_HINT)
+                          f" directory (4 shorts, then 4 per key)", hint=_GEOREF_HINT)
     return tuple(int(k) for k in keys)
 
 
@@ -149,14 +153,16 @@ def _parse_nodata(text, path) -> float | None:
     try:
         return float(str(text).strip().rstrip("\0"))
     except ValueError:
-        raise RasterError(f"{path}: GDAL_NODATA tag {text!r} is not a number") from None
+        raise RasterError(f"{path}: GDAL_NODATA tag {text!r} is not a number",
+                          hint="set it again: gdal_edit.py -a_nodata <value> in.tif") from None
 
 
 def parse_geoinfo(tags: dict, height: int, width: int, path) -> GeoInfo:
     """GeoInfo of a `height` x `width` image from its TIFF tags {code: value}; `path` names errors."""
     ascii_ = tags.get(GEOASCII)
     if ascii_ is not None and not isinstance(ascii_, str):
-        raise RasterError(f"{path}: GeoTIFF tag GeoAsciiParams ({GEOASCII}) = {ascii_!r:.80} is not text")
+        raise RasterError(f"{path}: GeoTIFF tag GeoAsciiParams ({GEOASCII}) = {ascii_!r:.80} is not text",
+                          hint=_GEOREF_HINT)
     info = GeoInfo(
         height=int(height), width=int(width), pixel_size=(1.0, 1.0), origin=(0.0, 0.0),
         nodata=_parse_nodata(tags.get(GDAL_NODATA), path), geokeys=_geokeys(tags, path),
