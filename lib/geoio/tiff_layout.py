@@ -212,7 +212,7 @@ def read_layout(tags: dict, byteorder: str, bigtiff: bool, file_size: int, path)
         raise _error(path, "SamplesPerPixel", 277, samples, "is not in 1..65535")
     compression = _checked(tags, 259, path)
     dtype = _dtype(tags, samples, path, byteorder)
-    photometric = _checked(tags, 262, path) if 262 in tags else 1
+    photometric = _checked(tags, 262, path)
     if photometric == 3 and (samples != 1 or dtype.kind != "u"):
         raise _error(path, "Photometric", 262, 3, f"(palette) with {samples} {dtype.name} samples")
     extra = _values(tags, 338, "ExtraSamples", path) or ()
