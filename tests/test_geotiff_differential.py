@@ -110,6 +110,16 @@ def test_reads_equal_the_written_samples(matrix, k):
         np.testing.assert_array_equal(np.concatenate(strips), want)
 
 
+def test_fill_order_2_uncompressed_16_bit(tmp_path):
+    """The issue's file: FillOrder 2 on uncompressed 16-bit samples, every byte stored bit-reversed."""
+    values = (np.arange(29 * 37, dtype=np.uint16) * 53).reshape(SHAPE)
+    (tmp_path / "lsb.tif").write_bytes(tiff_file(values, Variant(fill_order=2)))
+    got, _ = read_raster(tmp_path / "lsb.tif")
+    np.testing.assert_array_equal(got, values.astype(np.float32))
+    if gdal_python() is not None:
+        np.testing.assert_array_equal(gdal_reads([(tmp_path / "lsb.tif", 1, None)])[0], values)
+
+
 def test_tifffile_decodes_the_matrix_alike(matrix):
     """The builder's files mean what it says: tifffile (without imagecodecs: no LZW, PackBits,
     predictor 3) decodes them to the samples written, in stored order (it ignores Orientation too)."""

@@ -159,14 +159,18 @@ def _expand(codes: np.ndarray, starts: np.ndarray) -> tuple[bytes, np.ndarray]:
     return bytes(out), length
 
 
-def _decode_group(streams: list[bytes], compat: bool) -> list[bytes]:
-    """Decode streams parsed together; expansion runs ~_CHUNK_CODES codes at a time."""
+def _decode_group(streams: list[bytes], compat: bool, max_bytes: float) -> list[bytes]:
+    """Decode streams parsed together; expansion runs ~_CHUNK_CODES codes at a time, and stops
+    past `max_bytes` of output (a chunk expands to at most ~128 MiB before that check)."""
     codes, starts, per_stream = _parse_codes(streams, compat)
     chunk = starts // _CHUNK_CODES  # expand whole segments, ~_CHUNK_CODES at a time
     bounds = np.append(starts[np.diff(chunk, prepend=-1) > 0], len(codes)).tolist()
     pieces, lengths = [], [np.zeros(1, np.int64)]
     for a, b in zip(bounds[:-1], bounds[1:]):
         data, length = _expand(codes[a:b], starts[(starts >= a) & (starts < b)] - a)
+        max_bytes -= len(data)
+        if max_bytes < 0:
+            raise ValueError("corrupt LZW stream: it decodes to far more bytes than its block holds")
         pieces.append(data)
         lengths.append(length)
     out, off = b"".join(pieces), np.cumsum(np.concatenate(lengths))  # (K+1,) output offsets
@@ -174,12 +178,13 @@ def _decode_group(streams: list[bytes], compat: bool) -> list[bytes]:
     return [out[a:b] for a, b in zip([0] + ends[:-1], ends)]
 
 
-def lzw_decode_many(streams: list[bytes]) -> list[bytes]:
+def lzw_decode_many(streams: list[bytes], max_bytes: float = float("inf")) -> list[bytes]:
     """Decode TIFF LZW streams (MSB-first codes, early change, clear 256, EOI 257) with numpy;
     old-style streams (LSB-first, late change) as libtiff detects and decodes them.
 
     Small streams (strips) are decoded together, large ones a few segments at a time: work
     arrays of ~_CHUNK_CODES codes stay in cache, which measured ~2x faster than one big pass.
+    Output beyond `max_bytes` in all is refused (an LZW bomb) before it is allocated.
     """
     out = [b""] * len(streams)
     for compat in (False, True):  # each style in groups of ~_GROUP_BYTES compressed bytes
@@ -193,7 +198,9 @@ def lzw_decode_many(streams: list[bytes]) -> list[bytes]:
             groups[-1].append(k)
             size += len(stream)
         for group in filter(None, groups):
-            for k, data in zip(group, _decode_group([bytes(streams[k]) for k in group], compat)):
+            decoded = _decode_group([bytes(streams[k]) for k in group], compat, max_bytes)
+            max_bytes -= sum(map(len, decoded))
+            for k, data in zip(group, decoded):
                 out[k] = data
     return out
 
@@ -321,7 +328,9 @@ def decode_segments(segments: list[bytes], compression: int, predictor: int, sha
         segments = [reverse_bits(s) for s in segments]
     if compression == 5:
         c_decodes = _lzw_decode_c is not None and not any(map(is_old_style_lzw, segments))
-        raws = [_lzw_c(s) for s in segments] if c_decodes else lzw_decode_many(segments)
+        expected = sum(int(np.prod(shape)) for shape in shapes) * dtype.itemsize
+        raws = ([_lzw_c(s) for s in segments] if c_decodes  # libtiff ignores codes past a block's end:
+                else lzw_decode_many(segments, 2 * expected + 2**20))  # allow some, not a bomb
     elif compression in (8, 32946, 34925):
         raws = [_decompress(s, compression, int(np.prod(shape)) * dtype.itemsize)
                 for s, shape in zip(segments, shapes)]
