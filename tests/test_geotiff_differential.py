@@ -49,9 +49,9 @@ def make_case(k: int) -> tuple[np.ndarray, Variant]:
     nodata = rng.choice([None, "0"] + (["-9999"] if dtype != "f2" else []) + (["nan"] if dtype.kind == "f" else [])
                         + (["-3.4028234663852886e+38"] if dtype.str[1:] in ("f4", "f8") else []))
     v = Variant(byteorder=str(rng.choice(["<", ">"])), bigtiff=bool(rng.random() < 0.3),
-                tile=[None, None, (16, 16), (16, 32), (32, 16)][rng.integers(5)],
+                tile=[None, None, (16, 16), (16, 32), (32, 16), (8, 24)][rng.integers(6)],
                 rows_per_strip=int(rng.choice([1, 7, 29, 2**32 - 1])), planar=int(rng.choice([1, 2])),
-                compression=compression, predictor=int(rng.choice([1, 2] + ([3] if dtype.kind == "f" else []))),
+                compression=compression, predictor=int(rng.choice([1, 2] + ([3, 3] if dtype.kind == "f" else []))),
                 fill_order=int(rng.choice([1, 2])), old_lzw=compression == 5 and rng.random() < 0.4,
                 photometric=photometric, orientation=int(rng.integers(1, 9)),
                 nodata=None if nodata is None else str(nodata), sparse=bool(rng.random() < 0.3))

@@ -69,7 +69,9 @@ def _predict(block: np.ndarray, predictor: int) -> bytes:
     if predictor == 3:  # big-endian byte planes of the row's values, then differences with stride spp
         big = block.astype(block.dtype.newbyteorder(">")).reshape(rows, cols * spp)
         planes = big.view(np.uint8).reshape(rows, cols * spp, -1).transpose(0, 2, 1).reshape(rows, -1)
-        return np.diff(planes, axis=1, prepend=np.zeros((rows, spp), np.uint8)).astype(np.uint8).tobytes()
+        diff = planes.copy()
+        diff[:, spp:] -= planes[:, :-spp]  # libtiff's fpDiff: byte k minus byte k - spp, wrapping
+        return diff.tobytes()
     return block.tobytes()
 
 
