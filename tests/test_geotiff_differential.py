@@ -66,7 +66,8 @@ def make_case(k: int) -> tuple[np.ndarray, Variant]:
 
 def expected(raw: np.ndarray, nodata: str | None) -> np.ndarray:
     """What read_raster returns for stored samples: float32, nodata and non-finite values NaN."""
-    out = raw.astype(np.float32)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range: inf, then NaN below
+        out = raw.astype(np.float32)
     if nodata is not None:
         value = float(nodata)
         ref = raw if raw.dtype.kind != "f" or raw.dtype.itemsize >= 4 else out
@@ -187,6 +188,8 @@ REFUSED = {  # name: (variant changes, what the error names)
     "huge_tiled": (dict(tile=(16, 16), tags={257: ("I", [2**31 - 1])}), r"TileOffsets \(324\) has 6 values, but the block grid has 402653184 blocks"),
     "tile_offset_0": (dict(tile=(16, 16), tags={324: ("I", [0, 8, 8, 8, 8, 8])}), r"block 0 starts at byte 0"),
     "offset_past_end": (dict(tags={273: ("I", [8, 8, 8, 8, 10**6])}), r"block 4 ends at byte"),
+    "only_strip_count_0": (dict(rows_per_strip=2**32 - 1, tags={279: ("I", [0])}),
+                           r"StripByteCounts \(279\) = 0 for the only strip \(at byte 8\) is bogus"),
     "pixel_scale_one": (dict(tags={33550: ("d", [1.0])}), r"ModelPixelScale \(33550\) has 1 values; expected 2 or 3"),
     "pixel_scale_text": (dict(tags={33550: ("s", "1 1 0")}), r"ModelPixelScale \(33550\) = '1 1 0' is not a list"),
     "pixel_scale_nan": (dict(tags={33550: ("d", [np.nan, 1.0, 0.0]), 33922: ("d", [0] * 6)}),
@@ -215,3 +218,25 @@ def test_refused_with_tag_value_and_command(tmp_path, case):
 def test_docs_tag_table_is_the_code_table():
     text = (Path(__file__).resolve().parents[1] / "docs" / "rasters.md").read_text(encoding="utf-8")
     assert tag_table() in text, "docs/rasters.md is stale: paste lib.geoio.tiff_layout.tag_table()"
+
+
+def test_duplicated_tag_is_refused(tmp_path):
+    """libtiff keeps the first of two RowsPerStrip tags, tifffile the last: neither is guessed."""
+    data = bytearray(tiff_file(np.zeros(SHAPE, np.uint8), Variant(rows_per_strip=7)))
+    at = data.index(b"\x12\x01\x03\x00")  # the Orientation entry (274, SHORT) becomes a RowsPerStrip
+    data[at : at + 2] = b"\x16\x01"
+    (tmp_path / "twice.tif").write_bytes(bytes(data))
+    with pytest.raises(RasterError, match=r"twice.tif: TIFF tag 278 appears more than once"):
+        read_raster(tmp_path / "twice.tif")
+
+
+def test_sparse_blocks_with_a_nodata_the_samples_cannot_hold(tmp_path):
+    """GDAL fills them with the clamped value (255 for 70000 in uint8): refused, not imitated."""
+    values = np.ones((32, 16), np.uint8)
+    values[:16] = 0
+    (tmp_path / "clamp.tif").write_bytes(tiff_file(values, Variant(tile=(16, 16), sparse=True, nodata="70000")))
+    (tmp_path / "nan.tif").write_bytes(tiff_file(values, Variant(tile=(16, 16), sparse=True, nodata="nan")))
+    read_info(tmp_path / "clamp.tif")
+    with pytest.raises(RasterError, match=r"clamp.tif: .*sparse.* nodata value 70000 does not fit its uint8"):
+        read_raster(tmp_path / "clamp.tif")
+    np.testing.assert_array_equal(read_raster(tmp_path / "nan.tif")[0], values)  # GDAL fills 0, as here

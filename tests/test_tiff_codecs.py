@@ -129,6 +129,21 @@ def test_fill_order_2_reverses_the_stored_bits_of_any_codec():
     assert tiff_codecs.reverse_bits(b"\x01\x80\x0f") == b"\x80\x01\xf0"
 
 
+def test_deflate_must_end_as_a_whole_stream():
+    """libdeflate (GDAL's inflater) needs the whole stream: a longer valid one gives its first bytes,
+    a cut or corrupt one (even past the block's bytes) is an error, never a guess."""
+    data = bytes(range(256)) * 8
+    decode = lambda stream: tiff_codecs.decode_segments([stream], 8, 1, [(4, 256, 1)], np.dtype("u1"))[0]
+    assert decode(zlib.compress(data)).tobytes() == bytes(range(256)) * 4
+    assert decode(zlib.compress(data) + b"junk").tobytes() == bytes(range(256)) * 4  # after the end: ignored
+    with pytest.raises(ValueError, match="cut short"):
+        decode(zlib.compress(data)[:-9])
+    corrupt = bytearray(zlib.compress(data, 0))  # stored blocks: the checksum catches a flipped byte
+    corrupt[-20] ^= 1
+    with pytest.raises(ValueError, match="corrupt deflate data"):
+        decode(bytes(corrupt))
+
+
 def test_predictors_invert_reference():
     z = smooth((5, 33), np.float64)
     raw = float_predict(z).tobytes()

@@ -16,7 +16,7 @@ import tifffile
 from lib.core.errors import RasterError
 from lib.geoio import tiff_codecs
 from lib.geoio.georef import GeoInfo, check_same_grid, parse_geoinfo
-from lib.geoio.tiff_layout import Layout, check_dropped, memory_budget, read_layout
+from lib.geoio.tiff_layout import Layout, check_directory, memory_budget, read_layout
 
 _FILL_VALUES = 9999.0  # +-9999 without a nodata tag is almost always an undeclared fill value
 _LOWEST_CHM_M = -1.0  # canopy heights below this are not interpolation noise but a DSM/DTM mismatch
@@ -42,15 +42,16 @@ def _open(path) -> tifffile.TiffFile:
     return tif
 
 
-def _codes_in_ifd(tif, offset: int) -> set[int]:
-    """Tag codes of the image directory at `offset`, as stored (tifffile drops tags it cannot parse)."""
+def _codes_in_ifd(tif, offset: int) -> list[int]:
+    """Tag codes of the image directory at `offset`, as stored (tifffile drops tags it cannot parse
+    and keeps one of duplicated ones)."""
     big, e = tif.is_bigtiff, tif.byteorder
     fh = tif.filehandle
     fh.seek(offset)
     n = struct.unpack(e + ("Q" if big else "H"), fh.read(8 if big else 2))[0]
     size = 20 if big else 12
     table = np.frombuffer(fh.read(min(n, 2**16) * size), np.uint8).reshape(-1, size)
-    return set(table[:, :2].copy().view(e + "u2").ravel().tolist())
+    return table[:, :2].copy().view(e + "u2").ravel().tolist()
 
 
 def _first_page(tif, path) -> tuple[Layout, GeoInfo]:
@@ -61,7 +62,7 @@ def _first_page(tif, path) -> tuple[Layout, GeoInfo]:
         codes = _codes_in_ifd(tif, page.offset)
     except Exception as exc:  # tifffile parses pages lazily and raises many kinds
         raise RasterError(f"{path}: not a readable TIFF image directory ({type(exc).__name__}: {exc})") from None
-    check_dropped(codes, tags, path)
+    check_directory(codes, tags, path)
     layout = read_layout(tags, tif.byteorder, tif.is_bigtiff, tif.filehandle.size, path)
     info = parse_geoinfo({code: tag.value for code, tag in tags.items()}, layout.height, layout.width, path)
     return layout, info
@@ -100,10 +101,24 @@ class _Blocks:
         self._first = ((band or 1) - 1) * rows * cols if self.layout.separate else 0  # plane start
         self._spp, self._sample = (1, 0) if self.layout.separate else (spp, (band or 1) - 1)
         self._cache = {}
-        nodata, dtype = self.info.nodata, self.dtype  # fills the blocks a sparse file leaves out, as GDAL does
-        fits = nodata is not None and (dtype.kind == "f" or (
-            nodata.is_integer() and np.iinfo(dtype).min <= nodata <= np.iinfo(dtype).max))
-        self._fill = nodata if fits else 0
+        self._fill = self._sparse_fill()
+
+    def _sparse_fill(self) -> float:
+        """What fills the blocks a sparse file leaves out, as GDAL does: the nodata value, else 0.
+
+        GDAL clamps or rounds a nodata value that integer samples cannot hold (and parses 64-bit
+        ones as integer prefixes); such files are refused rather than imitated.
+        """
+        nodata, dtype = self.info.nodata, self.dtype
+        if nodata is None or np.isnan(nodata) or dtype.kind == "f":
+            return 0 if nodata is None or dtype.kind != "f" else nodata
+        if nodata.is_integer() and np.iinfo(dtype).min <= nodata <= np.iinfo(dtype).max:
+            return nodata
+        if (self.layout.counts == 0).any():
+            raise RasterError(f"{self.path}: the file leaves blocks out (sparse) and its nodata value"
+                              f" {nodata:g} does not fit its {dtype.name} samples: GDAL would fill them with"
+                              f" a clamped value", hint="gdal_translate -a_nodata <a value that fits> in.tif out.tif")
+        return 0
 
     def _raw(self, index: int) -> bytes:
         offset, count = int(self.layout.offsets[index]), int(self.layout.counts[index])
@@ -131,8 +146,9 @@ class _Blocks:
                     self._decode([keys[k]])
             raise RasterError(f"{self.path}: cannot decode block {index[stored[0]]}: {exc}") from None
         decoded = dict(zip(stored, blocks))
-        return [decoded[k][:, :, self._sample].astype(self.out_dtype, copy=False) if k in decoded
-                else np.full(shapes[k][:2], self._fill, self.out_dtype) for k in range(len(keys))]
+        with np.errstate(over="ignore"):  # a float nodata beyond float32 fills with inf, as GDAL's
+            return [decoded[k][:, :, self._sample].astype(self.out_dtype, copy=False) if k in decoded
+                    else np.full(shapes[k][:2], self._fill, self.out_dtype) for k in range(len(keys))]
 
     def read(self, row0: int, col0: int, height: int, width: int) -> np.ndarray:
         """(height, width) samples in the file's dtype (float16 as float32, as GDAL reads it); keeps the

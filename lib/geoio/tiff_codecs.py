@@ -291,13 +291,20 @@ def reverse_bits(data: bytes) -> bytes:
 
 
 def _decompress(data: bytes, compression: int, size: int) -> bytes:
-    """At most `size` bytes, as libtiff stops once a block is full: a deflate bomb stays bounded."""
+    """A block's `size` bytes. LZMA stops there, as libtiff does. Deflate must end as a complete
+    stream (its checksum verified) within 2 * size + 1 MiB, as libdeflate (GDAL's) requires: a
+    corrupt stream is refused and a deflate bomb stays bounded."""
     try:
         if compression == 34925:
             return lzma.LZMADecompressor().decompress(data, max_length=size)
-        return zlib.decompressobj().decompress(data, size)
+        inflate = zlib.decompressobj()
+        out = inflate.decompress(data, 2 * size + 2**20)
     except (zlib.error, lzma.LZMAError) as exc:
         raise ValueError(f"corrupt {COMPRESSIONS[compression]} data ({exc})") from None
+    if not inflate.eof:
+        raise ValueError(f"corrupt deflate data: the stream {'is cut short' if len(out) < 2 * size else 'goes on'}"
+                         f" after {len(out)} bytes (the block holds {size})")
+    return out[:size]
 
 
 def _unpredict(raw: bytes, predictor: int, shape: tuple, dtype: np.dtype) -> np.ndarray:

@@ -48,10 +48,15 @@ USED_TAGS = {256, 257, 258, 273, 278, 279, 322, 323, 324, 325, 339, 32997, *SAMP
              georef.GDAL_NODATA}  # every tag that changes a pixel or the grid
 
 
-def check_dropped(codes_in_file: set, tags: dict, path) -> None:
-    """RasterError for a tag in the image directory that tifffile could not parse (a bad type,
-    count or value offset: it drops such tags) when the reader would use it; libtiff refuses those."""
-    dropped = sorted((codes_in_file & USED_TAGS) - set(tags))
+def check_directory(codes_in_file: list, tags: dict, path) -> None:
+    """RasterError for a used tag that is in the image directory twice (libtiff keeps the first,
+    tifffile the last) or that tifffile could not parse (a bad type, count or value offset: it
+    drops such tags, libtiff refuses the file)."""
+    twice = sorted({code for code in codes_in_file if codes_in_file.count(code) > 1} & USED_TAGS)
+    if twice:
+        raise RasterError(f"{path}: TIFF tag {twice[0]} appears more than once in the image directory",
+                          hint="the file is damaged; re-export it from its source")
+    dropped = sorted((set(codes_in_file) & USED_TAGS) - set(tags))
     if dropped:
         raise RasterError(f"{path}: TIFF tag {dropped[0]} cannot be read (a wrong type, count or value"
                           f" offset)", hint="the file is damaged; re-export it from its source")
@@ -230,6 +235,9 @@ def read_layout(tags: dict, byteorder: str, bigtiff: bool, file_size: int, path)
     offsets = _positions(tags, off_tag, n_blocks, path)
     counts = _positions(tags, count_tag, n_blocks, path)
     _check_ranges(offsets, counts, 16 if bigtiff else 8, file_size, path)
+    if n_blocks == 1 and not tiled and offsets[0] and not counts[0]:  # libtiff guesses this count
+        raise _error(path, "StripByteCounts", 279, 0, f"for the only strip (at byte {int(offsets[0])}) is"
+                     f" bogus", hint="the file is damaged; re-export it from its source")
     return Layout(height, width, samples, dtype, compression, _predictor(tags, compression, dtype, path),
                   _checked(tags, 266, path), tiled, block, grid, separate,
                   offsets.astype(np.int64), counts.astype(np.int64))
