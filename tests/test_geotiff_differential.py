@@ -58,8 +58,10 @@ def make_case(k: int) -> tuple[np.ndarray, Variant]:
     samples = _samples(rng, dtype, spp)
     if v.sparse:  # the top 16 rows are fill: whole strips/tiles that a sparse writer leaves out
         fill = float(v.nodata) if v.nodata is not None else 0.0
-        fits = dtype.kind == "f" or np.iinfo(dtype).min <= fill <= np.iinfo(dtype).max
-        v.fill = fill if fits else 0.0
+        if dtype.kind in "ui" and not np.iinfo(dtype).min <= fill <= np.iinfo(dtype).max:
+            v.sparse = dtype.itemsize < 8 and dtype != "i1"  # GDAL clamps it; int8, 64-bit: refused
+            fill = float(np.clip(fill, np.iinfo(dtype).min, np.iinfo(dtype).max))
+        v.fill = 0.0 if np.isnan(fill) and dtype.kind in "ui" else fill
         samples[:, :16] = v.fill
     return samples, v
 
@@ -230,13 +232,26 @@ def test_duplicated_tag_is_refused(tmp_path):
         read_raster(tmp_path / "twice.tif")
 
 
-def test_sparse_blocks_with_a_nodata_the_samples_cannot_hold(tmp_path):
-    """GDAL fills them with the clamped value (255 for 70000 in uint8): refused, not imitated."""
-    values = np.ones((32, 16), np.uint8)
+@pytest.mark.parametrize("dtype,nodata,fill", [("u1", "70000", 255), ("u2", "-9999", 0), ("i2", "3.5", 4),
+                                               ("i2", "-2.5", -3), ("i4", "1e20", 2**31 - 1), ("u2", "nan", 0)])
+def test_sparse_fill_with_a_nodata_the_samples_cannot_hold(tmp_path, dtype, nodata, fill):
+    """GDAL fills left-out blocks with the nodata value rounded half away from zero and clamped."""
+    values = np.ones((32, 16), dtype)
     values[:16] = 0
-    (tmp_path / "clamp.tif").write_bytes(tiff_file(values, Variant(tile=(16, 16), sparse=True, nodata="70000")))
-    (tmp_path / "nan.tif").write_bytes(tiff_file(values, Variant(tile=(16, 16), sparse=True, nodata="nan")))
-    read_info(tmp_path / "clamp.tif")
-    with pytest.raises(RasterError, match=r"clamp.tif: .*sparse.* nodata value 70000 does not fit its uint8"):
-        read_raster(tmp_path / "clamp.tif")
-    np.testing.assert_array_equal(read_raster(tmp_path / "nan.tif")[0], values)  # GDAL fills 0, as here
+    (tmp_path / "s.tif").write_bytes(tiff_file(values, Variant(tile=(16, 16), sparse=True, fill=0, nodata=nodata)))
+    values[:16] = fill
+    np.testing.assert_array_equal(read_raster(tmp_path / "s.tif")[0], values.astype(np.float32))
+    if gdal_python() is not None:
+        np.testing.assert_array_equal(gdal_reads([(tmp_path / "s.tif", 1, None)])[0], values)
+
+
+@pytest.mark.parametrize("dtype", ["u8", "i1"])
+def test_sparse_int8_or_64_bit_with_a_nodata_the_samples_cannot_hold(tmp_path, dtype):
+    """GDAL parses a 64-bit nodata as an integer prefix ("-9999" is 2**64 - 9999 for uint64) and, before
+    3.7, clamps an int8 one to Byte: refused."""
+    values = np.ones((32, 16), dtype)
+    values[:16] = 0
+    (tmp_path / "s.tif").write_bytes(tiff_file(values, Variant(tile=(16, 16), sparse=True, nodata="-9999")))
+    read_info(tmp_path / "s.tif")
+    with pytest.raises(RasterError, match=rf"s.tif: .*sparse.* nodata value -9999 does not fit its {np.dtype(dtype).name}"):
+        read_raster(tmp_path / "s.tif")

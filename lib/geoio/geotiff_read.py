@@ -106,18 +106,22 @@ class _Blocks:
     def _sparse_fill(self) -> float:
         """What fills the blocks a sparse file leaves out, as GDAL does: the nodata value, else 0.
 
-        GDAL clamps or rounds a nodata value that integer samples cannot hold (and parses 64-bit
-        ones as integer prefixes); such files are refused rather than imitated.
+        GDAL rounds (half away from zero) and clamps a nodata value that integer samples cannot hold;
+        it parses it as an integer prefix for 64-bit samples, and clamps to Byte for int8 before GDAL
+        3.7: those are refused, not imitated.
         """
         nodata, dtype = self.info.nodata, self.dtype
-        if nodata is None or np.isnan(nodata) or dtype.kind == "f":
-            return 0 if nodata is None or dtype.kind != "f" else nodata
-        if nodata.is_integer() and np.iinfo(dtype).min <= nodata <= np.iinfo(dtype).max:
+        if nodata is None or (np.isnan(nodata) and dtype.kind != "f"):
+            return 0
+        if dtype.kind == "f" or (nodata.is_integer() and np.iinfo(dtype).min <= nodata <= np.iinfo(dtype).max):
             return nodata
+        if dtype.itemsize < 8 and dtype != np.int8:
+            rounded = np.sign(nodata) * np.floor(abs(nodata) + 0.5)
+            return float(np.clip(rounded, np.iinfo(dtype).min, np.iinfo(dtype).max))
         if (self.layout.counts == 0).any():
             raise RasterError(f"{self.path}: the file leaves blocks out (sparse) and its nodata value"
-                              f" {nodata:g} does not fit its {dtype.name} samples: GDAL would fill them with"
-                              f" a clamped value", hint="gdal_translate -a_nodata <a value that fits> in.tif out.tif")
+                              f" {nodata:g} does not fit its {dtype.name} samples (GDAL's fill for it"
+                              f" depends on its version)", hint="gdal_translate -a_nodata <a value that fits> in.tif out.tif")
         return 0
 
     def _raw(self, index: int) -> bytes:
