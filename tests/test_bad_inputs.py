@@ -55,7 +55,7 @@ RASTERS = {  # name: (make(path), what the error says after the path)
     "missing": (lambda p: None, "no such file"),
     "not_a_tiff": (lambda p: p.write_text("elevation,x,y\n"), "not a readable TIFF"),
     "truncated_directory": (_truncated_directory, "truncated TIFF: no image directory"),
-    "truncated_pixels": (_truncated_pixels, "truncated: block 0 ends at byte"),
+    "truncated_pixels": (_truncated_pixels, "truncated or damaged: block 0 ends at byte"),
     "three_bands": (lambda p: tifffile.imwrite(p, np.zeros((96, 96, 3), np.uint8), photometric="rgb"),
                     "expected one band, found 3"),
     "all_nodata": (lambda p: tif(p, np.full((96, 96), np.nan, np.float32)), "every pixel is nodata"),
