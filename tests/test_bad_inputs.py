@@ -175,6 +175,17 @@ def _pickled_npy() -> bytes:
     return buf.getvalue()
 
 
+def _npy(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _replace_member(index: int, payload: bytes):
+    return lambda path: _write_members(path, [(m, payload if i == index else d)
+                                              for i, (m, d) in enumerate(_members(path))])
+
+
 def _traversal(path):
     (first, data), *rest = _members(path)
     _write_members(path, [(tarfile.TarInfo("../escape.dsm.npy"), data), *rest])
@@ -197,6 +208,10 @@ SHARDS = {  # name: (edit the train shard, reseal the manifest's checksum, expec
                    "{shard}: member '{key}.chm.npy' is not a plain .npy array (dtype object holds Python "
                    "objects (pickles are refused))"),
     "path_traversal": (_traversal, True, "{shard}: member '../escape.dsm.npy' refused"),
+    "mask_label_7": (_replace_member(3, _npy(np.full((32, 32), 7, np.uint8))), True,
+                     "{shard}: sample '{key}' member 'mask_2m.npy': labels [7] outside {{0 (no gap), 1 (gap)"),
+    "dsm_31x32": (_replace_member(0, _npy(np.zeros((31, 32), np.float32))), True,
+                  "{shard}: sample '{key}' member 'dsm.npy': shape (31, 32), expected (32, 32)"),
     "checksum_mismatch": (_flip_byte, False, "{shard}: checksum mismatch: sha256 "),
     "shard_missing": (lambda p: p.unlink(), False, "cannot read shard {shard}: No such file or directory"),
 }
@@ -228,7 +243,7 @@ def test_bad_manifest(tiny_dataset, tmp_path, capsys):
     shutil.copytree(tiny_dataset / "data", root)
     (root / "manifest.json").write_text('{"splits": {"train": ')
     code, err = run("train", "--config", _config_file(tmp_path, data={"root": str(root)}), capsys=capsys)
-    assert code == 2 and err.startswith(f"error: {root / 'manifest.json'}: not valid JSON"), err
+    assert code == 2 and err.startswith(f"error: {root / 'manifest.json'}:") and "invalid JSON" in err, err
 
 
 def test_evaluating_an_empty_split_is_an_error(tiny_dataset, tmp_path, capsys):
