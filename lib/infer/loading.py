@@ -172,7 +172,8 @@ def load_model(path: str | Path, device="cpu") -> LoadedModel:
         normalizer = Normalizer.from_stats(ckpt["normalization"])
     with _part_of(path, f"model {cfg.model.name!r}"):
         model = build_model(cfg.model, task=cfg.data.task, in_channels=normalizer.out_channels,
-                            batch_size=cfg.train.batch_size, prior_channels=relative_height_channels(normalizer.features))
+                            batch_size=cfg.train.batch_size,
+                            prior_channels=relative_height_channels(normalizer.features))
     load_weights(model, ckpt["model"], path)
     net = InferenceModel(normalizer, model).to(device).eval()
     meta = {"metrics": ckpt.get("metrics", {}), "version": ckpt.get("version", {}),
