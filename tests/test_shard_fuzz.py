@@ -28,6 +28,12 @@ def _deep(n: int) -> RawJSON:
     return RawJSON('{"site": "a", "x": ' + "[" * n + "]" * n + "}")
 
 
+def _npy_header(text: str) -> bytes:
+    """A version 1 .npy with this header text (numpy parses it as a Python literal) and no data."""
+    header = text.encode().ljust(118) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
+
+
 def _sample_edits(px: int):
     """name -> edit of one decoded sample (in place); each a kind of bad content the readers must catch."""
     def mask(sample):
@@ -53,6 +59,8 @@ def _sample_edits(px: int):
         "dsm_int16": lambda s: s.__setitem__("dsm.npy", np.zeros((px, px), np.int16)),   # accepted: numbers
         "dsm_nan": lambda s: s["dsm.npy"].__setitem__((0, 0), np.nan),                   # accepted: nodata
         "chm_3x": lambda s: s.__setitem__("chm.npy", np.zeros((3, px, px), np.float32)),
+        "npy_header_unclosed": lambda s: s.__setitem__("chm.npy", _npy_header("{'descr': '<f4', 'shape': (32,")),
+        "npy_header_not_dict": lambda s: s.__setitem__("chm.npy", _npy_header("[1, 2]")),
         "json_list": lambda s: s.__setitem__("json", [1, 2]),
         "json_deep": lambda s: s.__setitem__("json", _deep(5000)),
         "json_no_site": lambda s: s["json"].pop("site"),
@@ -79,6 +87,8 @@ def _manifest_edits():
 
 
 def _member_bytes(value) -> bytes:
+    if isinstance(value, bytes):
+        return value
     if isinstance(value, np.ndarray):
         buf = io.BytesIO()
         np.save(buf, value)

@@ -264,7 +264,8 @@ def _decode(member: str, data: bytearray, path: str, name: str):
     if member == "npy" or member.endswith(".npy"):
         try:
             return _load_npy(data)
-        except (ValueError, EOFError, OSError) as e:  # object arrays land here: no pickles are loaded
+        except Exception as e:  # untrusted bytes: numpy raises ValueError, TokenError, SyntaxError...; and
+            # object arrays land here: no pickles are loaded
             raise ShardError(f"{path}: member {name!r} is not a plain .npy array ({e})") from None
     if member == "json" or member.endswith(".json"):
         return safejson.loads(data, f"{path}: member {name!r}", ShardError)
