@@ -182,6 +182,11 @@ def test_override_errors_name_the_override_and_the_key():
         json.dumps(config_to_dict(cfg), allow_nan=False)
 
 
+def test_an_override_after_a_free_form_one_is_still_named():
+    with pytest.raises(ConfigError, match=r"^override '--data.tile_px=-3': data.tile_px: -3 is below"):
+        build_config({}, ["--model.extra.width=3", "--data.tile_px=-3"])
+
+
 @pytest.mark.parametrize("depth", [10, 64, 65, 900, 5000])
 def test_nested_files_are_refused_by_depth(tmp_path, depth):
     """JSON and YAML-lite nested `depth` levels (inside model.extra): accepted up to 64, else a ConfigError

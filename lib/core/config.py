@@ -141,16 +141,17 @@ def _check_overrides(overrides: list[str]) -> None:
         cls, prefix, meta = Config, "", {}
         for part in dotted.split("."):
             if not dataclasses.is_dataclass(cls):  # inside a free-form mapping (e.g. model.extra)
-                return
+                break
             fields = {f.name: f for f in dataclasses.fields(cls)}
             if part not in fields:
                 raise _unknown_key(part, list(fields), prefix, name)
             cls, prefix, meta = typing.get_type_hints(cls)[part], f"{prefix}{part}.", dict(fields[part].metadata)
-        value = _override_value(raw, f"{name}: {dotted}")
-        if dataclasses.is_dataclass(cls):
-            _build(cls, value, prefix, name)
-        else:
-            _coerce(value, cls, f"{name}: {dotted}", meta)
+        else:  # a schema key or section: its value is checked here, where the override can be named
+            value = _override_value(raw, f"{name}: {dotted}")
+            if dataclasses.is_dataclass(cls):
+                _build(cls, value, prefix, name)
+            else:
+                _coerce(value, cls, f"{name}: {dotted}", meta)
 
 
 def _build(cls, data: dict, prefix: str, source: str):
