@@ -61,8 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.dsm is None) != (args.dtm is None and args.ground_window is None):
         parser.error("--dsm needs --dtm or --ground-window, and they need --dsm (or give --chm alone)")
-    if args.max_area < args.min_area:
-        parser.error(f"--max-area {args.max_area:g} is below --min-area {args.min_area:g}")
     if (args.gap_map is None) == (args.thresholds is None):
         parser.error("--thresholds is needed with --chm or --dsm, and not allowed with --gap-map")
     if args.chm_later is not None and args.chm is None:

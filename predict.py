@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 
-from lib.core.cli import handle_errors, number
+from lib.core.cli import handle_errors
 
 log = logging.getLogger("predict")
 
@@ -35,12 +35,12 @@ def parse_args(argv):
     scenes.add_argument("--dsm", help="DSM GeoTIFF of the scene (metres; nodata passes through), or a folder of them")
     scenes.add_argument("--dsm-list", help="text file of DSM paths, one per line (relative to the file's folder)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--thresholds", type=number(float, 0, low_open=True), nargs="+", metavar="T",
+    parser.add_argument("--thresholds", type=float, nargs="+", metavar="T",
                         help="CHM thresholds in metres (default: those of training; any value for a model "
                              "trained with continuous thresholds)")
-    parser.add_argument("--window", type=number(int, 16, 8192), help="window side in pixels (predict.window_px)")
-    parser.add_argument("--overlap", type=number(float, 0, 0.9), help="fraction of a window shared with each neighbour")
-    parser.add_argument("--batch-size", type=number(int, 1), help="windows per forward pass (each at every threshold)")
+    parser.add_argument("--window", type=int, help="window side in pixels (predict.window_px)")
+    parser.add_argument("--overlap", type=float, help="fraction of a window shared with each neighbour")
+    parser.add_argument("--batch-size", type=int, help="windows per forward pass (each at every threshold)")
     parser.add_argument("--tta", action="store_true", default=None, help="average the 8 D4 transforms")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     parser.add_argument("--write-prob", action="store_true", default=None, help="also write prob_<T>m.tif")
