@@ -3,7 +3,8 @@
     python gaps.py --chm ../shared/data/real/ALS_CHM_DUC.tif --thresholds 10 --min-area 1 --max-area 10000 --out runs/gaps_duc --analysis
     python gaps.py --chm ../shared/data/real/ALS_CHM_CAU_2012.tif --chm-later ../shared/data/real/ALS_CHM_CAU_2014.tif --thresholds 10 --out runs/gaps_cau
     python gaps.py --gap-map runs/pred/gaps_10m.tif --out runs/pred_analysis --analysis
-    python gaps.py --dsm scene_DSM.tif --ground-window 101 --thresholds 2 5 10 --out runs/classical
+    python gaps.py --dsm scene_DSM.tif --thresholds 2 5 10 --out runs/classical
+    python gaps.py --dsm scene_DSM.tif --ground-window 101 --thresholds 2 5 10 --out runs/opening
 """
 import argparse
 import sys
@@ -32,8 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--chm", type=Path, help="canopy height model GeoTIFF (m)")
     source.add_argument("--dsm", type=Path,
-                        help="digital surface model GeoTIFF; with --dtm (CHM = DSM - DTM) or, without a "
-                             "terrain model, --ground-window")
+                        help="digital surface model GeoTIFF; with --dtm, CHM = DSM - DTM; without a terrain "
+                             "model, the ground comes from the DSM alone: the project's ground filter "
+                             "(lib/gaps/ground_filter.py), or the grey opening with --ground-window")
     source.add_argument("--gap-map", type=Path,
                         help="gap map of predict.py (uint8: 1 gap, 0 not, 255 nodata); outputs are named "
                              "after it (gaps_10m.tif -> analysis_10m.json)")
@@ -41,9 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     terrain.add_argument("--dtm", type=Path, help="digital terrain model GeoTIFF on the DSM's grid")
     terrain.add_argument("--ground-window", type=number(float, 0, low_open=True), metavar="M",
                          help="no DTM: estimate the ground as the DSM's grey opening over M metres, smoothed "
-                              "(the classical DSM-only method, e.g. 51-101: near exact on flat ground where "
-                              "some pixels reach it, poor on steep slopes; predict.py's model is the "
-                              "alternative there)")
+                              "(the older DSM-only method, e.g. 51-101; the default ground filter is better "
+                              "on slopes and on average, see docs/quality.md)")
     parser.add_argument("--chm-later", type=Path, help="CHM of a later survey on the same grid: gap change")
     parser.add_argument("--thresholds", type=number(float, 0, low_open=True), nargs="+", metavar="M",
                         help="canopy height thresholds in m, e.g. 5 10 15 (not with --gap-map)")
@@ -59,8 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "grows with gaps x simulations, 0 skips the envelope")
     parser.add_argument("--seed", type=number(int, 0), default=0, help="seed of the CSR simulations")
     args = parser.parse_args(argv)
-    if (args.dsm is None) != (args.dtm is None and args.ground_window is None):
-        parser.error("--dsm needs --dtm or --ground-window, and they need --dsm (or give --chm alone)")
+    if args.dsm is None and (args.dtm is not None or args.ground_window is not None):
+        parser.error("--dtm and --ground-window need --dsm")
     if (args.gap_map is None) == (args.thresholds is None):
         parser.error("--thresholds is needed with --chm or --dsm, and not allowed with --gap-map")
     if args.chm_later is not None and args.chm is None:
@@ -92,21 +93,27 @@ def read_inputs(args):
     return None, pseudo, info
 
 
-def estimated_heights(dsm_path: Path, window_m: float):
-    """(dsm, DSM minus its classical ground estimate, GeoInfo): a CHM estimate without a terrain model."""
+def estimated_heights(dsm_path: Path, window_m: float | None):
+    """(dsm, DSM minus its ground estimate, GeoInfo): a CHM estimate without a terrain model, from the
+    ground filter, or from the grey opening over window_m metres when given."""
     import torch
 
     from lib.gaps.baselines import classical_relative_height
+    from lib.gaps.ground_filter import filtered_relative_height
 
     dsm, info = read_raster(dsm_path)
     if np.isnan(dsm).all():
         raise DataError(f"{dsm_path}: every pixel is nodata", hint="check the file and its nodata value")
     pixel = abs(float(info.pixel_size[0]))
+    x = torch.from_numpy(dsm)[None, None]
+    if window_m is None:
+        with torch.no_grad():
+            return dsm, filtered_relative_height(x, pixel)[0, 0].numpy(), info
     if window_m < 3 * pixel:
         raise ConfigError(f"--ground-window {window_m:g} m is under 3 pixels of {dsm_path} ({pixel:g} m)",
                           hint="the opening must be wider than the largest crown: 51-101 m is typical")
     with torch.no_grad():
-        height = classical_relative_height(torch.from_numpy(dsm)[None, None], window_m, pixel)[0, 0].numpy()
+        height = classical_relative_height(x, window_m, pixel)[0, 0].numpy()
     return dsm, height, info
 
 

@@ -198,7 +198,8 @@ def test_scene_scores_against_a_reference(tmp_path):
     tp = int(((pred[1] == 1) & (ref[1] == 1)).sum())
     assert scores["model"]["10m"]["recall"] == pytest.approx(tp / (ref[1] == 1).sum())
     assert scores["model"]["10m"]["precision"] == 1.0
-    assert set(scores["classical"]["mean"]) == {"iou", "f1", "precision", "recall"}
+    assert set(scores["classical"]["mean"]) == set(scores["ground_filter"]["mean"]) == {"iou", "f1", "precision",
+                                                                                        "recall"}
     assert np.array_equal(read_raster(tmp_path / "ref_gaps_10m.tif")[0] == 1, ref[1] == 1)
     stats = scores["gap_statistics"]
     for k, tag in enumerate(("2m", "10m")):                       # the statistics of both maps, side by side
@@ -288,7 +289,7 @@ def test_predict_cli_on_the_real_wellington_scene(tmp_path, real_data):
         assert header.startswith("gap_id,gap_area,dsm_max")
     scores = json.loads((out / "scores.json").read_text())
     assert set(scores) >= {"model", "classical", "reference", "thresholds_m"}
-    assert set(scores["model"]) == set(scores["classical"]) == {"5m", "10m", "mean"}
+    assert set(scores["model"]) == set(scores["classical"]) == set(scores["ground_filter"]) == {"5m", "10m", "mean"}
     assert scores["gap_statistics"]["10m"]["reference"]["n_gaps"] > 0 and "lambda_hanel" in \
         scores["gap_statistics"]["10m"]["model"]
     assert (out / "quicklook.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

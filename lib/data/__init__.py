@@ -1,1 +1,1 @@
-"""Data: synthetic forests, sources, tiling and splits, shards and their checks, normalisation, augmentation."""
+"""Datasets: synthetic forests, site sources, tiling and splits, shards, normalisation, augmentation, the reader."""

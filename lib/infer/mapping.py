@@ -202,10 +202,10 @@ def _map_scene(s: MapSettings, dsm_path: Path, info, out_dir: Path, chm_path, dt
 
 
 def echo_scores(scores: dict, echo) -> None:
-    """Per threshold: IoU against the reference (and the classical method's), gap counts, λ and R side by side."""
+    """Per threshold: IoU against the reference (and the DSM-only methods'), gap counts, λ and R side by side."""
     for tag, model in scores["model"].items():
-        line = (f"{tag:>6}: IoU {model['iou']:.4f}  F1 {model['f1']:.4f}  "
-                f"(classical IoU {scores['classical'][tag]['iou']:.4f})")
+        line = (f"{tag:>6}: IoU {model['iou']:.4f}  F1 {model['f1']:.4f}  (ground filter IoU "
+                f"{scores['ground_filter'][tag]['iou']:.4f}, opening {scores['classical'][tag]['iou']:.4f})")
         stats = scores["gap_statistics"].get(tag)
         if stats:
             m, r = stats["model"], stats["reference"]
