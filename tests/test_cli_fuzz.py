@@ -60,11 +60,13 @@ def test_gaps_numeric_options(tmp_path, capsys):
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (5, 1), (2, 2)])
 def test_gaps_analysis_on_tiny_rasters(tmp_path, capsys, shape):
-    chm = tif(tmp_path / "chm.tif", np.full(shape, 1.0))
-    code, err = run("gaps", ["--chm", chm, "--thresholds", "5", "--analysis", "--simulations", "3",
-                             "--out", tmp_path / "out"], capsys)
-    assert code == 0, err
-    assert (tmp_path / "out" / "analysis_5m.json").exists() and (tmp_path / "out" / "quicklook_5m.png").exists()
+    raster = tif(tmp_path / "r.tif", np.full(shape, 1.0))
+    for source in ("--chm", "--dsm"):                   # --dsm alone: heights from the ground filter
+        out = tmp_path / source[2:]
+        code, err = run("gaps", [source, raster, "--thresholds", "5", "--analysis", "--simulations", "3",
+                                 "--out", out], capsys)
+        assert code == 0, err
+        assert (out / "analysis_5m.json").exists() and (out / "quicklook_5m.png").exists()
 
 
 @pytest.mark.parametrize("kind", ["constant", "nodata"])
