@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.core.cli import handle_errors
+from lib.core.cli import handle_errors, number
 from lib.core.errors import ConfigError, DataError
 from lib.gaps.masks import gap_labels, gap_stats, threshold_tag, write_gap_table
 from lib.geoio.georef import check_same_grid
@@ -41,29 +41,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "after it (gaps_10m.tif -> analysis_10m.json)")
     terrain = parser.add_mutually_exclusive_group()
     terrain.add_argument("--dtm", type=Path, help="digital terrain model GeoTIFF on the DSM's grid")
-    terrain.add_argument("--ground-window", type=float, metavar="M",
+    terrain.add_argument("--ground-window", type=number(float, 0, low_open=True), metavar="M",
                          help="no DTM: estimate the ground as the DSM's grey opening over M metres, smoothed "
                               "(the older DSM-only method, e.g. 51-101; the default ground filter is better "
                               "on slopes and on average, see docs/quality.md)")
     parser.add_argument("--chm-later", type=Path, help="CHM of a later survey on the same grid: gap change")
-    parser.add_argument("--thresholds", type=float, nargs="+", metavar="M",
+    parser.add_argument("--thresholds", type=number(float, 0, low_open=True), nargs="+", metavar="M",
                         help="canopy height thresholds in m, e.g. 5 10 15 (not with --gap-map)")
-    parser.add_argument("--min-area", type=float, default=1.0, metavar="M2",
+    parser.add_argument("--min-area", type=number(float, 0), default=1.0, metavar="M2",
                         help="smallest gap kept, m² inclusive (default 1, as ForestGapR)")
-    parser.add_argument("--max-area", type=float, default=10_000.0, metavar="M2",
+    parser.add_argument("--max-area", type=number(float, 0), default=10_000.0, metavar="M2",
                         help="largest gap kept, m² inclusive (default 10000 = 1 ha, as ForestGapR)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
     parser.add_argument("--analysis", action="store_true",
                         help="also write polygons, size-frequency, spatial-pattern outputs and a quick-look")
-    parser.add_argument("--simulations", type=int, default=99,
+    parser.add_argument("--simulations", type=number(int, 0, 9999), default=99,
                         help="CSR simulations of the Ripley envelope (default 99, as ForestGapR); the cost "
                              "grows with gaps x simulations, 0 skips the envelope")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the CSR simulations")
+    parser.add_argument("--seed", type=number(int, 0), default=0, help="seed of the CSR simulations")
     args = parser.parse_args(argv)
     if args.dsm is None and (args.dtm is not None or args.ground_window is not None):
         parser.error("--dtm and --ground-window need --dsm")
-    if args.ground_window is not None and not args.ground_window > 0:
-        parser.error(f"--ground-window is a window side in metres and must be > 0, got {args.ground_window}")
     if (args.gap_map is None) == (args.thresholds is None):
         parser.error("--thresholds is needed with --chm or --dsm, and not allowed with --gap-map")
     if args.chm_later is not None and args.chm is None:
@@ -85,6 +83,11 @@ def read_inputs(args):
     if args.dsm is not None:
         return estimated_heights(args.dsm, args.ground_window)
     mask, info = read_raster(args.gap_map)
+    odd = ~np.isnan(mask) & (mask != 0) & (mask != 1) & (mask != 255)
+    if odd.any():  # a DSM or CHM given as --gap-map would be thresholded at 1 m by accident
+        raise DataError(f"{args.gap_map}: not a gap map: {np.count_nonzero(odd)} pixel(s) hold values other than "
+                        f"0, 1 and 255 (e.g. {float(mask[odd][0]):g})",
+                        hint="--gap-map takes predict.py's gaps_<T>m.tif; give heights as --chm or --dsm")
     pseudo = np.where(mask == 1, 0.0, 1.0).astype(np.float32)
     pseudo[np.isnan(mask) | (mask == 255)] = np.nan
     return None, pseudo, info

@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 
-from lib.core.cli import handle_errors, setup_logging
+from lib.core.cli import handle_errors, number, setup_logging
 from lib.core.config import add_config_args, config_from_args, save_config
 from lib.core.errors import DataError
 
@@ -30,7 +30,7 @@ def parse_args(argv):
     parser.add_argument("--export-scene", metavar="DIR",
                         help="only write one synthetic scene as <name>_DSM/_DTM/_CHM.tif GeoTIFFs into DIR "
                              "(to try gaps.py / predict.py without data), then exit")
-    parser.add_argument("--scene-size", type=int, default=512, help="side in pixels of --export-scene")
+    parser.add_argument("--scene-size", type=number(int, 16, 16384), default=512, help="side in pixels of --export-scene")
     parser.add_argument("--preview", action="store_true",
                         help="also write preview_train_augmented.png and preview_val.png (tiles with their "
                              "gap masks, train ones after augmentation) into the dataset folder")

@@ -217,7 +217,9 @@ def hillshade_quicklook(dsm: np.ndarray, masks, pixel_size: float = 1.0, max_sid
     zoom = max(1, min(min_side, max_side) // max(dsm.shape)) if step == 1 else 1
     z = dsm[::step, ::step]
     filled = np.nan_to_num(z, nan=float(np.nanmean(z)) if np.isfinite(z).any() else 0.0)
-    dz_drow, dz_dx = np.gradient(filled, pixel_size * step)
+    # np.gradient needs 2 pixels per axis: a 1-pixel-wide scene is padded by its own edge (flat shade)
+    padded = np.pad(filled, [(0, max(0, 2 - n)) for n in filled.shape], mode="edge")
+    dz_drow, dz_dx = (g[:z.shape[0], :z.shape[1]] for g in np.gradient(padded, pixel_size * step))
     sun = np.array([-1.0, 1.0, math.sqrt(2)]) / 2          # (east, north, up): azimuth 315, altitude 45
     shade = (-dz_dx * sun[0] + dz_drow * sun[1] + sun[2]) / np.sqrt(1 + dz_dx ** 2 + dz_drow ** 2)
     grey = np.where(np.isnan(z), 0, np.clip(shade, 0, 1) * 215 + 40).astype(np.uint8)
