@@ -26,7 +26,7 @@ from lib.train.regularization import AdaptiveRegularization, build_regularizatio
 from lib.train.schedulers import ReduceOnPlateau, build_schedule
 from lib.data.shards import read_manifest
 from lib.train.tasks import build_task
-from lib.train.trainer import Trainer, steps_per_epoch
+from lib.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,11 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
 
 
 def build_data(cfg, manifest_dir: Path, device, arrays=("dsm", "chm", "mask_*"), meta_keys=("site",)):
-    """(train loader factory, val loader, train sample count) for the run's dataset (the task's arrays)."""
+    """(train loader factory, val loader, train batches per epoch) for the run's dataset (the task's arrays).
+
+    Under DDP the train set already holds this rank's share, so the batch count is per rank: the one figure
+    the schedule's length is computed from (dividing it by the world size again would halve the schedule).
+    """
     workers = default_workers(cfg.data.workers)
     pin = device.type == "cuda"
     train_set = ShardDataset(manifest_dir, "train", seed=cfg.run.seed, shuffle=True, arrays=arrays,
@@ -70,7 +74,7 @@ def build_data(cfg, manifest_dir: Path, device, arrays=("dsm", "chm", "mask_*"),
     def train_loader_fn(epoch: int):
         train_set.set_epoch(epoch)
         return train_loader
-    return train_loader_fn, val_loader, len(train_set)
+    return train_loader_fn, val_loader, len(train_loader)
 
 
 def build_callbacks(cfg, run_dir: Path, monitor, is_main: bool, regularization=None) -> list:
@@ -153,7 +157,7 @@ def build_trainer(cfg, device, rank: int = 0, world: int = 1, init_from: str | N
     cfg = with_dataset_values(cfg, manifest, log.warning if is_main else None)
     normalizer = normalizer_from_stats(manifest["normalization"], cfg.data).to(device)
     task = build_task(cfg, normalizer, manifest, rank)
-    train_loader_fn, val_loader, n_train = build_data(cfg, Path(cfg.data.root), device, task.arrays, task.meta_keys)
+    train_loader_fn, val_loader, batches = build_data(cfg, Path(cfg.data.root), device, task.arrays, task.meta_keys)
     num_classes = len(manifest.get("class_names", [])) or None
     raw_model = build_model(cfg.model, task=cfg.data.task, in_channels=normalizer.out_channels,
                             num_classes=num_classes, batch_size=cfg.train.batch_size,
@@ -171,8 +175,7 @@ def build_trainer(cfg, device, rank: int = 0, world: int = 1, init_from: str | N
                            num_classes=num_classes).to(device)
     optimizer = build_optimizer(cfg.optim, raw_model, extra_params=criterion.parameters())
     regularization = build_regularization(cfg, raw_model, optimizer)
-    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch(
-        n_train // world, cfg.train.batch_size, cfg.optim.accumulate_steps)
+    total = cfg.train.max_steps or cfg.train.epochs * max(1, batches // cfg.optim.accumulate_steps)
     schedule = build_schedule(cfg.schedule, cfg.optim.lr, total, monitor_mode=cfg.train.monitor_mode)
     plateau = schedule if isinstance(schedule, ReduceOnPlateau) else None
     model = torch.compile(raw_model) if cfg.train.compile else raw_model
