@@ -36,10 +36,11 @@ def run(request, tiny_dataset):
     return request.param, tiny_dataset / "runs" / cfg.run.name / "best.ckpt"
 
 
-def test_evaluate_on_val_reports_the_trainers_val_metrics(run, tmp_path):
+def test_evaluate_on_val_reports_the_trainers_val_metrics(run, tmp_path, capsys):
     task, ckpt = run
-    trained = load_checkpoint(ckpt)["metrics"]
+    trained, version = (load_checkpoint(ckpt)[k] for k in ("metrics", "version"))
     assert evaluate.main(["--checkpoint", str(ckpt), "--split", "val", "--out", str(tmp_path)]) == 0
+    assert f"recipe {version['recipe_hash']}, dataset {version['dataset_manifest'][:12]}" in capsys.readouterr().out
     scored = json.loads((tmp_path / "report.json").read_text())["methods"]["model"]["metrics"]
     ious = [k for k in trained if k.startswith("val/iou_")]
     assert len(ious) == 5, trained                                      # 4 thresholds and their mean
@@ -47,7 +48,7 @@ def test_evaluate_on_val_reports_the_trainers_val_metrics(run, tmp_path):
         assert scored[key[len("val/"):]] == pytest.approx(trained[key], abs=1e-4), (task, key)
 
 
-def test_predict_maps_the_val_scene_as_the_trainer_measured(run, tmp_path):
+def test_predict_maps_the_val_scene_as_the_trainer_measured(run, tmp_path, capsys):
     """predict.py on the whole val site marks as gap the fraction the trainer's val metrics imply.
 
     On the val tiles the model marks g * recall / precision of the pixels as gap (g: the reference gap
@@ -64,6 +65,7 @@ def test_predict_maps_the_val_scene_as_the_trainer_measured(run, tmp_path):
     write_dsm(tmp_path / "dsm.tif", site.dsm)
     assert predict.main(["--checkpoint", str(ckpt), "--dsm", str(tmp_path / "dsm.tif"), "--out",
                          str(tmp_path / "o"), "--no-quicklook", "--window", "32", "--overlap", "0", "--no-filter", "--no-nested"]) == 0
+    assert f"recipe {ckpt_state['version']['recipe_hash']}" in capsys.readouterr().out
     for t in (2, 5, 10, 15):
         pred = read_raster(tmp_path / "o" / f"gaps_{t}m.tif")[0]
         got = float(np.mean(pred[np.isfinite(pred)] == 1))                  # nodata reads as NaN

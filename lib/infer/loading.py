@@ -121,6 +121,17 @@ class LoadedModel:
     class_names: list[str] = field(default_factory=list)  # classification only, in output order
 
 
+def describe_version(loaded: LoadedModel) -> str:
+    """'model: <version>' naming what made the model (each member's for an ensemble), for evaluate and predict."""
+    members = loaded.meta.get("members") or [loaded.meta]
+    parts = []
+    for meta in members:
+        v = meta.get("version") or {}
+        parts.append(f"forestgaps {v.get('project', '?')}, recipe {v.get('recipe_hash') or '?'}, dataset "
+                     f"{(v.get('dataset_manifest') or '?')[:12]}, step {meta.get('step', '?')}")
+    return "model: " + "; ".join(parts)
+
+
 def resolve_checkpoint(path=None) -> Path:
     """path, or the shipped weights when path is None; ModelError when neither exists."""
     if path is not None:

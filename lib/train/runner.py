@@ -24,7 +24,7 @@ from lib.data.bands import normalizer_from_stats
 from lib.train.optimizers import build_optimizer
 from lib.train.regularization import AdaptiveRegularization, build_regularization
 from lib.train.schedulers import ReduceOnPlateau, build_schedule
-from lib.data.shards import read_manifest
+from lib.data.shards import manifest_digest, read_manifest
 from lib.train.tasks import build_task
 from lib.train.trainer import Trainer
 
@@ -192,7 +192,7 @@ def build_trainer(cfg, device, rank: int = 0, world: int = 1, init_from: str | N
     ema = ModelEMA(raw_model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     return Trainer(cfg, raw_model, model, task, criterion, optimizer, schedule, train_loader_fn, val_loader,
                    device, run_dir, callbacks, monitor, augment, ema, plateau,
-                   version={"dataset_manifest": manifest.get("sha256", "")})
+                   version={"dataset_manifest": manifest_digest(manifest)})
 
 
 def with_dataset_values(cfg, manifest: dict, warn=None):

@@ -15,6 +15,7 @@ from lib import __version__
 from lib.train.callbacks import CallbackList
 from lib.train.checkpoint import atomic_torch_save, rng_states, set_rng_states
 from lib.core.config import config_hash, config_to_dict
+from lib.core.recipe import recipe_hash
 from lib.train.distributed import all_reduce_sum, broadcast_buffers, broadcast_flag
 from lib.core.errors import ConfigError
 from lib.models.prior import gate_loss
@@ -89,8 +90,8 @@ class Trainer:
             "config": config_to_dict(self.cfg),
             "normalization": self.task.normalizer.stats(),
             "metrics": {k: float(v) for k, v in self.last_metrics.items()},
-            "version": {"project": __version__, "config_hash": config_hash(self.cfg), "time": time.time(),
-                        **self.version},
+            "version": {"project": __version__, "config_hash": config_hash(self.cfg),
+                        "recipe_hash": recipe_hash(self.cfg), "time": time.time(), **self.version},
         }
 
     def load_state_dict(self, state: dict) -> None:
