@@ -88,8 +88,10 @@ def build_callbacks(cfg, run_dir: Path, monitor, is_main: bool, regularization=N
     if is_main and t.profile_steps:
         callbacks.append(Profiler(run_dir / "profile", t.profile_steps))
     if monitor is not None:
-        callbacks += [MonitorCallback(monitor, cfg.log.progress_every_steps, cfg.log.images_every_epochs),
-                      GradientMonitor(every_steps=max(cfg.log.progress_every_steps, 50))]
+        callbacks.append(MonitorCallback(monitor, cfg.log.progress_every_steps, cfg.log.images_every_epochs))
+    if monitor is not None and cfg.log.grad_norms_every_steps:
+        callbacks.append(GradientMonitor(cfg.log.grad_norms_every_steps, cfg.log.grad_vanishing_norm,
+                                         cfg.log.grad_exploding_norm))
     return callbacks
 
 
