@@ -64,9 +64,10 @@ def build_data(cfg, manifest_dir: Path, device, arrays=("dsm", "chm", "mask_*"),
     if cfg.data.calibrate:
         best = calibrate_loader(train_set, cfg.train.batch_size, max_workers=default_workers(-1))
         workers, prefetch = best["workers"], best["prefetch_factor"]
-        log.info("loader calibration: %s -> %d worker(s), prefetch %s", ", ".join(
-            f"{t['workers']}w/{t['prefetch_factor']}: {t['samples_per_s']:.0f}/s" for t in best["trials"]),
-            workers, prefetch)
+        log.info("loader calibration chose %s (samples/s: %s); set data.workers and data.calibrate=false to "
+                 "skip it", _loader_setting(workers, prefetch), ", ".join(
+                     f"{_loader_setting(t['workers'], t['prefetch_factor'])} {t['samples_per_s']:.0f}"
+                     for t in best["trials"]))
     train_loader = build_loader(train_set, cfg.train.batch_size, workers, pin_memory=pin, drop_last=True,
                                 prefetch_factor=prefetch)
     val_loader = build_loader(val_set, cfg.eval.batch_size, workers, pin_memory=pin)
@@ -75,6 +76,10 @@ def build_data(cfg, manifest_dir: Path, device, arrays=("dsm", "chm", "mask_*"),
         train_set.set_epoch(epoch)
         return train_loader
     return train_loader_fn, val_loader, len(train_loader)
+
+
+def _loader_setting(workers: int, prefetch) -> str:
+    return f"{workers} workers, prefetch {prefetch}" if workers else "0 workers (the main process loads)"
 
 
 def build_callbacks(cfg, run_dir: Path, monitor, is_main: bool, regularization=None) -> list:
