@@ -115,21 +115,26 @@ def _unknown_key(key: str, valid: list[str], where: str, source: str) -> ConfigE
     return ConfigError(f"{source}: unknown key {where + key!r}", hint=hint)
 
 
-def _check_override_keys(overrides: list[str]) -> None:
-    """Name the override, not the config file, when an override's key is not in the schema."""
+def _check_overrides(overrides: list[str]) -> None:
+    """Name the override, not the config file, when an override's key is not in the schema or its value
+    does not fit the key's type, choices or range."""
     for item in overrides:
         text = item[2:] if item.startswith("--") else item
-        if text.split("=", 1)[0] == "config":  # scripts that read a config file consume --config earlier
+        key, has_value, raw = text.partition("=")
+        if key == "config":  # scripts that read a config file consume --config earlier
             raise ConfigError("this script takes no --config: its config is the one saved in --checkpoint",
                               hint="change keys with overrides, e.g. --data.root=data/mysite")
-        cls, prefix = Config, ""
-        for part in text.split("=", 1)[0].split("."):
+        cls, prefix, meta = Config, "", None
+        for part in key.split("."):
             if not dataclasses.is_dataclass(cls):  # inside a free-form mapping (e.g. model.extra)
+                meta = None
                 break
             fields = {f.name: f for f in dataclasses.fields(cls)}
             if part not in fields:
                 raise _unknown_key(part, list(fields), prefix, f"override {item!r}")
-            cls, prefix = typing.get_type_hints(cls)[part], f"{prefix}{part}."
+            cls, prefix, meta = typing.get_type_hints(cls)[part], f"{prefix}{part}.", dict(fields[part].metadata)
+        if has_value and meta is not None and not dataclasses.is_dataclass(cls):
+            _coerce(_override_value(raw), cls, f"override {item!r}: {key}", meta)
 
 
 def _build(cls, data: dict, prefix: str, source: str):
@@ -182,7 +187,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def build_config(data: dict | None = None, overrides: list[str] = (), source: str = "<config>") -> Config:
     """Validated Config from a dict (missing keys take their defaults) plus overrides."""
-    _check_override_keys(list(overrides))
+    _check_overrides(list(overrides))
     data = apply_overrides(data or {}, list(overrides))
     return _build(Config, data, "", source)
 
