@@ -120,3 +120,15 @@ def test_compiled_training_steps_like_eager_and_saves_the_raw_model(tiny_dataset
     worst = max(float((v - eager.raw_model.state_dict()[k]).abs().max()) for k, v in state.items()
                 if torch.is_tensor(v) and v.is_floating_point())
     assert worst < 1e-4
+
+
+def test_resuming_with_other_norm_layers_says_which_option_to_set(tiny_dataset):
+    """Batch 4 built group norm (model.norm adaptive); resuming at batch 16 would build batch norm."""
+    from lib.core.errors import ModelError
+    quiet = {"log": {"tensorboard": False, "images_every_epochs": 0}, "schedule": {"warmup_steps": 0}}
+    runner.train_model(tiny_config(tiny_dataset, run={"name": "norms"}, train={"epochs": 1, "max_steps": 2}, **quiet))
+    bigger = tiny_config(tiny_dataset, run={"name": "norms"}, train={"epochs": 2, "batch_size": 16}, **quiet)
+    with pytest.raises(ModelError) as info:
+        runner.train_model(bigger, resume="auto")
+    assert "'group' norm layers, this one has 'batch'" in str(info.value)
+    assert "--model.norm=group" in info.value.hint and "--train.batch_size" in info.value.hint
