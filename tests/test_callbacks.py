@@ -64,6 +64,17 @@ def test_early_stopping_stops_and_hands_back_the_best_weights(stopped):
     assert any(not torch.equal(v, last["model"][k]) for k, v in best["model"].items() if torch.is_tensor(v))
 
 
+def test_tensorboard_hparams_show_the_best_metrics_not_the_last(tiny_dataset, monkeypatch):
+    from lib.train.monitor import MonitoringSystem
+    logged = {}
+    monkeypatch.setattr(MonitoringSystem, "log_hparams", lambda self, hp, metrics: logged.update(metrics))
+    cfg = tiny_config(tiny_dataset, run={"name": "hparams"}, **{**STOPPING, "log": {"images_every_epochs": 0}})
+    run_dir = runner.train_model(cfg)
+    best, last = (load_checkpoint(run_dir / name)["metrics"] for name in ("best.ckpt", "last.ckpt"))
+    assert best["val/loss"] < last["val/loss"]                             # the run got worse after its best
+    assert logged["val/loss"] == best["val/loss"] and logged["val/iou_mean"] == best["val/iou_mean"]
+
+
 def test_early_stopping_stops_at_the_same_step_after_a_resume(stopped, tiny_dataset, monkeypatch):
     cfg = tiny_config(tiny_dataset, run={"name": "stop_resumed"}, **STOPPING)
     with pytest.raises(Interrupted):

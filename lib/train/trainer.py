@@ -120,10 +120,13 @@ class Trainer:
             atomic_torch_save(state, path)
 
     def restore_best(self) -> None:
+        """best.ckpt's weights and, so that what is reported describes what is handed back, its metrics."""
         best = self.run_dir / "best.ckpt"
         if best.exists():
             from lib.train.checkpoint import load_checkpoint
-            self.raw_model.load_state_dict(load_checkpoint(best, map_location=self.device)["model"])
+            state = load_checkpoint(best, map_location=self.device)
+            self.raw_model.load_state_dict(state["model"])
+            self.last_metrics = dict(state.get("metrics") or self.last_metrics)
 
     @property
     def is_main(self) -> bool:
