@@ -30,7 +30,8 @@ def _overfit_trainer(tiny_dataset, **sections):
 
 
 def _tally(trainer, batch, steps=3):
-    with sanity.GradientTally(sanity._all_parameters(trainer)) as tally:
+    by_design = trainer.raw_model.frozen_by_design
+    with sanity.GradientTally(sanity._all_parameters(trainer), by_design) as tally:
         for _ in range(steps):
             trainer.train_step(batch)
             trainer.batch_in_epoch += 1
@@ -58,6 +59,14 @@ def test_one_step_gradient_check_warns_instead_of_failing_on_the_film_start(tiny
     trainer, batch = _overfit_trainer(tiny_dataset)
     check = _tally(trainer, batch, steps=1)
     assert check.status == "warn" and "film.mlp.0" in check.message and "--steps 2" in check.message
+
+
+def test_a_regression_models_frozen_threshold_weights_are_not_a_gradient_problem(tiny_dataset):
+    trainer, batch = _overfit_trainer(tiny_dataset, data={"task": "regression"}, loss={"name": "huber"})
+    assert trainer.raw_model.frozen_by_design and all("film.mlp.0.weight" in n
+                                                      for n in trainer.raw_model.frozen_by_design)
+    check = _tally(trainer, batch)
+    assert check.status == "ok" and not check.details["frozen"], check.message
 
 
 def test_a_short_overfit_budget_that_is_learning_warns_not_fails(tiny_dataset):

@@ -77,6 +77,7 @@ def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: 
         for block in model.modules():
             if isinstance(block, FiLM):
                 block.mlp[0].weight.requires_grad_(False)
+    model.frozen_by_design = [name for name, p in model.named_parameters() if not p.requires_grad]
     zero_layers = ()
     if prior is not None and prior.trust_map:
         prior.start_from_rule(getattr(model, "head", None))

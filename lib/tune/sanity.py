@@ -256,9 +256,9 @@ class GradientTally:
     """Records which parameters get a non-zero gradient while active. Tensor hooks observe the real
     training step unchanged; flags stay on the device (no host sync per step)."""
 
-    def __init__(self, named_parameters):
+    def __init__(self, named_parameters, frozen_by_design=()):
         named = list(named_parameters)
-        self.frozen = [n for n, p in named if not p.requires_grad]
+        self.frozen = [n for n, p in named if not p.requires_grad and n not in set(frozen_by_design)]
         self.params = {n: p for n, p in named if p.requires_grad}
         self.nonzero = {n: torch.zeros((), dtype=torch.bool, device=p.device) for n, p in self.params.items()}
         self.reached: set[str] = set()
@@ -356,7 +356,7 @@ def run_sanity(cfg, device, tiles: int = 4, steps: int = 100, target: float = 0.
     seed_everything(cfg.run.seed)
     small = build_trainer(overfit_config(cfg, tiles), device, callbacks=[])
     subset = first_batch(small)
-    with GradientTally(_all_parameters(small)) as tally:
+    with GradientTally(_all_parameters(small), getattr(small.raw_model, "frozen_by_design", ())) as tally:
         fit = overfit(small, subset, steps, target)
     return checks + [tally.check(fit.details["curve"][-1][0]), fit]
 
