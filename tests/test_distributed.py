@@ -122,15 +122,15 @@ SAME_SAMPLES = {"run": {"name": "same"}, "optim": {"name": "sgd"},  # see the mo
                 "train": {"epochs": 1, "batch_size": 8}, "log": {"tensorboard": False, "images_every_epochs": 0}}
 
 
+BUILD_DATA = runner.build_data
+
+
 def _fixed_data(batches):
     """build_data's stand-in: the same list of batches every epoch (the schedule's length from its size)."""
     def build_data(cfg, root, device, *a, **k):
         _, val_loader, _ = BUILD_DATA(cfg, root, device, *a, **k)
         return (lambda epoch: batches), val_loader, len(batches)
     return build_data
-
-
-BUILD_DATA = runner.build_data
 
 
 def _same_samples_worker(rank, port, root, out):
