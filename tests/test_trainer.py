@@ -98,10 +98,13 @@ def test_resume_auto_without_checkpoint_starts_fresh(tiny_dataset):
     assert load_checkpoint(run_dir / "last.ckpt")["epoch"] == 1
 
 
-def test_compiled_training_steps_like_eager_and_saves_the_raw_model(tiny_dataset):
-    """train.compile: the loop steps a torch.compile'd model (inductor) to the eager losses and weights,
-    and checkpoints hold the raw model's keys (no _orig_mod. prefix), loadable without compiling."""
+def test_compiled_training_steps_like_eager_and_saves_the_raw_model(tiny_dataset, monkeypatch):
+    """train.compile: the loop steps a torch.compile'd model to the eager losses and weights, and checkpoints
+    hold the raw model's keys (no _orig_mod. prefix), loadable without compiling. Dynamo traces the real
+    model; the aot_eager backend stands in for inductor, whose C++ build takes ~100 s on this CPU."""
+    import functools
     from lib.train.checkpoint import seed_everything
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     runs = {}
     for compiled in (False, True):
         cfg = tiny_config(tiny_dataset, run={"name": f"compile_{compiled}"}, model={"dropout": 0.0},
