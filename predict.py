@@ -107,7 +107,7 @@ def build_settings(args, overrides):
                                "lib.infer.loading.load_model(path).net(image) -> (B, classes) probabilities")
     base = config_to_dict(loaded.config) if loaded.config else loaded.meta.get("config") or {}
     cfg = build_config(base, overrides + flag_overrides(args), source=f"{checkpoint} (embedded config) + options")
-    thresholds = check_thresholds(args.thresholds, loaded.thresholds_m, cfg.train)
+    thresholds = check_thresholds(args.thresholds, loaded.thresholds_m, cfg.train, loaded.task)
     device = select_device(args.device or cfg.run.device)
     if device.type == "cuda" and device.index is None:  # under torchrun: one GPU per process
         device = torch.device("cuda", distributed_info()[1])

@@ -72,3 +72,23 @@ def test_predict_maps_the_val_scene_as_the_trainer_measured(run, tmp_path, capsy
         m = ckpt_state["metrics"]
         want = manifest["summary"]["val"]["gap_fraction"][f"{t}m"] * m[f"val/recall_{t}m"] / m[f"val/precision_{t}m"]
         assert abs(got - want) < BAND, f"{task} at {t} m: {got:.3f} of the scene mapped as gap, trainer: {want:.3f}"
+
+
+def test_a_regression_model_maps_any_threshold(run, tmp_path, capsys):
+    """Its gaps at T are CHM <= T for any T: 7 m lies between the trained 5 and 10 m. A segmentation model
+    trained on the fixed thresholds refuses 7 m."""
+    task, ckpt = run
+    dsm = tmp_path / "dsm.tif"
+    cfg = load_model(ckpt).config
+    write_dsm(dsm, sources_from_config(cfg.data, cfg.run.seed)[0].load().dsm)
+    code = predict.main(["--checkpoint", str(ckpt), "--dsm", str(dsm), "--out", str(tmp_path / "o"),
+                         "--no-quicklook", "--window", "32", "--thresholds", "5", "7", "10"])
+    if task == "segmentation":
+        assert code == 2 and "thresholds [7.0] m were not trained" in capsys.readouterr().err
+        return
+    assert code == 0
+    fractions = []
+    for t in (5, 7, 10):
+        pred = read_raster(tmp_path / "o" / f"gaps_{t}m.tif")[0]
+        fractions.append(float(np.mean(pred[np.isfinite(pred)] == 1)))
+    assert fractions[0] <= fractions[1] <= fractions[2] and fractions[0] < fractions[2]

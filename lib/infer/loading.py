@@ -255,12 +255,12 @@ def _load_exported(path: Path, device) -> LoadedModel:
                        None, card, card.get("task", "segmentation"), card.get("class_names", []))
 
 
-def check_thresholds(requested, trained_m, train_cfg) -> list[float]:
+def check_thresholds(requested, trained_m, train_cfg, task: str = "segmentation") -> list[float]:
     """The thresholds to map: the trained ones when none are requested.
 
     They must be distinct finite heights > 0 m. A model trained on fixed thresholds maps only those; one
     trained with continuous thresholds (train.threshold_sampling continuous or continuous_log) maps any,
-    with a warning outside train.threshold_range_m.
+    with a warning outside train.threshold_range_m; a CHM-regression model maps any (gap: CHM <= T).
     """
     thresholds = [float(t) for t in (requested or trained_m)]
     bad = [t for t in thresholds if not (math.isfinite(t) and t > 0)]
@@ -269,6 +269,8 @@ def check_thresholds(requested, trained_m, train_cfg) -> list[float]:
                           hint="e.g. --thresholds 2 5 10 15")
     if len(set(thresholds)) != len(thresholds):
         raise ConfigError(f"--thresholds must be distinct, found {thresholds}")
+    if task == "regression":
+        return thresholds
     if str(getattr(train_cfg, "threshold_sampling", "")).startswith("continuous"):
         low, high = train_cfg.threshold_range_m
         outside = [t for t in thresholds if not low <= t <= high]
