@@ -37,12 +37,13 @@ def main(argv=None) -> int:
     from lib.data.dataset import ShardDataset, build_loader
     from lib.core.env import default_workers, select_device
     from lib.infer.evaluate_gaps import Evaluator, report_markdown, train_gap_rates
-    from lib.infer.loading import load_models
+    from lib.infer.loading import describe_version, load_models
     from lib.train.monitor import MonitoringSystem
     from lib.data.shards import read_manifest
 
     loaded = load_models(args.checkpoint, "cpu")
     checkpoint = " + ".join(args.checkpoint)
+    print(describe_version(loaded))
     base = config_to_dict(loaded.config) if loaded.config else loaded.meta.get("config", {})
     cfg = build_config(base, overrides, source=f"{args.checkpoint[0]} (embedded config) + overrides")
     device = select_device(args.device or cfg.run.device)

@@ -89,13 +89,16 @@ def build_settings(args, overrides):
 
     from lib.core.config import build_config, config_to_dict
     from lib.core.env import distributed_info, select_device
-    from lib.infer.loading import EnsembleModel, InferenceModel, check_thresholds, load_models, resolve_checkpoint
+    from lib.infer.loading import (EnsembleModel, InferenceModel, check_thresholds, describe_version, load_models,
+                                   resolve_checkpoint)
     from lib.infer.mapping import MapSettings
     from lib.infer.weights import file_sha256
 
     paths = [resolve_checkpoint(p) for p in args.checkpoint or [None]]
     checkpoint = " + ".join(map(str, paths))
     loaded = load_models(paths, "cpu")
+    if distributed_info()[0] == 0:
+        print(describe_version(loaded))
     if loaded.task == "classification":
         from lib.core.errors import ConfigError
         raise ConfigError(f"{checkpoint} is a tile classifier (data.task 'classification', classes "
@@ -104,7 +107,7 @@ def build_settings(args, overrides):
                                "lib.infer.loading.load_model(path).net(image) -> (B, classes) probabilities")
     base = config_to_dict(loaded.config) if loaded.config else loaded.meta.get("config") or {}
     cfg = build_config(base, overrides + flag_overrides(args), source=f"{checkpoint} (embedded config) + options")
-    thresholds = check_thresholds(args.thresholds, loaded.thresholds_m, cfg.train)
+    thresholds = check_thresholds(args.thresholds, loaded.thresholds_m, cfg.train, loaded.task)
     device = select_device(args.device or cfg.run.device)
     if device.type == "cuda" and device.index is None:  # under torchrun: one GPU per process
         device = torch.device("cuda", distributed_info()[1])

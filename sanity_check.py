@@ -3,6 +3,7 @@
     python sanity_check.py --config configs/quick.json
     python sanity_check.py --config configs/config.json --tiles 8 --steps 200
     python sanity_check.py --config configs/config.json --max-batch 512 --run.device=cuda
+    python sanity_check.py --config configs/quick.json --write-config configs/quick_batch.json
 
 Exit status 0 when nothing failed (warnings allowed), 1 when a check failed, 2 on a config or data error.
 """
@@ -25,8 +26,11 @@ def parse_args(argv):
     parser.add_argument("--target", type=number(float, 0, 1, low_open=True), default=0.5,
                         help="overfitting passes when the loss falls to this fraction of its start (default 0.5)")
     parser.add_argument("--max-batch", type=number(int, 1),
-                        help="largest batch the batch-size finder tries (default 4096 on CUDA, 2 x train.batch_size "
-                             "on CPU)")
+                        help="largest batch the batch-size finder tries (default 4096 on CUDA; on CPU, where it "
+                             "only measures, 16 x train.batch_size)")
+    parser.add_argument("--write-config", metavar="FILE",
+                        help="write the config with train.batch_size set to the largest batch that fits "
+                             "(on CPU: the estimate)")
     parser.add_argument("--out", metavar="DIR", help="output folder (default runs/<run.name>/sanity)")
     return parser.parse_known_args(argv)
 
@@ -53,7 +57,22 @@ def main(argv=None) -> int:
     print(text)
     print("overfit loss curve (step: loss): " + ", ".join(f"{s}: {loss:.3f}" for s, loss, _ in curve))
     print(f"wrote {out}/report.json and {out}/tb")
+    if args.write_config:
+        write_batch_config(cfg, next(c for c in checks if c.name == "batch size"), args.write_config)
     return 1 if any(c.status == "fail" for c in checks) else 0
+
+
+def write_batch_config(cfg, check, path) -> None:
+    """The config with train.batch_size = the batch-size finder's largest fitting batch, as lr_finder.py does
+    with its LR."""
+    from lib.core.config import build_config, config_to_dict, save_config
+    from lib.core.errors import TrainingError
+    largest = check.details.get("largest", 0)
+    if not largest:
+        raise TrainingError(f"no batch size to write: {check.message}",
+                            hint="run on the GPU the training will use, or set train.batch_size by hand")
+    save_config(build_config(config_to_dict(cfg), [f"train.batch_size={largest}"]), path)
+    print(f"wrote {path} with train.batch_size={largest}")
 
 
 if __name__ == "__main__":

@@ -176,6 +176,9 @@ def test_evaluate_scores_checkpoint_and_exported_classifier_like_brute_force(run
         reports.append(json.loads((out / "report.json").read_text()))
         val = reports[-1]["splits"]["val"]
         assert val["confusion"] == confusion.tolist()
+        trained = load_checkpoint(ckpt)["metrics"]                                     # the trainer's own figures
+        assert val["model"]["accuracy"] == pytest.approx(trained["val/accuracy"], abs=1e-6)
+        assert val["model"]["macro_f1"] == pytest.approx(trained["val/macro_f1"], abs=1e-6)
         assert val["model"]["accuracy"] == pytest.approx(np.trace(confusion) / len(labels))
         assert val["majority"]["accuracy"] == pytest.approx(majority_hits / len(labels))
         assert (out / "confusion_test.png").is_file() and "| majority |" in (out / "report.md").read_text()

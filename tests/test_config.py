@@ -1,5 +1,6 @@
 """Config loading: JSON/YAML-lite parsing, schema validation, overrides, errors that point at the problem."""
 import json
+import re
 
 import pytest
 
@@ -46,6 +47,20 @@ def test_unknown_override_key_names_the_override_not_the_file(tmp_path):
     assert load_config(None, ["--model.extra.width=3"]).model.extra == {"width": 3}  # free-form mapping
     with pytest.raises(ConfigError, match="takes no --config"):
         build_config({}, ["--config=configs/quick.json"])  # evaluate/predict: the checkpoint's config
+
+
+@pytest.mark.parametrize("override, said", [("--model.activation=mesh", "'mesh' is not one of"),
+                                            ("--optim.lr=-1", "below the minimum"),
+                                            ("--train.batch_size=eight", "expected int")])
+def test_a_bad_override_value_names_the_override_not_the_file(tmp_path, override, said):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"model": {"activation": "relu"}, "optim": {"lr": 0.1}, "train": {"batch_size": 4}}))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [override])
+    text = str(info.value)
+    assert text.startswith(f"override {override!r}: ") and said in text and str(path) not in text
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: model.activation")):   # a bad value in the file
+        build_config({"model": {"activation": "mesh"}}, [], source=str(path))
 
 
 def test_str_fields_take_yaml_booleans_and_numbers_back_as_text(tmp_path):

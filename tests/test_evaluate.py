@@ -144,6 +144,9 @@ def test_evaluate_script_writes_reports_with_the_baselines(dataset, tmp_path):
     assert rand["recall_5m"] == pytest.approx(report["random_gap_rates"]["5m"], abs=0.05)
     text = (tmp_path / "report.md").read_text()
     assert "| classical | 5m |" in text and "## IoU per site" in text and "per-tile IoU and F1" in text
+    site, scores = next(iter(report["methods"]["classical"]["per_site"].items()))
+    cell = "{:.4f} ({:.4f} / {:.4f})".format(*(scores[f"{k}_2m"] for k in ("iou", "precision", "recall")))
+    assert f"| {site} | classical | {cell} |" in text                      # over/under-prediction per site
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(tmp_path / "eval_test" / "tb"), size_guidance={"tensors": 0, "images": 0})
     events.Reload()

@@ -255,6 +255,16 @@ def test_check_same_grid_names_differences():
         check_same_grid({"a": INFO, "b": coarse})
 
 
+def test_a_raster_without_crs_beside_one_with_a_crs_warns():
+    bare = replace(INFO, geokeys=None, geo_double=None, geo_ascii=None)
+    with pytest.warns(UserWarning, match=r"dsm.tif has no CRS but chm.tif has one: .* assumed to be the same"):
+        check_same_grid({"chm.tif": INFO, "dsm.tif": bare})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                     # both or neither: nothing to say
+        check_same_grid({"a": INFO, "b": INFO})
+        check_same_grid({"a": bare, "b": bare})
+
+
 @pytest.mark.parametrize("keys", [NZTM_KEYS, (1, 1, 0, 1, 1025, 0, 1, 2), None])
 @pytest.mark.parametrize("nodata", [None, -9999, float("nan"), 0.25])
 def test_geotiff_tags_parse_back(keys, nodata):

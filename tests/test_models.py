@@ -43,13 +43,14 @@ def smooth_field(b: int, hw: int, seed: int) -> torch.Tensor:
 
 
 def zero_grad_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    """Trainable parameters that got no gradient (frozen ones cannot: see test_no_threshold_no_threshold_weights)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
 
 
 def check_gradients(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> None:
-    """Every parameter gets gradient, except exactly the FiLM hidden layers at init (behind a zero layer),
-    which get it after one optimiser step."""
-    film_hidden = {n for n, _ in model.named_parameters() if "film.mlp.0." in n}
+    """Every trainable parameter gets gradient, except exactly the FiLM hidden layers at init (behind a zero
+    layer), which get it after one optimiser step."""
+    film_hidden = {n for n, p in model.named_parameters() if "film.mlp.0." in n and p.requires_grad}
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)  # gentle: a big step can saturate a sigmoid
     for step in range(2):
         opt.zero_grad()
@@ -82,6 +83,17 @@ def test_classification_head_on_every_encoder(name):
     assert model(x).shape == (2, 4)  # thresholds are optional for classifiers
     check_gradients(model, x, t)
     assert sum(p.numel() for p in model.encoder_parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_no_threshold_no_threshold_weights(task):
+    """Tasks that feed a constant 0 threshold freeze exactly FiLM's input weights: they cannot get a gradient,
+    so the optimiser and the gradient alerts leave them alone."""
+    model = build_model(tiny("unet_film_cbam"), task=task, num_classes=3 if task == "classification" else None)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters() if n.endswith("film.mlp.0.weight")} and frozen
+    seg = build_model(tiny("unet_film_cbam"), task="segmentation")
+    assert all(p.requires_grad for p in seg.parameters())
 
 
 def test_regression_task_gives_one_map():

@@ -12,6 +12,7 @@ from lib.tune import batch_finder
 from lib.tune import sanity
 from lib.train.checkpoint import seed_everything
 from lib.core.config import save_config
+from lib.core.errors import TrainingError
 from lib.train.runner import build_trainer
 from lib.data.shards import iter_shard, read_manifest
 
@@ -29,7 +30,8 @@ def _overfit_trainer(tiny_dataset, **sections):
 
 
 def _tally(trainer, batch, steps=3):
-    with sanity.GradientTally(sanity._all_parameters(trainer)) as tally:
+    by_design = trainer.raw_model.frozen_by_design
+    with sanity.GradientTally(sanity._all_parameters(trainer), by_design) as tally:
         for _ in range(steps):
             trainer.train_step(batch)
             trainer.batch_in_epoch += 1
@@ -57,6 +59,14 @@ def test_one_step_gradient_check_warns_instead_of_failing_on_the_film_start(tiny
     trainer, batch = _overfit_trainer(tiny_dataset)
     check = _tally(trainer, batch, steps=1)
     assert check.status == "warn" and "film.mlp.0" in check.message and "--steps 2" in check.message
+
+
+def test_a_regression_models_frozen_threshold_weights_are_not_a_gradient_problem(tiny_dataset):
+    trainer, batch = _overfit_trainer(tiny_dataset, data={"task": "regression"}, loss={"name": "huber"})
+    assert trainer.raw_model.frozen_by_design and all("film.mlp.0.weight" in n
+                                                      for n in trainer.raw_model.frozen_by_design)
+    check = _tally(trainer, batch)
+    assert check.status == "ok" and not check.details["frozen"], check.message
 
 
 def test_a_short_overfit_budget_that_is_learning_warns_not_fails(tiny_dataset):
@@ -180,9 +190,39 @@ def test_batch_size_check_fails_only_when_the_configured_batch_does_not_fit(tiny
                                                                            largest, status):
     trainer = _trainer(tiny_config(tiny_dataset))                      # train.batch_size is 4
     monkeypatch.setattr(batch_finder, "try_batch", lambda trainer, batch, size: size <= largest)
-    check = sanity.check_batch_size(trainer, sanity.first_batch(trainer), limit=64)
+    check = sanity.check_batch_size(trainer, sanity.first_batch(trainer), limit=64, search=True)
     assert check.status == status and check.details["largest"] == largest
     assert ("train.batch_size=4 does not fit" in check.message) == (status == "fail")
+
+
+def test_cpu_batch_size_is_an_estimate_from_measured_per_sample_memory_and_free_ram(tiny_dataset, monkeypatch):
+    """On CPU the finder does not search (running out of RAM is no catchable error): it measures what a sample
+    adds to a step's peak RSS and bounds the batch by the RAM available."""
+    trainer = _trainer(tiny_config(tiny_dataset))                      # train.batch_size is 4
+    peaks = iter([500.0, 500.0, 540.0, 620.0, 780.0])                 # MB after steps of 4, 8, 16, 32, 64
+    monkeypatch.setattr(batch_finder, "try_batch", lambda trainer, batch, size: True)
+    monkeypatch.setattr("lib.train.monitor.process_memory_mb", lambda: {"sys/rss_peak_mb": next(peaks)})
+    monkeypatch.setattr(batch_finder, "available_memory_mb", lambda: 1000.0)
+    check = sanity.check_batch_size(trainer, sanity.first_batch(trainer), limit=64)
+    assert check.status == "ok" and check.details["tried"] == [4, 8, 16, 32]  # stopped after two growths
+    assert check.details["per_sample_mb"] == pytest.approx(80 / 16)          # 620 - 540 MB for 16 more
+    assert check.details["largest"] == 32 + int(0.8 * 1000 / 5)
+    assert "not tried" in check.message and "5.0 MB" in check.message
+    flat = iter([500.0] * 10)                                           # the peak never grows: no estimate
+    monkeypatch.setattr("lib.train.monitor.process_memory_mb", lambda: {"sys/rss_peak_mb": next(flat)})
+    check = sanity.check_batch_size(trainer, sanity.first_batch(trainer), limit=16)
+    assert check.details["largest"] == 0 and "searches only on GPU" in check.message
+
+
+def test_batch_size_finder_result_is_written_into_a_config(tiny_dataset, tmp_path, capsys):
+    import sanity_check
+    from lib.core.config import load_config
+    cfg = tiny_config(tiny_dataset)
+    sanity_check.write_batch_config(cfg, sanity.Check("batch size", "ok", "", {"largest": 37}), tmp_path / "b.json")
+    written = load_config(tmp_path / "b.json")
+    assert written.train.batch_size == 37 and written.optim == cfg.optim and "train.batch_size=37" in capsys.readouterr().out
+    with pytest.raises(TrainingError, match="no batch size to write"):
+        sanity_check.write_batch_config(cfg, sanity.Check("batch size", "ok", "unmeasured", {"largest": 0}), tmp_path / "c.json")
 
 
 def test_sanity_script_passes_a_tiny_run_and_fails_one_that_cannot_learn(tiny_dataset, tmp_path, capsys):

@@ -40,3 +40,10 @@ def test_profile_summary_and_transfer_with_frozen_encoder(tiny_dataset, tmp_path
     assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
     assert not torch.equal(before["head.weight"], after["head.weight"])
     assert "encoder frozen" in (tmp_path / "runs" / "fine" / "train.log").read_text()
+
+
+def test_loader_calibration_choice_is_printed(tiny_dataset, tmp_path, capsys):
+    config = _config_file(tmp_path, tiny_dataset)
+    assert train.main(["--config", config, "--run.name=cal", "--data.calibrate=true", "--train.max_steps=3"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("loader calibration chose "))
+    assert "0 workers (the main process loads)" in line and "samples/s: " in line      # every trial, timed

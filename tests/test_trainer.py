@@ -96,3 +96,42 @@ def test_resume_auto_without_checkpoint_starts_fresh(tiny_dataset):
     shutil.rmtree(runner.run_dir_of(cfg), ignore_errors=True)
     run_dir = runner.train_model(cfg, resume="auto")
     assert load_checkpoint(run_dir / "last.ckpt")["epoch"] == 1
+
+
+def test_compiled_training_steps_like_eager_and_saves_the_raw_model(tiny_dataset, monkeypatch):
+    """train.compile: the loop steps a torch.compile'd model to the eager losses and weights, and checkpoints
+    hold the raw model's keys (no _orig_mod. prefix), loadable without compiling. Dynamo traces the real
+    model; the aot_eager backend stands in for inductor, whose C++ build takes ~100 s on this CPU."""
+    import functools
+    from lib.train.checkpoint import seed_everything
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    runs = {}
+    for compiled in (False, True):
+        cfg = tiny_config(tiny_dataset, run={"name": f"compile_{compiled}"}, model={"dropout": 0.0},
+                          train={"compile": compiled}, log={"tensorboard": False, "images_every_epochs": 0})
+        seed_everything(0)
+        trainer = runner.build_trainer(cfg, torch.device("cpu"), callbacks=[])
+        trainer.model.train()
+        batches = iter(trainer.train_loader_fn(0))
+        losses = [trainer.train_step(next(batches))["loss"] for _ in range(3)]
+        runs[compiled] = (trainer, losses)
+    (eager, eager_losses), (compiled, compiled_losses) = runs[False], runs[True]
+    assert isinstance(compiled.model, torch._dynamo.eval_frame.OptimizedModule)
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    state = compiled.state_dict()["model"]
+    assert state.keys() == eager.state_dict()["model"].keys()
+    worst = max(float((v - eager.raw_model.state_dict()[k]).abs().max()) for k, v in state.items()
+                if torch.is_tensor(v) and v.is_floating_point())
+    assert worst < 1e-4
+
+
+def test_resuming_with_other_norm_layers_says_which_option_to_set(tiny_dataset):
+    """Batch 4 built group norm (model.norm adaptive); resuming at batch 16 would build batch norm."""
+    from lib.core.errors import ModelError
+    quiet = {"log": {"tensorboard": False, "images_every_epochs": 0}, "schedule": {"warmup_steps": 0}}
+    runner.train_model(tiny_config(tiny_dataset, run={"name": "norms"}, train={"epochs": 1, "max_steps": 2}, **quiet))
+    bigger = tiny_config(tiny_dataset, run={"name": "norms"}, train={"epochs": 2, "batch_size": 16}, **quiet)
+    with pytest.raises(ModelError) as info:
+        runner.train_model(bigger, resume="auto")
+    assert "'group' norm layers, this one has 'batch'" in str(info.value)
+    assert "--model.norm=group" in info.value.hint and "--train.batch_size" in info.value.hint

@@ -269,6 +269,10 @@ class LogConfig:
     tensorboard: bool = opt(True, "write TensorBoard events")
     progress_every_steps: int = opt(20, "progress line every N steps when stdout is not a TTY", min=1)
     images_every_epochs: int = opt(5, "prediction panels every N epochs; 0 disables", min=0)
+    grad_norms_every_steps: int = opt(10, "per-layer gradient norms (TensorBoard) and their alerts every N "
+                                      "optimiser steps; 0 disables", min=0)
+    grad_vanishing_norm: float = opt(1e-7, "alert when a layer's gradient norm falls below this", min=0.0)
+    grad_exploding_norm: float = opt(100.0, "alert when a layer's gradient norm rises above this", min=0.0)
 
 
 @dataclass

@@ -359,6 +359,11 @@ def write_manifest(folder, manifest: dict) -> None:
     os.replace(tmp, path)
 
 
+def manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest's canonical JSON: it lists every shard's sha256, so it names the dataset."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
 def read_manifest(folder) -> dict:
     """Reads and checks `folder/manifest.json`: `{"splits": {name: {"shards": [entry, ...]}}, ...}`."""
     path = os.path.join(os.fspath(folder), MANIFEST)

@@ -125,6 +125,17 @@ def raster_source(name: str, dsm: str, chm: str | None = None, dtm: str | None =
     return SiteSource(name, load)
 
 
+def _missing_partner(site: str, kinds: dict[str, Path]) -> str:
+    """What a lone raster of a site lacks, and what to do about it (kinds: dsm/chm/dtm -> path)."""
+    found = ", ".join(path.name for path in kinds.values())
+    if "dsm" in kinds:
+        return (f"{found} without its _CHM.tif or _DTM.tif (training needs heights above ground; predict.py "
+                f"maps a DSM alone)")
+    if "chm" in kinds:
+        return f"{found} without its _DSM.tif (a CHM alone on flat ground: copy it as {site}_DSM.tif)"
+    return f"{found} without its _DSM.tif (a DTM gives heights only beside the surface it is the ground of)"
+
+
 def folder_sources(folder: str | Path) -> list[SiteSource]:
     """Pairs `<site>_DSM.tif` + `<site>_CHM.tif` (or `_DTM.tif`) found in a folder (case-insensitive)."""
     folder = Path(folder)
@@ -138,10 +149,7 @@ def folder_sources(folder: str | Path) -> list[SiteSource]:
     sources = []
     for site, kinds in sorted(by_kind.items()):
         if "dsm" not in kinds or len(kinds) == 1:
-            found = ", ".join(path.name for path in kinds.values())
-            warnings.warn(f"{folder}: site {site!r} skipped: {found} without its "
-                          f"{'_CHM.tif or _DTM.tif' if 'dsm' in kinds else '_DSM.tif'} (a CHM alone on flat "
-                          f"ground: copy it as {site}_DSM.tif)", stacklevel=2)
+            warnings.warn(f"{folder}: site {site!r} skipped: {_missing_partner(site, kinds)}", stacklevel=2)
             continue
         if "chm" in kinds:
             sources.append(raster_source(site, str(kinds["dsm"]), chm=str(kinds["chm"])))

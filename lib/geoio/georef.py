@@ -217,3 +217,14 @@ def check_same_grid(infos: dict[str, GeoInfo]) -> None:
     if problems:
         raise RasterError("rasters are not on the same grid:\n  " + "\n  ".join(problems),
                           hint="resample them onto one grid, e.g. gdalwarp -tr/-te or -tap")
+    _warn_missing_crs(infos)
+
+
+def _warn_missing_crs(infos: dict[str, GeoInfo]) -> None:
+    """A raster without any CRS (no GeoKeys) beside one with a CRS cannot be checked for it: say so."""
+    with_crs = [name for name, info in infos.items() if info.geokeys]
+    without = [name for name, info in infos.items() if not info.geokeys]
+    if with_crs and without:
+        warnings.warn(f"{', '.join(without)} has no CRS but {with_crs[0]} has one: their CRSs cannot be compared, "
+                      f"so they are assumed to be the same (only shape, pixel size and origin were checked); "
+                      f"set it, e.g. gdal_edit.py -a_srs EPSG:<code> {without[0]}", stacklevel=3)

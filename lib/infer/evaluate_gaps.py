@@ -206,6 +206,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def _site_cell(metrics: dict, tag: str) -> str:
+    """'IoU (precision / recall)' at one threshold tag."""
+    return f"{_fmt(metrics[f'iou_{tag}'])} ({_fmt(metrics[f'precision_{tag}'])} / {_fmt(metrics[f'recall_{tag}'])})"
+
+
 def report_markdown(report: dict) -> str:
     """The report as Markdown tables (also what evaluate.py prints): main, per site, gap sizes, confusion."""
     tags = [threshold_tag(t) for t in report["thresholds_m"]]
@@ -213,7 +218,7 @@ def report_markdown(report: dict) -> str:
     main = [[name, tag] + [_fmt(body["metrics"][f"{key}_{tag}"]) for key in TABLE_KEYS]
             for name, body in methods.items() for tag in tags + ["mean"]]
     sites = sorted({s for body in methods.values() for s in body["per_site"]})
-    per_site = [[site, name] + [_fmt(body["per_site"][site][f"iou_{tag}"]) for tag in tags + ["mean"]]
+    per_site = [[site, name] + [_site_cell(body["per_site"][site], tag) for tag in tags + ["mean"]]
                 for site in sites for name, body in methods.items() if site in body["per_site"]]
     sizes = [[name, tag] + [f"{_fmt(c['pixel_recall'])} ({c['gaps_found']}/{c['gaps']})"
                             for c in body["size_classes"][tag].values()]
@@ -229,7 +234,8 @@ def report_markdown(report: dict) -> str:
         f"Micro metrics sum the pixel counts of all tiles; tile_iou / tile_f1 average per-tile scores. "
         f"Empty tiles: {report['empty_tile_policy']}.",
         "## Metrics per threshold\n\n" + _table(["method", "threshold", *TABLE_KEYS], main),
-        "## IoU per site\n\n" + _table(["site", "method", *tags, "mean"], per_site),
+        "## IoU per site (precision / recall)\n\nPrecision below recall: the method over-predicts gaps at that "
+        "site; above: it under-predicts them.\n\n" + _table(["site", "method", *tags, "mean"], per_site),
         f"## Recall per gap-size class\n\npixel recall (gaps found / gaps; found = at least half its pixels "
         f"predicted). Classes: small {bounds['small']} m², medium {bounds['medium']} m², large "
         f"{bounds['large']} m²; gap areas are components of the target tile (gaps cut by the tile border "

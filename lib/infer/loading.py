@@ -33,27 +33,41 @@ EXPORTED = (".ts", ".pt2")  # TorchScript, torch.export ExportedProgram: both ne
 
 
 class InferenceModel(torch.nn.Module):
-    """normalise -> model -> sigmoid. forward(dsm (B,1,H,W) metres with NaN, thresholds (B,) metres) -> (B,1,H,W).
+    """normalise -> model -> gap logits -> sigmoid. forward(dsm (B,1,H,W) metres with NaN, thresholds (B,) metres)
+    -> (B,1,H,W) gap probabilities.
 
+    A segmentation model's output is the gap logit at the threshold it is given. A regression model predicts
+    the CHM (in units of the normalisation scale, threshold input 0, as lib.train.tasks.RegressionTask feeds
+    it); its gap logit at T is T - CHM in metres, the score the trainer's validation uses, so 0.5 means CHM = T.
     Nodata pixels enter the model as 0 (lib.data.normalize) and come out with a finite but meaningless
     probability: callers mask them (lib.infer.scene_windows writes nodata there).
     """
 
-    def __init__(self, normalizer: Normalizer, model: torch.nn.Module):
+    def __init__(self, normalizer: Normalizer, model: torch.nn.Module, task: str = "segmentation"):
         super().__init__()
         self.normalizer, self.model = normalizer, model
+        self.regression = task == "regression"
 
     def forward(self, dsm: torch.Tensor, thresholds_m: torch.Tensor) -> torch.Tensor:
         x = self.normalizer(dsm)
+        if self.regression:
+            return torch.sigmoid(thresholds_m.view(-1, 1, 1, 1) - self._heights(x))
         logits = self.model(x, self.normalizer.normalise_threshold(thresholds_m))
         return torch.sigmoid(logits.float())
+
+    def _heights(self, x: torch.Tensor) -> torch.Tensor:
+        """A regression model's CHM in metres, (B,1,H,W), from normalised inputs x (B,C,H,W)."""
+        return self.model(x, x.new_zeros(x.shape[0])).float() * self.normalizer.scale
 
     def forward_thresholds(self, dsm: torch.Tensor, thresholds_m: torch.Tensor) -> torch.Tensor:
         """dsm (B,1,H,W), thresholds (K,) -> (B,K,H,W) in one forward pass, each window normalised once.
 
-        Equal to forward on the DSM repeated K times (the normalisation is per window), without K sorts.
+        Equal to forward on the DSM repeated K times (the normalisation is per window), without K sorts; a
+        regression model runs once per window, its CHM compared with every threshold.
         """
         b, k = dsm.shape[0], thresholds_m.numel()
+        if self.regression:
+            return torch.sigmoid(thresholds_m.view(1, k, 1, 1) - self._heights(self.normalizer(dsm)))
         x = self.normalizer(dsm).repeat_interleave(k, dim=0)                  # (B*K, C, H, W), row = b*K + k
         t = self.normalizer.normalise_threshold(thresholds_m).repeat(b)      # (B*K,)
         return torch.sigmoid(self.model(x, t).float()).view(b, k, *dsm.shape[-2:])
@@ -106,6 +120,17 @@ class LoadedModel:
     meta: dict = field(default_factory=dict)  # metrics, version, normalisation
     task: str = "segmentation"    # data.task: segmentation and regression map gaps, classification labels tiles
     class_names: list[str] = field(default_factory=list)  # classification only, in output order
+
+
+def describe_version(loaded: LoadedModel) -> str:
+    """'model: <version>' naming what made the model (each member's for an ensemble), for evaluate and predict."""
+    members = loaded.meta.get("members") or [loaded.meta]
+    parts = []
+    for meta in members:
+        v = meta.get("version") or {}
+        parts.append(f"forestgaps {v.get('project', '?')}, recipe {v.get('recipe_hash') or '?'}, dataset "
+                     f"{(v.get('dataset_manifest') or '?')[:12]}, step {meta.get('step', '?')}")
+    return "model: " + "; ".join(parts)
 
 
 def resolve_checkpoint(path=None) -> Path:
@@ -175,11 +200,11 @@ def load_model(path: str | Path, device="cpu") -> LoadedModel:
                             batch_size=cfg.train.batch_size,
                             prior_channels=relative_height_channels(normalizer.features))
     load_weights(model, ckpt["model"], path)
-    net = InferenceModel(normalizer, model).to(device).eval()
+    net = InferenceModel(normalizer, model, cfg.data.task).to(device).eval()
     meta = {"metrics": ckpt.get("metrics", {}), "version": ckpt.get("version", {}),
             "normalization": ckpt["normalization"], "step": ckpt.get("step")}
     return LoadedModel(net, list(cfg.data.thresholds_m), cfg.data.pixel_size_m, cfg.data.tile_px,
-                       getattr(model, "stride", 1), cfg, meta)
+                       getattr(model, "stride", 1), cfg, meta, cfg.data.task)
 
 
 def load_models(paths, device="cpu") -> LoadedModel:
@@ -196,9 +221,9 @@ def load_ensemble(paths, device="cpu") -> LoadedModel:
     loaded = [load_model(p, device) for p in paths]
     first, name = loaded[0], paths[0]
     for path, member in zip(paths, loaded):
-        if not isinstance(member.net, InferenceModel) or member.task != "segmentation":
+        if not isinstance(member.net, InferenceModel) or member.task == "classification":
             raise ModelError(f"{path}: an ensemble averages gap-map checkpoints (.ckpt/.pt of data.task "
-                             f"'segmentation'), not {'an exported model' if member.config is None else member.task}")
+                             f"'segmentation' or 'regression'), not {'an exported model' if member.config is None else member.task}")
         if not math.isclose(member.pixel_size_m, first.pixel_size_m, rel_tol=0.01):
             raise ModelError(f"{path} was trained on {member.pixel_size_m:g} m pixels but {name} on "
                              f"{first.pixel_size_m:g} m: ensemble members must share the pixel size")
@@ -268,12 +293,12 @@ def _check_card(card: dict, card_path: Path) -> None:
         raise ModelError(f"{card_path}: model card entry 'thresholds_m' must list numbers")
 
 
-def check_thresholds(requested, trained_m, train_cfg) -> list[float]:
+def check_thresholds(requested, trained_m, train_cfg, task: str = "segmentation") -> list[float]:
     """The thresholds to map: the trained ones when none are requested.
 
     They must be distinct finite heights > 0 m. A model trained on fixed thresholds maps only those; one
     trained with continuous thresholds (train.threshold_sampling continuous or continuous_log) maps any,
-    with a warning outside train.threshold_range_m.
+    with a warning outside train.threshold_range_m; a CHM-regression model maps any (gap: CHM <= T).
     """
     thresholds = [float(t) for t in (requested or trained_m)]
     bad = [t for t in thresholds if not (math.isfinite(t) and t > 0)]
@@ -282,6 +307,8 @@ def check_thresholds(requested, trained_m, train_cfg) -> list[float]:
                           hint="e.g. --thresholds 2 5 10 15")
     if len(set(thresholds)) != len(thresholds):
         raise ConfigError(f"--thresholds must be distinct, found {thresholds}")
+    if task == "regression":
+        return thresholds
     if str(getattr(train_cfg, "threshold_sampling", "")).startswith("continuous"):
         low, high = train_cfg.threshold_range_m
         outside = [t for t in thresholds if not low <= t <= high]

@@ -3,7 +3,7 @@ import dataclasses
 import difflib
 
 from lib.core.errors import ModelError
-from lib.models.blocks import apply_spectral_norm, resolve_norm
+from lib.models.blocks import FiLM, apply_spectral_norm, resolve_norm
 from lib.models.classify import EncoderClassifier
 from lib.models.prior import ClassicalPrior
 from lib.models.registry import MODELS, ForestModel, ModelSpec
@@ -73,6 +73,11 @@ def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: 
         dense = spec.build(cfg, in_channels, 1, norm, **options)
         model = EncoderClassifier(dense.encoder, num_classes, cfg.dropout, dense.stride)
     model.prior = prior
+    if task != "segmentation":  # the threshold input is a constant 0: FiLM's input weights never get a gradient
+        for block in model.modules():
+            if isinstance(block, FiLM):
+                block.mlp[0].weight.requires_grad_(False)
+    model.frozen_by_design = [name for name, p in model.named_parameters() if not p.requires_grad]
     zero_layers = ()
     if prior is not None and prior.trust_map:
         prior.start_from_rule(getattr(model, "head", None))

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lib.core.errors import ModelError
+from lib.models.blocks import MIN_BATCHNORM_BATCH
 
 
 class ForestModel(nn.Module):
@@ -47,10 +48,14 @@ class ForestModel(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         # Only the norm is compared: other differences fail on shapes, and a segmentation checkpoint
         # may seed a classifier (strict=False), but BatchNorm vs GroupNorm could drop statistics silently.
-        if state.get("norm") != self.build_kwargs.get("norm"):
-            raise ModelError(f"checkpoint was saved from a model with {state.get('norm')!r} norm layers, this "
-                             f"one has {self.build_kwargs.get('norm')!r} ({state} vs {self.build_kwargs})",
-                             hint="rebuild it with lib.models.rebuild_model(cfg.model, state_dict)")
+        saved, here = state.get("norm"), self.build_kwargs.get("norm")
+        if saved != here:
+            raise ModelError(f"the checkpoint was saved from a model with {saved!r} norm layers, this one has "
+                             f"{here!r} ({state} vs {self.build_kwargs})",
+                             hint=f"set --model.norm={saved}: model.norm=adaptive builds batch norm for a per-device "
+                                  f"--train.batch_size of {MIN_BATCHNORM_BATCH} or more and group norm below, so "
+                                  f"another batch size changed the layers (in Python: "
+                                  f"lib.models.rebuild_model(cfg.model, state_dict))")
 
 
 @dataclass(frozen=True)

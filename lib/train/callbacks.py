@@ -161,9 +161,13 @@ class NonFiniteGuard(Callback):
 
 
 class GradientMonitor(Callback):
-    """Every N steps: per-layer gradient norms to TensorBoard; warns on vanishing or exploding ones."""
+    """Every N steps: per-layer gradient norms to TensorBoard; warns on vanishing or exploding ones.
 
-    def __init__(self, every_steps: int = 50, vanishing: float = 1e-7, exploding: float = 100.0):
+    Parameters without a gradient (requires_grad off, e.g. the FiLM threshold weights of a model whose task
+    feeds no threshold: lib.models.build) are not checked: they cannot receive one by design.
+    """
+
+    def __init__(self, every_steps: int = 10, vanishing: float = 1e-7, exploding: float = 100.0):
         self.every_steps, self.vanishing, self.exploding = every_steps, vanishing, exploding
 
     def on_before_optimizer_step(self, trainer):

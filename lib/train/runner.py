@@ -24,9 +24,9 @@ from lib.data.bands import normalizer_from_stats
 from lib.train.optimizers import build_optimizer
 from lib.train.regularization import AdaptiveRegularization, build_regularization
 from lib.train.schedulers import ReduceOnPlateau, build_schedule
-from lib.data.shards import read_manifest
+from lib.data.shards import manifest_digest, read_manifest
 from lib.train.tasks import build_task
-from lib.train.trainer import Trainer, steps_per_epoch
+from lib.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,11 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
 
 
 def build_data(cfg, manifest_dir: Path, device, arrays=("dsm", "chm", "mask_*"), meta_keys=("site",)):
-    """(train loader factory, val loader, train sample count) for the run's dataset (the task's arrays)."""
+    """(train loader factory, val loader, train batches per epoch) for the run's dataset (the task's arrays).
+
+    Under DDP the train set already holds this rank's share, so the batch count is per rank: the one figure
+    the schedule's length is computed from (dividing it by the world size again would halve the schedule).
+    """
     workers = default_workers(cfg.data.workers)
     pin = device.type == "cuda"
     train_set = ShardDataset(manifest_dir, "train", seed=cfg.run.seed, shuffle=True, arrays=arrays,
@@ -60,9 +64,10 @@ def build_data(cfg, manifest_dir: Path, device, arrays=("dsm", "chm", "mask_*"),
     if cfg.data.calibrate:
         best = calibrate_loader(train_set, cfg.train.batch_size, max_workers=default_workers(-1))
         workers, prefetch = best["workers"], best["prefetch_factor"]
-        log.info("loader calibration: %s -> %d worker(s), prefetch %s", ", ".join(
-            f"{t['workers']}w/{t['prefetch_factor']}: {t['samples_per_s']:.0f}/s" for t in best["trials"]),
-            workers, prefetch)
+        log.info("loader calibration chose %s (samples/s: %s); set data.workers and data.calibrate=false to "
+                 "skip it", _loader_setting(workers, prefetch), ", ".join(
+                     f"{_loader_setting(t['workers'], t['prefetch_factor'])} {t['samples_per_s']:.0f}"
+                     for t in best["trials"]))
     train_loader = build_loader(train_set, cfg.train.batch_size, workers, pin_memory=pin, drop_last=True,
                                 prefetch_factor=prefetch)
     val_loader = build_loader(val_set, cfg.eval.batch_size, workers, pin_memory=pin)
@@ -70,7 +75,11 @@ def build_data(cfg, manifest_dir: Path, device, arrays=("dsm", "chm", "mask_*"),
     def train_loader_fn(epoch: int):
         train_set.set_epoch(epoch)
         return train_loader
-    return train_loader_fn, val_loader, len(train_set)
+    return train_loader_fn, val_loader, len(train_loader)
+
+
+def _loader_setting(workers: int, prefetch) -> str:
+    return f"{workers} workers, prefetch {prefetch}" if workers else "0 workers (the main process loads)"
 
 
 def build_callbacks(cfg, run_dir: Path, monitor, is_main: bool, regularization=None) -> list:
@@ -84,8 +93,10 @@ def build_callbacks(cfg, run_dir: Path, monitor, is_main: bool, regularization=N
     if is_main and t.profile_steps:
         callbacks.append(Profiler(run_dir / "profile", t.profile_steps))
     if monitor is not None:
-        callbacks += [MonitorCallback(monitor, cfg.log.progress_every_steps, cfg.log.images_every_epochs),
-                      GradientMonitor(every_steps=max(cfg.log.progress_every_steps, 50))]
+        callbacks.append(MonitorCallback(monitor, cfg.log.progress_every_steps, cfg.log.images_every_epochs))
+    if monitor is not None and cfg.log.grad_norms_every_steps:
+        callbacks.append(GradientMonitor(cfg.log.grad_norms_every_steps, cfg.log.grad_vanishing_norm,
+                                         cfg.log.grad_exploding_norm))
     return callbacks
 
 
@@ -153,7 +164,7 @@ def build_trainer(cfg, device, rank: int = 0, world: int = 1, init_from: str | N
     cfg = with_dataset_values(cfg, manifest, log.warning if is_main else None)
     normalizer = normalizer_from_stats(manifest["normalization"], cfg.data).to(device)
     task = build_task(cfg, normalizer, manifest, rank)
-    train_loader_fn, val_loader, n_train = build_data(cfg, Path(cfg.data.root), device, task.arrays, task.meta_keys)
+    train_loader_fn, val_loader, batches = build_data(cfg, Path(cfg.data.root), device, task.arrays, task.meta_keys)
     num_classes = len(manifest.get("class_names", [])) or None
     raw_model = build_model(cfg.model, task=cfg.data.task, in_channels=normalizer.out_channels,
                             num_classes=num_classes, batch_size=cfg.train.batch_size,
@@ -171,8 +182,7 @@ def build_trainer(cfg, device, rank: int = 0, world: int = 1, init_from: str | N
                            num_classes=num_classes).to(device)
     optimizer = build_optimizer(cfg.optim, raw_model, extra_params=criterion.parameters())
     regularization = build_regularization(cfg, raw_model, optimizer)
-    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch(
-        n_train // world, cfg.train.batch_size, cfg.optim.accumulate_steps)
+    total = cfg.train.max_steps or cfg.train.epochs * max(1, batches // cfg.optim.accumulate_steps)
     schedule = build_schedule(cfg.schedule, cfg.optim.lr, total, monitor_mode=cfg.train.monitor_mode)
     plateau = schedule if isinstance(schedule, ReduceOnPlateau) else None
     model = torch.compile(raw_model) if cfg.train.compile else raw_model
@@ -189,7 +199,7 @@ def build_trainer(cfg, device, rank: int = 0, world: int = 1, init_from: str | N
     ema = ModelEMA(raw_model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     return Trainer(cfg, raw_model, model, task, criterion, optimizer, schedule, train_loader_fn, val_loader,
                    device, run_dir, callbacks, monitor, augment, ema, plateau,
-                   version={"dataset_manifest": manifest.get("sha256", "")})
+                   version={"dataset_manifest": manifest_digest(manifest)})
 
 
 def with_dataset_values(cfg, manifest: dict, warn=None):

@@ -15,6 +15,7 @@ from lib import __version__
 from lib.train.callbacks import CallbackList
 from lib.train.checkpoint import atomic_torch_save, rng_states, set_rng_states
 from lib.core.config import config_hash, config_to_dict
+from lib.core.recipe import recipe_hash
 from lib.train.distributed import all_reduce_sum, broadcast_buffers, broadcast_flag
 from lib.core.errors import ConfigError
 from lib.models.prior import gate_loss
@@ -89,8 +90,8 @@ class Trainer:
             "config": config_to_dict(self.cfg),
             "normalization": self.task.normalizer.stats(),
             "metrics": {k: float(v) for k, v in self.last_metrics.items()},
-            "version": {"project": __version__, "config_hash": config_hash(self.cfg), "time": time.time(),
-                        **self.version},
+            "version": {"project": __version__, "config_hash": config_hash(self.cfg),
+                        "recipe_hash": recipe_hash(self.cfg), "time": time.time(), **self.version},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -119,10 +120,13 @@ class Trainer:
             atomic_torch_save(state, path)
 
     def restore_best(self) -> None:
+        """best.ckpt's weights and, so that what is reported describes what is handed back, its metrics."""
         best = self.run_dir / "best.ckpt"
         if best.exists():
             from lib.train.checkpoint import load_checkpoint
-            self.raw_model.load_state_dict(load_checkpoint(best, map_location=self.device)["model"])
+            state = load_checkpoint(best, map_location=self.device)
+            self.raw_model.load_state_dict(state["model"])
+            self.last_metrics = dict(state.get("metrics") or self.last_metrics)
 
     @property
     def is_main(self) -> bool:

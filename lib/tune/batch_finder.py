@@ -1,8 +1,10 @@
 """The batch-size finder: the largest training batch that fits in memory, found with real training steps
 (doubling, then bisection) on one batch repeated to each size. The trainer is put back as it was.
 
-Only an out-of-memory error counts as "does not fit"; any other error is a bug and propagates.
-lib.tune.sanity.check_batch_size turns the result into a sanity check.
+Only an out-of-memory error counts as "does not fit"; any other error is a bug and propagates. That search
+needs an accelerator: on CPU an allocation too large for the RAM ends in swapping or the kernel's OOM killer,
+not in an exception, so there estimate_cpu_batch measures the memory a sample adds to a training step and
+bounds the batch by the RAM available. lib.tune.sanity.check_batch_size turns either into a sanity check.
 """
 import gc
 from dataclasses import dataclass, field
@@ -14,10 +16,12 @@ from lib.tune.lr_finder import preserved_state
 
 @dataclass
 class BatchSearch:
-    largest: int                  # the largest size that fits; 0 when one sample does not
+    largest: int                  # the largest size that fits; 0 when one sample does not (CPU: the estimate)
     limit: int                    # sizes above it were not tried
     tried: list[int]              # in the order tried
     peak_mb: dict[int, float] = field(default_factory=dict)  # size -> peak MB: CUDA allocated, else process RSS
+    per_sample_mb: float | None = None   # CPU: peak RSS a sample adds to a step (None: not measurable)
+    available_mb: float | None = None    # CPU: RAM available when measured (/proc/meminfo MemAvailable)
 
 
 def batch_count(batch: dict) -> int:
@@ -95,3 +99,36 @@ def find_batch_size(trainer, batch: dict, limit: int) -> BatchSearch:
     with preserved_state(trainer):
         best, tried = largest_fitting(fits, 1, limit)
     return BatchSearch(best, limit, tried, peak)
+
+
+def available_memory_mb() -> float | None:
+    """RAM available to new allocations (Linux MemAvailable), MB; None where /proc/meminfo is missing."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return float(fields["MemAvailable"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def estimate_cpu_batch(trainer, batch: dict, start: int, limit: int, headroom: float = 0.8) -> BatchSearch:
+    """CPU: training steps at start, 2 x start, ... (up to `limit`) until the process's peak RSS grows twice
+    in a row; the last growth per added sample is the per-sample memory, and the largest batch is the last
+    size plus what `headroom` x the available RAM holds of such samples. An estimate: sizes above the last
+    one are not tried. largest = 0 with per_sample_mb None when the peak did not grow (not measurable)."""
+    from lib.train.monitor import process_memory_mb
+    peak, size, grew = {}, start, 0
+    with preserved_state(trainer):
+        while size <= limit and grew < 2:
+            if not try_batch(trainer, batch, size):
+                break
+            peak[size] = process_memory_mb()["sys/rss_peak_mb"]
+            sizes = sorted(peak)
+            grew = grew + 1 if len(sizes) > 1 and peak[sizes[-1]] > peak[sizes[-2]] else 0
+            size *= 2
+    sizes, available = sorted(peak), available_memory_mb()
+    if grew < 2 or available is None:
+        return BatchSearch(0, limit, sizes, peak, None, available)
+    per_sample = (peak[sizes[-1]] - peak[sizes[-2]]) / (sizes[-1] - sizes[-2])
+    largest = sizes[-1] + int(headroom * available / per_sample)
+    return BatchSearch(largest, limit, sizes, peak, per_sample, available)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lib.gaps.baselines import random_gaps
-from lib.tune.batch_finder import batch_count, find_batch_size
+from lib.tune.batch_finder import batch_count, estimate_cpu_batch, find_batch_size
 from lib.core.config import build_config, config_to_dict
 from lib.gaps.masks import IGNORE
 from lib.train.losses import expected_initial_loss
@@ -256,9 +256,9 @@ class GradientTally:
     """Records which parameters get a non-zero gradient while active. Tensor hooks observe the real
     training step unchanged; flags stay on the device (no host sync per step)."""
 
-    def __init__(self, named_parameters):
+    def __init__(self, named_parameters, frozen_by_design=()):
         named = list(named_parameters)
-        self.frozen = [n for n, p in named if not p.requires_grad]
+        self.frozen = [n for n, p in named if not p.requires_grad and n not in set(frozen_by_design)]
         self.params = {n: p for n, p in named if p.requires_grad}
         self.nonzero = {n: torch.zeros((), dtype=torch.bool, device=p.device) for n, p in self.params.items()}
         self.reached: set[str] = set()
@@ -298,13 +298,16 @@ class GradientTally:
         return Check("gradients", "ok", f"all {len(self.params)} parameters received a non-zero gradient", details)
 
 
-def check_batch_size(trainer, batch: dict, limit: int) -> Check:
-    """Does train.batch_size fit? The largest batch that does (lib.tune.batch_finder, up to `limit`) and its peak memory."""
+def check_batch_size(trainer, batch: dict, limit: int, search: bool | None = None) -> Check:
+    """Does train.batch_size fit? search (default: off CPU): the largest batch that does (lib.tune.batch_finder,
+    up to `limit`) and its peak memory; on CPU an estimate from measured per-sample memory and free RAM."""
+    configured = trainer.cfg.train.batch_size
+    if not (trainer.device.type != "cpu" if search is None else search):
+        return _cpu_batch_size(trainer, batch, limit, configured)
     found = find_batch_size(trainer, batch, limit)
     device, peak_gib = trainer.device, found.peak_mb.get(found.largest, 0) / 1024
-    where = (f"{peak_gib:.2f} GiB peak allocated on {device}" if device.type == "cuda" else
-             f"process peak RSS {peak_gib:.2f} GiB; CPU RAM is not probed beyond {limit}")
-    details, configured = asdict(found), trainer.cfg.train.batch_size
+    where = f"{peak_gib:.2f} GiB peak {'allocated' if device.type == 'cuda' else 'RSS'} on {device}"
+    details = asdict(found)
     if found.largest < configured:
         return Check("batch size", "fail", f"train.batch_size={configured} does not fit: the largest batch "
                      f"that does is {found.largest} ({where})", details)
@@ -312,6 +315,23 @@ def check_batch_size(trainer, batch: dict, limit: int) -> Check:
              f"the largest batch that fits is {found.largest}")
     return Check("batch size", "ok", f"{reach} ({where}); train.batch_size is {configured}; tried {found.tried}",
                  details)
+
+
+def _cpu_batch_size(trainer, batch: dict, limit: int, configured: int) -> Check:
+    """The CPU estimate as a check: 'fail' only when a configured-size step ran out of memory."""
+    found = estimate_cpu_batch(trainer, batch, configured, max(limit, 2 * configured))
+    details = asdict(found)
+    if not found.tried:
+        return Check("batch size", "fail", f"train.batch_size={configured} does not fit: its training step ran "
+                     "out of memory on CPU", details)
+    if found.per_sample_mb is None:
+        return Check("batch size", "ok", f"steps of {found.tried} samples ran; the batch-size finder searches "
+                     "only on GPU, and the per-sample memory on CPU could not be measured (the process's peak "
+                     f"RSS did not grow with the batch); train.batch_size is {configured}", details)
+    return Check("batch size", "ok", f"CPU estimate: a sample adds {found.per_sample_mb:.1f} MB to a training "
+                 f"step (peak RSS at batches {found.tried}); with {found.available_mb / 1024:.1f} GiB of RAM "
+                 f"available, batches up to about {found.largest} fit (estimated, not tried: on CPU running out of "
+                 f"memory means swapping or the OOM killer, not an error); train.batch_size is {configured}", details)
 
 
 def _all_parameters(trainer):
@@ -322,7 +342,7 @@ def _all_parameters(trainer):
 
 def run_sanity(cfg, device, tiles: int = 4, steps: int = 100, target: float = 0.5,
                max_batch: int | None = None) -> list[Check]:
-    """Every check in the order a practitioner runs them. max_batch: None = 4096 on CUDA, else 2 x the batch."""
+    """Every check in the order a practitioner runs them. max_batch: None = 4096 on CUDA, else 16 x the batch."""
     from lib.train.checkpoint import seed_everything
     from lib.train.runner import build_trainer
     seed_everything(cfg.run.seed)
@@ -330,13 +350,13 @@ def run_sanity(cfg, device, tiles: int = 4, steps: int = 100, target: float = 0.
     batch = first_batch(trainer)
     checks = [check_weights(trainer.raw_model), check_batch(trainer, batch), check_initial_loss(trainer, batch),
               check_baselines(trainer)]
-    limit = max_batch or (4096 if device.type == "cuda" else 2 * cfg.train.batch_size)
+    limit = max_batch or (4096 if device.type == "cuda" else 16 * cfg.train.batch_size)
     checks.append(check_batch_size(trainer, batch, limit))
     del trainer, batch
     seed_everything(cfg.run.seed)
     small = build_trainer(overfit_config(cfg, tiles), device, callbacks=[])
     subset = first_batch(small)
-    with GradientTally(_all_parameters(small)) as tally:
+    with GradientTally(_all_parameters(small), getattr(small.raw_model, "frozen_by_design", ())) as tally:
         fit = overfit(small, subset, steps, target)
     return checks + [tally.check(fit.details["curve"][-1][0]), fit]
 
