@@ -40,3 +40,14 @@ def test_profile_summary_and_transfer_with_frozen_encoder(tiny_dataset, tmp_path
     assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
     assert not torch.equal(before["head.weight"], after["head.weight"])
     assert "encoder frozen" in (tmp_path / "runs" / "fine" / "train.log").read_text()
+
+
+def test_a_train_split_smaller_than_one_batch_is_an_error(tiny_dataset, tmp_path, capsys):
+    """drop_last would run no step at all: a single small plot must not 'train' silently."""
+    samples = json.loads((tiny_dataset / "data" / "manifest.json").read_text())["splits"]["train"]["samples"]
+    config = _config_file(tmp_path, tiny_dataset)
+    assert train.main(["--config", config, f"--train.batch_size={samples + 1}"]) == 2
+    err = capsys.readouterr().err
+    assert f"the train split has {samples} tile(s) per process, fewer than one batch" in err
+    assert f"hint: --train.batch_size={samples}" in err
+    assert train.main(["--config", config, f"--train.batch_size={samples}", "--schedule.warmup_steps=0"]) == 0

@@ -59,12 +59,12 @@ def _site_tiles(site, data_cfg, split_rule, site_split, seed):
     split (None when split by site)."""
     h, w = site.dsm.shape
     px = data_cfg.tile_px
+    valid = np.isfinite(site.dsm) & np.isfinite(site.chm)
     if h < px or w < px:
         raise DataError(f"site {site.name!r} is {h}x{w} px, smaller than one {px} px tile",
-                        hint="lower data.tile_px")
+                        hint=_small_site_hint(valid, data_cfg, seed))
     pixel_area = float(site.info.pixel_size[0] * site.info.pixel_size[1])
     masks = gap_masks(site.chm, data_cfg.thresholds_m, data_cfg.min_area_m2, data_cfg.max_area_m2, pixel_area)
-    valid = np.isfinite(site.dsm) & np.isfinite(site.chm)
     origins = _kept_origins(valid, px, data_cfg.stride_px, data_cfg.min_valid_fraction)
     if split_rule == "site":
         return [(o, site_split) for o in origins], masks, None
