@@ -8,7 +8,8 @@
 Each script's own output streams through as it runs; the table at the end gathers every
 `case  ours  peer  ratio` row (units differ per script: see its header lines). A ratio needs its peer
 library (benchmarks/requirements.txt): a missing one is named with the rows it leaves without a peer,
-and the run exits 1 unless --allow-missing-peers. Exits 1 when a script failed or timed out too.
+and the run exits 1 unless --allow-missing-peers (a script that checks its own peers and exits 3 counts
+as a missing peer). Exits 1 when a script failed or timed out too.
 """
 import argparse
 import importlib.util
@@ -42,6 +43,8 @@ PEERS = {  # script stem -> the libraries of its peer column (benchmarks/require
     "bench_prepare": ["scipy", "webdataset"],
     "bench_shards": ["webdataset"],
 }
+MISSING_PEER_EXIT = 3  # a script that checks its own peers (bench_quality.py) exits 3 when one is missing
+MISSING_PEER_STATUS = "ran; a peer is missing"
 NUMBER = re.compile(r"^(n/a|-|[-+]?\d+(\.\d+)?([eE][-+]?\d+)?x?)$")
 
 
@@ -73,8 +76,8 @@ def run(script: Path, args: list[str], timeout: float) -> tuple[str, str, float]
     proc.wait()
     timed_out = not watchdog.is_alive() and proc.returncode < 0
     watchdog.cancel()
-    status = (f"timed out after {timeout:.0f} s" if timed_out else
-              "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})")
+    status = (f"timed out after {timeout:.0f} s" if timed_out else "ok" if proc.returncode == 0 else
+              MISSING_PEER_STATUS if proc.returncode == MISSING_PEER_EXIT else f"failed (exit {proc.returncode})")
     return status, "".join(lines), time.perf_counter() - start
 
 
@@ -87,8 +90,10 @@ def missing_peers(stems, installed=lambda name: importlib.util.find_spec(name) i
 def missing_peer_report(results, missing: dict) -> list[str]:
     """Loud lines naming each missing peer library and the rows it leaves without a peer figure."""
     lines = []
-    for name, _, _, rows in results:
-        if name in missing:
+    for name, status, _, rows in results:
+        if status == MISSING_PEER_STATUS:
+            lines.append(f"MISSING PEER {name}: the script names it above (it exited {MISSING_PEER_EXIT})")
+        elif name in missing:
             no_peer = [case for case, _, peer, _, _ in rows if peer == "n/a"]
             what = (f"rows without a peer: {', '.join(no_peer)}" if no_peer else
                     "its peer column is a stand-in, not the library")
@@ -131,7 +136,7 @@ def main(argv=None) -> int:
     report = missing_peer_report(results, missing)
     if report:
         print("\n" + "\n".join(f"!! {line}" for line in report), file=sys.stderr)
-    failed = any(status != "ok" for _, status, _, _ in results)
+    failed = any(status not in ("ok", MISSING_PEER_STATUS) for _, status, _, _ in results)
     return 1 if failed or (report and not args.allow_missing_peers) else 0
 
 

@@ -29,6 +29,8 @@ def test_missing_peer_report_lists_the_rows_without_a_peer():
     assert report[1].startswith("MISSING PEER bench_lzw: imagecodecs") and "stand-in" in report[1]
     assert "--allow-missing-peers" in report[-1] and len(report) == 3
     assert run_all.missing_peer_report(results, {}) == []
+    own_check = [("bench_quality", run_all.MISSING_PEER_STATUS, 9.0, [])]   # a script that exits 3 itself
+    assert run_all.missing_peer_report(own_check, {})[0].startswith("MISSING PEER bench_quality: the script names")
 
 
 def test_run_all_exits_non_zero_naming_a_missing_peer():
