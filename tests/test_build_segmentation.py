@@ -56,7 +56,7 @@ def test_the_wellington_plot_prepares_with_the_quick_config(real_data, tmp_path,
 
 
 def test_a_site_too_small_to_split_is_refused_with_what_would_work(tmp_path, capsys):
-    dsm, chm = _plot(tmp_path, 140, 200)
+    dsm, chm = _plot(tmp_path, 120, 160)
     code, out = _prepare(capsys, "configs/quick.json", dsm, chm, tmp_path / "ds")
     assert code == 2 and "too small to split into train/val/test" in out.err
     hint = out.err.split("hint: ")[1]

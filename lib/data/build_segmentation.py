@@ -72,11 +72,11 @@ def _site_tiles(site, data_cfg, split_rule, site_split, seed):
                           data_cfg.split_fractions, seed)
     if fit is None:
         raise DataError(f"site {site.name!r} ({h}x{w} px) is too small to split into train/val/test by "
-                        f"blocks of {px} px tiles with a buffer, even with blocks smaller than "
-                        f"data.block_px ({data_cfg.block_px})", hint=_small_site_hint(valid, data_cfg, seed))
+                        f"blocks of {px} px tiles with a buffer, whatever the block size",
+                        hint=_small_site_hint(valid, data_cfg, seed))
     if fit["block_px"] != data_cfg.block_px:
-        log.warning("site %r (%dx%d px) is too small for %d px blocks: split by %d px blocks instead "
-                    "(manifest.json split_rule)", site.name, h, w, data_cfg.block_px, fit["block_px"])
+        log.warning("site %r (%dx%d px): %d px blocks leave a split without tiles, split by %d px blocks "
+                    "instead (manifest.json split_rule)", site.name, h, w, data_cfg.block_px, fit["block_px"])
     kept = [(o, SPLITS[i]) for o, i in zip(origins, fit.pop("split")) if i >= 0]
     return kept, masks, fit
 
@@ -243,7 +243,6 @@ def _describe_rule(rule: str, data_cfg) -> dict:
     return {"rule": "block", "block_px": data_cfg.block_px, "fractions": data_cfg.split_fractions,
             "buffer_px": _buffer_px(data_cfg),
             "block_px_rule": "per site (sites.<name>.block_px, .draw): data.block_px, or where that leaves "
-                             "a split without tiles, the smaller side and seeded draw whose tile shares are "
-                             "closest to the fractions with the fewest tiles lost (lib/data/tiling.py "
-                             "fit_block_split)",
+                             "a split without tiles, the side and seeded draw whose tile shares are closest "
+                             "to the fractions with the fewest tiles lost (lib/data/tiling.py fit_block_split)",
             "note": "tiles whose extent plus the buffer meets another split's block are dropped"}

@@ -96,13 +96,14 @@ def fit_block_split(origins: np.ndarray, shape: tuple[int, int], tile_px: int, b
     """{block_px, draw, split}: a seeded block split that gives every split with a positive fraction at
     least one tile (split: index per tile, -1 in a buffer); None when none does (too small to split).
 
-    block_px with the site's own draw when that works (large sites). Otherwise every side from block_px
-    down to one tile plus its buffers (steps of half a tile) and BLOCK_DRAWS draws each: the one with the
-    lowest (distance of the tile shares from `fractions`, L1) + (share of tiles lost to buffers). Only
-    the geometry of valid tiles is looked at, never a label, so the choice cannot favour a split's scores.
+    block_px with the site's own draw when that works (large sites). Otherwise every side from the site's
+    longer side down to one tile plus its buffers (steps of half a tile) and BLOCK_DRAWS draws each: the
+    one with the lowest (distance of the tile shares from `fractions`, L1) + (share of tiles lost to
+    buffers), the larger side on a tie. Only the geometry of valid tiles is looked at, never a label, so
+    the choice cannot favour a split's scores.
     """
     best, best_score = None, np.inf
-    sides = range(block_px, tile_px + 2 * buffer_px - 1, -max(1, tile_px // 2))
+    sides = range(max(shape), tile_px + 2 * buffer_px - 1, -max(1, tile_px // 2))
     for side, draw in [(block_px, 0)] + [(s, d) for s in sides for d in range(BLOCK_DRAWS)]:
         if -(-shape[0] // side) * -(-shape[1] // side) < 3:
             continue
