@@ -20,6 +20,10 @@ from lib.geoio.geotiff_read import check_heights, read_info, read_pair, read_ras
 from lib.geoio.geotiff_write import write_raster
 
 
+CORRECTION_NOTE = {"none": "no edge correction, as ForestGapR; Donnelly {clark_evans_r_donnelly:.3f}",
+                   "Donnelly": "Donnelly edge correction; {clark_evans_r_none:.3f} uncorrected as ForestGapR"}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="A gap is an 8-connected patch where CHM <= threshold whose area (m²) lies within "
@@ -59,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="CSR simulations of the Ripley envelope (default 99, as ForestGapR); the cost "
                              "grows with gaps x simulations, 0 skips the envelope")
     parser.add_argument("--seed", type=number(int, 0), default=0, help="seed of the CSR simulations")
+    parser.add_argument("--clark-evans-correction", choices=("none", "donnelly"), default="none",
+                        help="edge correction of the headline Clark-Evans R and p: none (default, what "
+                             "ForestGapR reports: spatstat's clarkevans.test default) or donnelly "
+                             "(Donnelly 1978, for a rectangle); analysis_<T>m.json holds both by name")
     args = parser.parse_args(argv)
     if args.dsm is None and (args.dtm is not None or args.ground_window is not None):
         parser.error("--dtm and --ground-window need --dsm")
@@ -142,8 +150,9 @@ def write_analysis(out: Path, tag: str, labels, n: int, stats: dict, surface, in
     polygons = gap_polygons(labels, n, info)
     write_polygons(out / f"gaps_{tag}", tag, polygons, stats, info)
     window = analysis.window_of(info)
-    summary = analysis.gap_summary(polygons.area, polygons.label_point, window)
-    summary["clark_evans_r_centroid"] = analysis.clark_evans(polygons.centroid, window)["r"]
+    correction = args.clark_evans_correction
+    summary = analysis.gap_summary(polygons.area, polygons.label_point, window, correction)
+    summary["clark_evans_r_centroid"] = analysis.clark_evans(polygons.centroid, window, correction)["r"]
     sizes, counts = analysis.size_frequency(polygons.area)
     write_gap_table(out / f"size_freq_{tag}.csv", {"gap_size_m2": sizes, "frequency": counts})
     write_png(out / f"size_freq_{tag}.png",
@@ -208,8 +217,8 @@ def main(argv=None) -> int:
         if args.analysis:
             s = write_analysis(args.out, tag, labels, n, stats, surface, info, args)
             print(f"{'':>6}  lambda {s['lambda_asner']:.4f} (Asner 2013), {s['lambda_hanel']:.4f} "
-                  f"(Hanel 2017); Clark-Evans R {s['clark_evans_r']:.3f} (Donnelly, "
-                  f"p = {s['clark_evans_p']:.2g}; {s['clark_evans_r_naive']:.3f} uncorrected) -> analysis_{tag}.json")
+                  f"(Hanel 2017); Clark-Evans R {s['clark_evans_r']:.3f} (p = {s['clark_evans_p']:.2g}, "
+                  f"{CORRECTION_NOTE[s['clark_evans_correction']].format(**s)}) -> analysis_{tag}.json")
         if later is not None:
             c = write_change(args.out, tag, labels, n, later, threshold, args, info)
             print(f"{'':>6}  {c['new_gap_pixels']} new-gap pixels; gaps: {c['gaps']['new']['count']} new, "

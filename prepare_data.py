@@ -39,8 +39,12 @@ def parse_args(argv):
 
 def print_summary(manifest: dict, out, seconds: float) -> None:
     """The class balance and nodata per split: what a user must know before training."""
-    rule = manifest["split_rule"]["rule"]
-    print(f"\ndataset: {out}  ({seconds:.1f} s, split by {rule})")
+    rule = manifest["split_rule"]
+    how = rule["rule"]
+    if how == "block":
+        sides = sorted({site.get("block_px", rule["block_px"]) for site in manifest["sites"].values()})
+        how = f"blocks of {'/'.join(map(str, sides))} px with a {rule['buffer_px']} px buffer"
+    print(f"\ndataset: {out}  ({seconds:.1f} s, split by {how})")
     tags = [m.replace("mask_", "") for m in manifest["mask_members"]]
     print(f"{'split':6} {'sites':>5} {'tiles':>6} {'nodata':>7}  " + "  ".join(f"gap@{t:>5}" for t in tags))
     for split, s in manifest["summary"].items():
