@@ -10,6 +10,8 @@ The end-to-end driver (resampling, many scenes) is lib/infer/mapping.py.
 """
 import functools
 import itertools
+import queue
+import threading
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,16 +116,61 @@ def predict_thresholds(net, dsm: torch.Tensor, thresholds_m: torch.Tensor, tta: 
     return d4_average(fn, dsm) if tta else fn(dsm)
 
 
-def _windows(path, plan: ScenePlan):
-    """(r0, c0, (w, w) float32 window) in row-major order; reads one strip of w rows per window row."""
+def channels_last(net) -> None:
+    """Convert the model's weights to channels-last in place (oneDNN's fast convolution layout on CPU,
+    tensor cores' on GPU; the same values); TorchScript modules are left as they are."""
+    if isinstance(net, torch.nn.Module) and not isinstance(net, torch.jit.ScriptModule):
+        net.to(memory_format=torch.channels_last)
+
+
+def _strips(path, plan: ScenePlan):
+    """(r0, (w, padded width) float32 strip) for each window row, in one reused buffer: the rows two window
+    rows share are moved up, only the new ones are read, so every DSM row is decoded once."""
     w = plan.window_px
+    strip = np.full((w, plan.padded_width), np.nan, np.float32)
+    prev, end = 0, 0                             # scene rows [prev, end) are in the buffer
     for r0 in plan.rows:
-        strip, _ = read_raster(path, window=(r0, 0, min(w, plan.height - r0), plan.width))
-        if strip.shape != (w, plan.padded_width):
-            strip = np.pad(strip, ((0, w - strip.shape[0]), (0, plan.padded_width - plan.width)),
-                           constant_values=np.nan)
-        for c0 in plan.cols:
-            yield r0, c0, strip[:, c0:c0 + w]
+        keep = max(end - r0, 0)
+        strip[:keep] = strip[r0 - prev:r0 - prev + keep]
+        new_end = min(r0 + w, plan.height)
+        if new_end > r0 + keep:
+            strip[keep:new_end - r0, :plan.width] = read_raster(path, window=(r0 + keep, 0, new_end - r0 - keep,
+                                                                              plan.width))[0]
+        strip[new_end - r0:] = np.nan
+        prev, end = r0, new_end
+        yield r0, strip
+
+
+def _batches(path, plan: ScenePlan, batch_size: int, pad_batches: bool, pin: bool):
+    """([(r0, c0), ...], (B, 1, w, w) float32 tensor) in row-major window order; channels-last is the same
+    layout for one channel. pin: page-locked host memory, so the copy to a GPU can overlap compute."""
+    w = plan.window_px
+    windows = ((r0, c0, strip[:, c0:c0 + w]) for r0, strip in _strips(path, plan) for c0 in plan.cols)
+    while batch := list(itertools.islice(windows, batch_size)):
+        x = np.stack([win for _, _, win in batch])[:, None]                     # (B, 1, w, w)
+        if pad_batches and len(batch) < batch_size:
+            x = np.concatenate([x, np.full((batch_size - len(batch), *x.shape[1:]), np.nan, np.float32)])
+        x = torch.from_numpy(x)
+        yield [(r0, c0) for r0, c0, _ in batch], (x.pin_memory() if pin else x)
+
+
+def prefetched(iterable, depth: int = 1):
+    """Iterate `iterable` on a background thread, up to `depth` items ahead: decoding and batching the
+    next windows (numpy and zlib release the GIL) runs beside the forward of the current ones."""
+    items, done = queue.Queue(depth), object()
+
+    def work():
+        try:
+            for item in iterable:
+                items.put(item)
+        except BaseException as exc:  # re-raised on the consumer's thread
+            items.put(exc)
+        items.put(done)
+    threading.Thread(target=work, daemon=True).start()
+    while (item := items.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 class _RowAccumulator:
@@ -167,25 +214,28 @@ def iter_scene(net, path, plan: ScenePlan, thresholds_m, batch_size: int = 8, tt
                device="cpu", pad_batches: bool = False):
     """Yield (row0, probabilities (K, n, width) float32 with NaN at nodata) top to bottom over the scene.
 
+    The next window batch is read on a background thread while this one runs through the model.
     pad_batches fills the last batch with NaN windows so every forward has the same shape (torch.compile).
     """
     device = torch.device(device)
-    t = torch.tensor(list(thresholds_m), dtype=torch.float32, device=device)
-    acc = _RowAccumulator(len(t), plan, device)
-    windows = _windows(path, plan)
-    while batch := list(itertools.islice(windows, batch_size)):
-        x = torch.from_numpy(np.stack([win for _, _, win in batch]))[:, None]      # (B, 1, w, w)
-        if pad_batches and len(batch) < batch_size:
-            x = torch.cat([x, x.new_full((batch_size - len(batch), *x.shape[1:]), torch.nan)])
-        x = x.to(device, non_blocking=True)
-        with torch.no_grad():  # not around the yields: the caller's code would run under it
-            probs = predict_thresholds(net, x, t, tta)[:len(batch)]                # (B, K, w, w)
-        valid = torch.isfinite(x[:len(batch), 0])
-        for (r0, c0, _), p, v in zip(batch, probs, valid):
-            if r0 > acc.row0:  # every window of the previous row is in: its top rows are final
-                yield acc.pop_until(r0)
-            acc.add(r0, c0, p, v)
-    yield acc.pop_until(plan.height)
+    channels_last(net)
+    with torch.inference_mode():
+        t = torch.tensor(list(thresholds_m), dtype=torch.float32, device=device)
+        acc = _RowAccumulator(len(t), plan, device)
+    for origins, x in prefetched(_batches(path, plan, batch_size, pad_batches, device.type == "cuda")):
+        with torch.inference_mode():  # not around the yields: the caller's code would run under it
+            x = x.to(device, non_blocking=True)
+            probs = predict_thresholds(net, x, t, tta)[:len(origins)]               # (B, K, w, w)
+            valid = torch.isfinite(x[:len(origins), 0])
+        for (r0, c0), p, v in zip(origins, probs, valid):
+            with torch.inference_mode():
+                done = acc.pop_until(r0) if r0 > acc.row0 else None  # the previous window row is in
+                acc.add(r0, c0, p, v)
+            if done:
+                yield done
+    with torch.inference_mode():
+        done = acc.pop_until(plan.height)
+    yield done
 
 
 def gap_mask(probs: np.ndarray, prob_threshold: float = 0.5) -> np.ndarray:
