@@ -20,7 +20,8 @@ from lib.gaps.masks import IGNORE, gap_labels, gap_masks
 from lib.geoio.georef import GeoInfo
 from lib.geoio.geotiff_read import read_info, read_raster
 from lib.geoio.geotiff_write import RasterWriter, write_raster
-from lib.infer.scene_windows import blend_ramp, d4_average, filter_gaps, iter_scene, plan_scene, predict_thresholds, write_scene
+from lib.infer.scene_gaps import filter_gaps
+from lib.infer.scene_windows import blend_ramp, d4_average, iter_scene, plan_scene, predict_thresholds, write_scene
 from lib.infer.scene_scores import score_scene
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -21,6 +21,7 @@ import numpy as np
 from lib.core.errors import RasterError
 from lib.geoio import tiff_codecs
 from lib.geoio.georef import GDAL_NODATA, GeoInfo, geotiff_tags
+from lib.geoio.geotiff_read import iter_strips, read_info
 from lib.geoio.geotiff_write import _BIGTIFF_BYTES, _SAMPLE_FORMAT, _TILE, _check_cast, _ifd
 
 GHOST = (b"GDAL_STRUCTURAL_METADATA_SIZE=000140 bytes\nLAYOUT=IFDS_BEFORE_DATA\nBLOCK_ORDER=ROW_MAJOR\n"
@@ -185,3 +186,21 @@ def write_cog(path, array, info: GeoInfo, nodata=None, compress: bool = True) ->
         raise RasterError(f"{path}: array shape {array.shape} does not match the grid {info.height}x{info.width}")
     with CogWriter(path, info, array.dtype, nodata=nodata, compress=compress) as out:
         out.write(0, array)
+
+
+def to_cog(path, dtype, nodata=None, strip_rows: int = 256) -> None:
+    """Rewrite the GeoTIFF at `path` as a COG, streamed strip by strip (e.g. a map resampled back to the
+    input grid); NaN is written as `nodata` for integer rasters."""
+    path = Path(path)
+    source = path.with_name(f".{path.name}.{os.getpid()}.src")
+    path.replace(source)
+    try:
+        with CogWriter(path, read_info(source), dtype, nodata) as out:
+            for row0, block in iter_strips(source, strip_rows):
+                if np.dtype(dtype).kind in "ui":
+                    block = np.where(np.isnan(block), nodata, block)
+                out.write(row0, block.astype(dtype))
+    except BaseException:
+        source.replace(path)  # the file as it was
+        raise
+    source.unlink()

@@ -1,15 +1,15 @@
 """Whole-scene gap mapping: overlapping windows blended with a smooth weight, streamed strip by strip.
 
-Memory is bounded by the window batch and one window-high strip of rows, not by the scene: the input is
-read as strips of `window_px` rows (the overlap with the next strip is the halo), the accumulator holds
-only the rows in flight, and finished rows go straight to `RasterWriter`s. All K thresholds of a window
-run in one forward pass (the window normalised once, repeated K times). Finished rows are made to nest
-over the thresholds (optional; lib.gaps.nesting), counting the raw maps' violations first. The area filter and
-the gap table need the whole mask (a gap may span many strips), so they run afterwards on the uint8 maps.
-The end-to-end driver (resampling, many scenes) is lib/infer/mapping.py.
+Memory is bounded by the window batch and one window-high strip of rows, not by the scene: each DSM row
+is decoded once into a reused strip of `window_px` rows (the overlap with the next strip is the halo),
+the next window batch is read on a background thread while the model runs, the accumulator holds only the
+rows in flight, and finished rows go straight to streamed (Cloud-Optimized) GeoTIFF writers. All K
+thresholds of a window run in one call of predict_thresholds, the only place windows meet the model.
+Finished rows are made to nest over the thresholds (optional; lib.gaps.nesting), counting the raw maps'
+violations first. The area filter, gap table, polygons and quick-look follow in lib/infer/scene_gaps.py;
+the end-to-end driver (resampling, many scenes) is lib/infer/mapping.py.
 """
 import functools
-import itertools
 import queue
 import threading
 from contextlib import ExitStack
@@ -21,10 +21,10 @@ import torch
 
 from lib.core.errors import ConfigError
 from lib.gaps.nesting import nest_probabilities, nesting_violations
-from lib.gaps.masks import IGNORE, gap_labels, gap_stats, threshold_tag, write_gap_table
-from lib.geoio.png import hillshade_quicklook, write_png
-from lib.geoio.geotiff_read import iter_strips, read_info, read_raster
-from lib.geoio.geotiff_write import RasterWriter, write_raster
+from lib.gaps.masks import IGNORE, threshold_tag
+from lib.geoio.cog import CogWriter
+from lib.geoio.geotiff_read import read_info, read_raster
+from lib.geoio.geotiff_write import RasterWriter
 from lib.data.tiling import tile_origins
 
 BLEND_FLOOR = 1e-3  # weight at a window's outer edge: > 0, so scene borders (one window only) stay defined
@@ -144,14 +144,19 @@ def _strips(path, plan: ScenePlan):
 def _batches(path, plan: ScenePlan, batch_size: int, pad_batches: bool, pin: bool):
     """([(r0, c0), ...], (B, 1, w, w) float32 tensor) in row-major window order; channels-last is the same
     layout for one channel. pin: page-locked host memory, so the copy to a GPU can overlap compute."""
-    w = plan.window_px
-    windows = ((r0, c0, strip[:, c0:c0 + w]) for r0, strip in _strips(path, plan) for c0 in plan.cols)
-    while batch := list(itertools.islice(windows, batch_size)):
-        x = np.stack([win for _, _, win in batch])[:, None]                     # (B, 1, w, w)
-        if pad_batches and len(batch) < batch_size:
-            x = np.concatenate([x, np.full((batch_size - len(batch), *x.shape[1:]), np.nan, np.float32)])
-        x = torch.from_numpy(x)
-        yield [(r0, c0) for r0, c0, _ in batch], (x.pin_memory() if pin else x)
+    w, origins = plan.window_px, []
+    x = torch.empty((batch_size, 1, w, w), pin_memory=pin)
+    for r0, strip in _strips(path, plan):
+        for c0 in plan.cols:  # copied now: the strip buffer is reused for the next window row
+            x[len(origins), 0] = torch.from_numpy(strip[:, c0:c0 + w])
+            origins.append((r0, c0))
+            if len(origins) == batch_size:
+                yield origins, x
+                origins, x = [], torch.empty((batch_size, 1, w, w), pin_memory=pin)
+    if origins:
+        if pad_batches:
+            x[len(origins):] = torch.nan
+        yield origins, (x if pad_batches else x[:len(origins)])
 
 
 def prefetched(iterable, depth: int = 1):
@@ -277,21 +282,26 @@ class WrittenScene:
 
 def write_scene(net, dsm_path, out_dir, plan: ScenePlan, thresholds_m, batch_size: int = 8, tta: bool = False,
                 device="cpu", write_prob: bool = False, prob_threshold: float = 0.5, pad_batches: bool = False,
-                progress=None, nested: bool = False, compress: bool = True) -> WrittenScene:
+                progress=None, nested: bool = False, compress: bool = True, raw_dir=None) -> WrittenScene:
     """Stream the scene into gaps_{tag}.tif (uint8, before the area filter) and optional prob_{tag}.tif.
 
+    Maps are Cloud-Optimized GeoTIFFs (lib.geoio.cog); with raw_dir the gap maps go there instead, as plain
+    uncompressed GeoTIFFs for the area filter to read (lib.infer.scene_gaps), and compress=False writes
+    plain uncompressed prob maps too (temporary files).
     nested: probabilities made monotone over the thresholds (lib.gaps.nesting), so the gap map at T lies inside
     the one at every T' > T; the violations of the raw maps are counted either way.
-    progress(rows_done) is called after each finished block of rows; compress=False for temporary maps.
+    progress(rows_done) is called after each finished block of rows.
     """
     info, out_dir = read_info(dsm_path), Path(out_dir)
     tags = [threshold_tag(t) for t in thresholds_m]
-    paths = {tag: out_dir / f"gaps_{tag}.tif" for tag in tags}
+    paths = {tag: Path(raw_dir or out_dir) / f"gaps_{tag}.tif" for tag in tags}
+    final = CogWriter if compress else functools.partial(RasterWriter, compress=False)
+    gap_writer = functools.partial(RasterWriter, compress=False) if raw_dir else final
     nesting = NestingCount(thresholds_m)
     with ExitStack() as stack:
-        gaps = [stack.enter_context(RasterWriter(paths[tag], info, np.uint8, IGNORE, compress)) for tag in tags]
-        probs = [stack.enter_context(RasterWriter(out_dir / f"prob_{tag}.tif", info, np.float32, float("nan"),
-                                                  compress)) for tag in tags] if write_prob else []
+        gaps = [stack.enter_context(gap_writer(paths[tag], info, np.uint8, IGNORE)) for tag in tags]
+        probs = [stack.enter_context(final(out_dir / f"prob_{tag}.tif", info, np.float32, float("nan")))
+                 for tag in tags] if write_prob else []
         for row0, block in iter_scene(net, dsm_path, plan, thresholds_m, batch_size, tta, device, pad_batches):
             nesting.add(block > prob_threshold)                              # (K, n, W); NaN compares False
             if nested:
@@ -303,45 +313,3 @@ def write_scene(net, dsm_path, out_dir, plan: ScenePlan, thresholds_m, batch_siz
             if progress:
                 progress(row0 + block.shape[1])
     return WrittenScene(paths, nesting.report())
-
-
-def read_mask(path, strip_rows: int = 256) -> np.ndarray:
-    """A written gap map back as uint8 (H, W) 0/1/IGNORE, strip by strip (never a float copy of the scene)."""
-    info = read_info(path)
-    mask = np.empty((info.height, info.width), np.uint8)
-    for row0, block in iter_strips(path, strip_rows):                   # float32, IGNORE read as NaN
-        mask[row0:row0 + len(block)] = np.where(np.isnan(block), IGNORE, block)
-    return mask
-
-
-def mask_labels(gap: np.ndarray, min_area_m2: float, max_area_m2: float, pixel_area_m2: float):
-    """(gap ids (H, W) int32, n) of a bool gap map after the training labels' [min, max] area filter.
-
-    Labelled as a 2-byte pseudo-CHM, 0 in gaps, so lib.gaps.masks applies exactly the training labels' rule.
-    """
-    return gap_labels((~gap).astype(np.float16), 0.5, min_area_m2, max_area_m2, pixel_area_m2)
-
-
-def filter_gaps(gaps_path, dsm_path, min_area_m2: float, max_area_m2: float) -> int:
-    """Apply the training labels' [min, max] area filter to a written gap map, in place, and write its
-    CSV (gap id, area m², centroid x/y in the CRS, DSM stats) beside it; returns the number of gaps.
-
-    Needs the whole mask (a gap may span many strips); holds about 10 bytes per pixel at its peak.
-    """
-    gaps_path = Path(gaps_path)
-    info = read_info(gaps_path)
-    labels, n = mask_labels(read_mask(gaps_path) == 1, min_area_m2, max_area_m2, info.pixel_area)
-    dsm, _ = read_raster(dsm_path)
-    stats = {name.replace("chm_", "dsm_"): col for name, col in gap_stats(labels, n, dsm, info).items()}
-    mask = (labels > 0).astype(np.uint8)
-    mask[np.isnan(dsm)] = IGNORE
-    write_raster(gaps_path, mask, info, nodata=IGNORE)
-    write_gap_table(gaps_path.with_suffix(".csv"), stats)
-    return n
-
-
-def write_quicklook(path, dsm_path, gaps_paths) -> None:
-    """PNG hillshade of the DSM with each gap map outlined in its own colour (lib.geoio.png); holds the scene."""
-    dsm, info = read_raster(dsm_path)
-    masks = np.stack([read_mask(p) for p in gaps_paths])                 # (K, H, W) uint8
-    write_png(path, hillshade_quicklook(dsm, masks, info.pixel_size[0]))
