@@ -5,6 +5,7 @@ little-endian WKB. The CRS row carries the EPSG code from the GeoTIFF keys; its 
 "undefined" (no projection database here), which GDAL resolves from the EPSG code.
 """
 import sqlite3
+from contextlib import closing
 import struct
 from pathlib import Path
 
