@@ -295,3 +295,15 @@ def test_predict_cli_on_the_real_wellington_scene(tmp_path, real_data):
     assert (out / "quicklook.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "predict.json").read_text())
     assert summary["predict"]["window_px"] == 64 and summary["predict"]["batch_size"] == 2
+
+
+def test_prefetched_yields_everything_in_order_and_reraises_errors():
+    from lib.infer.scene_windows import prefetched
+
+    assert list(prefetched(iter(range(50)))) == list(range(50))
+
+    def broken():
+        yield 1
+        raise ValueError("bad strip")
+    with pytest.raises(ValueError, match="bad strip"):
+        list(prefetched(broken()))

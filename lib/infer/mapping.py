@@ -203,6 +203,8 @@ def _map_scene(s: MapSettings, dsm_path: Path, info, out_dir: Path, chm_path, dt
         write_json(out_dir / "scores.json", scores)
         echo_scores(scores, echo)
     megapixels = info.height * info.width / 1e6
+    echo(f"scene: {megapixels:.2f} MP in {seconds:.1f} s ({megapixels / seconds:.3f} MP/s; model pass {predicted:.1f} s)"
+         + "".join(f"; {n} gaps at {tag}" for tag, n in counts.items()))
     return {"checkpoint": s.checkpoint, "dsm": str(dsm_path), "thresholds_m": list(s.thresholds_m),
             "predict": config_to_dict(s.cfg.predict), "device": str(s.device),
             "pixel_size_m": {"input": list(info.pixel_size), "model": s.pixel_size_m, "resampled": resampled},

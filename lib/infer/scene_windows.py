@@ -2,7 +2,7 @@
 
 Memory is bounded by the window batch and one window-high strip of rows, not by the scene: each DSM row
 is decoded once into a reused strip of `window_px` rows (the overlap with the next strip is the halo),
-the next window batch is read on a background thread while the model runs, the accumulator holds only the
+on a GPU the next window batch is read on a background thread while the model runs, the accumulator holds only the
 rows in flight, and finished rows go straight to streamed (Cloud-Optimized) GeoTIFF writers. All K
 thresholds of a window run in one call of predict_thresholds, the only place windows meet the model.
 Finished rows are made to nest over the thresholds (optional; lib.gaps.nesting), counting the raw maps'
@@ -219,7 +219,7 @@ def iter_scene(net, path, plan: ScenePlan, thresholds_m, batch_size: int = 8, tt
                device="cpu", pad_batches: bool = False):
     """Yield (row0, probabilities (K, n, width) float32 with NaN at nodata) top to bottom over the scene.
 
-    The next window batch is read on a background thread while this one runs through the model.
+    On a GPU the next window batch is read on a background thread while this one runs through the model.
     pad_batches fills the last batch with NaN windows so every forward has the same shape (torch.compile).
     """
     device = torch.device(device)
@@ -227,7 +227,9 @@ def iter_scene(net, path, plan: ScenePlan, thresholds_m, batch_size: int = 8, tt
     with torch.inference_mode():
         t = torch.tensor(list(thresholds_m), dtype=torch.float32, device=device)
         acc = _RowAccumulator(len(t), plan, device)
-    for origins, x in prefetched(_batches(path, plan, batch_size, pad_batches, device.type == "cuda")):
+    batches = _batches(path, plan, batch_size, pad_batches, pin=device.type == "cuda")
+    # on a GPU the host's decoding overlaps the forward; on CPU the model's threads already use every core
+    for origins, x in prefetched(batches) if device.type == "cuda" else batches:
         with torch.inference_mode():  # not around the yields: the caller's code would run under it
             x = x.to(device, non_blocking=True)
             probs = predict_thresholds(net, x, t, tta)[:len(origins)]               # (B, K, w, w)
