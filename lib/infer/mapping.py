@@ -36,7 +36,7 @@ from lib.geoio.resample import dsm_methods, needs_resampling, resample_raster, r
 from lib.geoio.cog import to_cog
 from lib.geoio.geopackage import GpkgWriter
 from lib.infer.scene_gaps import filter_gaps, write_quicklook
-from lib.infer.scene_windows import WrittenScene, plan_scene, write_scene
+from lib.infer.scene_windows import WrittenScene, gpu_batch_size, plan_scene, write_scene
 from lib.infer.scene_scores import score_scene
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,8 @@ def _predict(s: MapSettings, dsm_path, out_dir: Path, grid, progress, compress: 
     """The strip pass on a DSM already on the model's grid (gap maps into raw_dir for the area filter)."""
     p = s.cfg.predict
     plan = plan_scene(grid.height, grid.width, p.window_px, p.overlap, s.stride)
-    return write_scene(s.net, dsm_path, out_dir, plan, s.thresholds_m, p.batch_size, p.tta, s.device, p.write_prob,
+    batch = p.batch_size if p.compile else gpu_batch_size(s.net, p.window_px, s.thresholds_m, s.device, p.batch_size)
+    return write_scene(s.net, dsm_path, out_dir, plan, s.thresholds_m, batch, p.tta, s.device, p.write_prob,
                        p.prob_threshold, pad_batches=p.compile, nested=p.nested,
                        progress=progress(grid.height, grid.width) if progress else None, compress=compress,
                        raw_dir=raw_dir)

@@ -116,6 +116,25 @@ def predict_thresholds(net, dsm: torch.Tensor, thresholds_m: torch.Tensor, tta: 
     return d4_average(fn, dsm) if tta else fn(dsm)
 
 
+def gpu_batch_size(net, window_px: int, thresholds_m, device, requested: int, fraction: float = 0.5,
+                   most: int = 256) -> int:
+    """Windows per forward on a GPU, from its free memory: one window's peak at the K thresholds is measured,
+    and as many as fill `fraction` of what is free are taken (at least `requested`, at most `most`).
+    Unmeasured on real GPUs so far (no GPU in the sessions that wrote it)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return requested
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with torch.inference_mode():
+        x = torch.full((1, 1, window_px, window_px), 300.0, device=device)
+        predict_thresholds(net, x, torch.tensor(list(thresholds_m), device=device))
+    per_window = max(torch.cuda.max_memory_allocated(device) - before, 1)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(most, max(requested, fraction * free // per_window)))
+
+
 def channels_last(net) -> None:
     """Convert the model's weights to channels-last in place (oneDNN's fast convolution layout on CPU,
     tensor cores' on GPU; the same values); TorchScript modules are left as they are."""
