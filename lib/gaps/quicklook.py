@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from lib.gaps.masks import IGNORE, threshold_tag
+from lib.gaps.masks import threshold_tag
 from lib.geoio.png import BLACK, draw_text, enlarge, hillshade
 
 CLASS_COLOURS = ((180, 0, 40), (240, 100, 20), (250, 210, 0), (60, 170, 230), (150, 60, 200), (40, 180, 90))

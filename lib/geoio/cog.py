@@ -22,7 +22,7 @@ from lib.core.errors import RasterError
 from lib.geoio import tiff_codecs
 from lib.geoio.georef import GDAL_NODATA, GeoInfo, geotiff_tags
 from lib.geoio.geotiff_read import iter_strips, read_info
-from lib.geoio.geotiff_write import _BIGTIFF_BYTES, _SAMPLE_FORMAT, _TILE, _check_cast, _ifd
+from lib.geoio.geotiff_write import _BIGTIFF_BYTES, _SAMPLE_FORMAT, _TILE, StreamedWriter, _check_cast, _ifd, checked_dtype
 
 GHOST = (b"GDAL_STRUCTURAL_METADATA_SIZE=000140 bytes\nLAYOUT=IFDS_BEFORE_DATA\nBLOCK_ORDER=ROW_MAJOR\n"
          b"BLOCK_LEADER=SIZE_AS_UINT4\nBLOCK_TRAILER=LAST_4_BYTES_REPEATED\nKNOWN_INCOMPATIBLE_EDITION=NO\n ")
@@ -76,7 +76,7 @@ class _Level:
         return self.spool.tell()
 
 
-class CogWriter:
+class CogWriter(StreamedWriter):
     """Stream a Cloud-Optimized GeoTIFF top to bottom; the same interface as RasterWriter.
 
     with CogWriter(path, info, np.uint8, nodata=255) as out:
@@ -85,13 +85,7 @@ class CogWriter:
 
     def __init__(self, path, info: GeoInfo, dtype, nodata=None, compress: bool = True):
         self.path, self.info, self.nodata, self.compress = Path(path), info, nodata, compress
-        dtype = np.dtype(np.uint8 if np.dtype(dtype) == bool else dtype)
-        if dtype.kind not in _SAMPLE_FORMAT:
-            raise RasterError(f"{path}: cannot write {dtype} rasters; expected integers or floats")
-        if nodata is not None and dtype.kind in "ui" and not (
-                float(nodata).is_integer() and np.iinfo(dtype).min <= nodata <= np.iinfo(dtype).max):
-            raise RasterError(f"{path}: nodata {nodata} does not fit {dtype}")
-        self.dtype, self._row = dtype.newbyteorder("<"), 0
+        self.dtype, self._row = checked_dtype(path, dtype, nodata), 0
         if not self.path.parent.is_dir():
             raise RasterError(f"{path}: cannot create the output (no folder {self.path.parent})")
         self._levels = [_Level(h, w, self.dtype, compress, self.path.parent)
@@ -164,19 +158,6 @@ class CogWriter:
     def abort(self) -> None:
         """Drop the spooled tiles; the destination is left untouched."""
         self._release()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is not None:
-            self.abort()
-            return
-        try:
-            self.close()
-        except BaseException:
-            self.abort()
-            raise
 
 
 def write_cog(path, array, info: GeoInfo, nodata=None, compress: bool = True) -> None:
