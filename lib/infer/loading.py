@@ -50,12 +50,17 @@ class InferenceModel(torch.nn.Module):
     def forward_thresholds(self, dsm: torch.Tensor, thresholds_m: torch.Tensor) -> torch.Tensor:
         """dsm (B,1,H,W), thresholds (K,) -> (B,K,H,W) in one forward pass, each window normalised once.
 
-        Equal to forward on the DSM repeated K times (the normalisation is per window), without K sorts.
+        Equal to forward on the DSM repeated K times (the normalisation is per window), without K sorts. A model
+        that has its own forward_thresholds (one forward for every threshold) is called once instead.
         """
         b, k = dsm.shape[0], thresholds_m.numel()
-        x = self.normalizer(dsm).repeat_interleave(k, dim=0)                  # (B*K, C, H, W), row = b*K + k
-        t = self.normalizer.normalise_threshold(thresholds_m).repeat(b)      # (B*K,)
-        return torch.sigmoid(self.model(x, t).float()).view(b, k, *dsm.shape[-2:])
+        x = self.normalizer(dsm)                                              # (B, C, H, W)
+        t = self.normalizer.normalise_threshold(thresholds_m)                # (K,)
+        every = getattr(self.model, "forward_thresholds", None)
+        if every is not None:  # a model with a head for every threshold: (B, C, H, W), (K,) -> (B, K, H, W) logits
+            return torch.sigmoid(every(x, t).float())
+        x = x.repeat_interleave(k, dim=0)                                     # (B*K, C, H, W), row = b*K + k
+        return torch.sigmoid(self.model(x, t.repeat(b)).float()).view(b, k, *dsm.shape[-2:])
 
     def compile(self, *args, **kwargs) -> None:
         """torch.compile the normaliser and the model in place, so forward and forward_thresholds both use them."""
