@@ -307,3 +307,16 @@ def test_prefetched_yields_everything_in_order_and_reraises_errors():
         raise ValueError("bad strip")
     with pytest.raises(ValueError, match="bad strip"):
         list(prefetched(broken()))
+
+
+def test_padded_batches_have_one_shape_and_change_nothing(tmp_path):
+    write_dsm(tmp_path / "dsm.tif", random_dsm(70, 90))
+    shapes = []
+
+    class Recording(PointOracle):
+        def forward(self, dsm, thresholds_m):
+            shapes.append(tuple(dsm.shape))
+            return super().forward(dsm, thresholds_m)
+    padded = scene(Recording(), tmp_path / "dsm.tif", 32, 0.25, batch=4, pad_batches=True)
+    assert len(set(shapes)) == 1 and shapes[0][0] == 4 * 2      # 4 windows x 2 thresholds, every call
+    np.testing.assert_allclose(padded, scene(PointOracle(), tmp_path / "dsm.tif", 32, 0.25, batch=4), atol=1e-6)
