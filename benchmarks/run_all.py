@@ -28,7 +28,7 @@ SMALL = {  # script stem -> arguments for a quick run; scripts not listed run wi
     "bench_augment": ["--reps", "2"],
     "bench_components": ["--size", "1024", "--repeats", "1"],
     "bench_lzw": ["--size-mb", "0.25", "--repeats", "1"],
-    "bench_predict": ["--size", "512", "--repeats", "1"],
+    "bench_predict": ["--height", "300", "--width", "400", "--repeats", "1"],
     "bench_prepare": ["--size", "2048", "--repeats", "1"],
     "bench_quality": ["--checkpoint", "weights/gaps_dsm_v5.pt"],
     "bench_shards": ["--tiles", "64", "--repeats", "1"],

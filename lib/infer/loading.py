@@ -62,15 +62,20 @@ class InferenceModel(torch.nn.Module):
     def forward_thresholds(self, dsm: torch.Tensor, thresholds_m: torch.Tensor) -> torch.Tensor:
         """dsm (B,1,H,W), thresholds (K,) -> (B,K,H,W) in one forward pass, each window normalised once.
 
-        Equal to forward on the DSM repeated K times (the normalisation is per window), without K sorts; a
-        regression model runs once per window, its CHM compared with every threshold.
+        Equal to forward on the DSM repeated K times (the normalisation is per window), without K sorts. A
+        regression model runs once per window, its CHM compared with every threshold; a model that has its own
+        forward_thresholds (one forward for every threshold) is called once too.
         """
         b, k = dsm.shape[0], thresholds_m.numel()
         if self.regression:
             return torch.sigmoid(thresholds_m.view(1, k, 1, 1) - self._heights(self.normalizer(dsm)))
-        x = self.normalizer(dsm).repeat_interleave(k, dim=0)                  # (B*K, C, H, W), row = b*K + k
-        t = self.normalizer.normalise_threshold(thresholds_m).repeat(b)      # (B*K,)
-        return torch.sigmoid(self.model(x, t).float()).view(b, k, *dsm.shape[-2:])
+        x = self.normalizer(dsm)                                              # (B, C, H, W)
+        t = self.normalizer.normalise_threshold(thresholds_m)                # (K,)
+        every = getattr(self.model, "forward_thresholds", None)
+        if every is not None:  # a model with a head for every threshold: (B, C, H, W), (K,) -> (B, K, H, W) logits
+            return torch.sigmoid(every(x, t).float())
+        x = x.repeat_interleave(k, dim=0)                                     # (B*K, C, H, W), row = b*K + k
+        return torch.sigmoid(self.model(x, t.repeat(b)).float()).view(b, k, *dsm.shape[-2:])
 
     def compile(self, *args, **kwargs) -> None:
         """torch.compile the normaliser and the model in place, so forward and forward_thresholds both use them."""

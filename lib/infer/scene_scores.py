@@ -17,7 +17,7 @@ from lib.gaps.masks import IGNORE, gap_labels, gap_masks, threshold_tag
 from lib.train.metrics import ThresholdMetrics
 from lib.geoio.geotiff_read import read_pair, read_raster
 from lib.geoio.geotiff_write import write_raster
-from lib.infer.scene_windows import mask_labels
+from lib.infer.scene_gaps import mask_labels
 
 SCORE_KEYS = ("iou", "f1", "precision", "recall")
 
