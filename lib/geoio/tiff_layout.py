@@ -248,7 +248,7 @@ def tag_table() -> str:
     rows = ["| tag | code | absent means | read (as GDAL reads it) |", "|---|---|---|---|"]
     for code, (name, default, accepted) in SAMPLE_TAGS.items():
         by_meaning = {}
-        for value, meaning in (accepted or {}).items():
+        for value, meaning in accepted.items():
             by_meaning.setdefault(meaning, []).append(str(value))
         read = "; ".join(f"{', '.join(values)}: {meaning}" for meaning, values in by_meaning.items())
         rows.append(f"| {name} | {code} | {default} | {read} |")
