@@ -258,9 +258,9 @@ def _config_file(tmp_path, text: str | None = None, suffix: str = ".json", **sec
 
 CONFIGS = {  # name: (config file text or None, overrides, expected error after 'error: ')
     "unknown_key": (None, ["--optim.lrr=0.1"], "override '--optim.lrr=0.1': unknown key 'optim.lrr'\n  hint: did you mean 'optim.lr'?"),
-    "wrong_type": (None, ["--train.epochs=2.5"], "{path}: train.epochs: expected int, found 2.5"),
-    "negative_lr": (None, ["--optim.lr=-1e-3"], "{path}: optim.lr: -0.001 is below the minimum 0.0"),
-    "nan_lr": (None, ["--optim.lr=nan"], "{path}: optim.lr: expected a finite number, found nan"),
+    "wrong_type": (None, ["--train.epochs=2.5"], "override '--train.epochs=2.5': train.epochs: expected int, found 2.5"),
+    "negative_lr": (None, ["--optim.lr=-1e-3"], "override '--optim.lr=-1e-3': optim.lr: -0.001 is below the minimum 0.0"),
+    "nan_lr": (None, ["--optim.lr=nan"], "override '--optim.lr=nan': optim.lr: expected a finite number, found nan"),
     "unsorted_thresholds": (None, ["--data.thresholds_m=[5, 2]"],
                             "{path}: data.thresholds_m must be strictly increasing, found [5.0, 2.0]"),
     "tile_not_divisible": (None, ["--data.tile_px=34"], "{path}: data.tile_px (34) must be divisible by the "
