@@ -3,7 +3,8 @@
     python gaps.py --chm ../shared/data/real/ALS_CHM_DUC.tif --thresholds 10 --min-area 1 --max-area 10000 --out runs/gaps_duc --analysis
     python gaps.py --chm ../shared/data/real/ALS_CHM_CAU_2012.tif --chm-later ../shared/data/real/ALS_CHM_CAU_2014.tif --thresholds 10 --out runs/gaps_cau
     python gaps.py --gap-map runs/pred/gaps_10m.tif --out runs/pred_analysis --analysis
-    python gaps.py --dsm scene_DSM.tif --ground-window 101 --thresholds 2 5 10 --out runs/classical
+    python gaps.py --dsm scene_DSM.tif --thresholds 2 5 10 --out runs/classical
+    python gaps.py --dsm scene_DSM.tif --ground-window 101 --thresholds 2 5 10 --out runs/opening
 """
 import argparse
 import sys
@@ -11,12 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.core.cli import handle_errors
+from lib.core.cli import handle_errors, number
 from lib.core.errors import ConfigError, DataError
 from lib.gaps.masks import gap_labels, gap_stats, threshold_tag, write_gap_table
 from lib.geoio.georef import check_same_grid
 from lib.geoio.geotiff_read import check_heights, read_info, read_pair, read_raster
 from lib.geoio.geotiff_write import write_raster
+
+
+CORRECTION_NOTE = {"none": "no edge correction, as ForestGapR; Donnelly {clark_evans_r_donnelly:.3f}",
+                   "Donnelly": "Donnelly edge correction; {clark_evans_r_none:.3f} uncorrected as ForestGapR"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,37 +37,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--chm", type=Path, help="canopy height model GeoTIFF (m)")
     source.add_argument("--dsm", type=Path,
-                        help="digital surface model GeoTIFF; with --dtm (CHM = DSM - DTM) or, without a "
-                             "terrain model, --ground-window")
+                        help="digital surface model GeoTIFF; with --dtm, CHM = DSM - DTM; without a terrain "
+                             "model, the ground comes from the DSM alone: the project's ground filter "
+                             "(lib/gaps/ground_filter.py), or the grey opening with --ground-window")
     source.add_argument("--gap-map", type=Path,
                         help="gap map of predict.py (uint8: 1 gap, 0 not, 255 nodata); outputs are named "
                              "after it (gaps_10m.tif -> analysis_10m.json)")
     terrain = parser.add_mutually_exclusive_group()
     terrain.add_argument("--dtm", type=Path, help="digital terrain model GeoTIFF on the DSM's grid")
-    terrain.add_argument("--ground-window", type=float, metavar="M",
+    terrain.add_argument("--ground-window", type=number(float, 0, low_open=True), metavar="M",
                          help="no DTM: estimate the ground as the DSM's grey opening over M metres, smoothed "
-                              "(the classical DSM-only method, e.g. 51-101: near exact on flat ground where "
-                              "some pixels reach it, poor on steep slopes; predict.py's model is the "
-                              "alternative there)")
+                              "(the older DSM-only method, e.g. 51-101; the default ground filter is better "
+                              "on slopes and on average, see docs/quality.md)")
     parser.add_argument("--chm-later", type=Path, help="CHM of a later survey on the same grid: gap change")
-    parser.add_argument("--thresholds", type=float, nargs="+", metavar="M",
+    parser.add_argument("--thresholds", type=number(float, 0, low_open=True), nargs="+", metavar="M",
                         help="canopy height thresholds in m, e.g. 5 10 15 (not with --gap-map)")
-    parser.add_argument("--min-area", type=float, default=1.0, metavar="M2",
+    parser.add_argument("--min-area", type=number(float, 0), default=1.0, metavar="M2",
                         help="smallest gap kept, m² inclusive (default 1, as ForestGapR)")
-    parser.add_argument("--max-area", type=float, default=10_000.0, metavar="M2",
+    parser.add_argument("--max-area", type=number(float, 0), default=10_000.0, metavar="M2",
                         help="largest gap kept, m² inclusive (default 10000 = 1 ha, as ForestGapR)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
     parser.add_argument("--analysis", action="store_true",
                         help="also write polygons, size-frequency, spatial-pattern outputs and a quick-look")
-    parser.add_argument("--simulations", type=int, default=99,
+    parser.add_argument("--simulations", type=number(int, 0, 9999), default=99,
                         help="CSR simulations of the Ripley envelope (default 99, as ForestGapR); the cost "
                              "grows with gaps x simulations, 0 skips the envelope")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the CSR simulations")
+    parser.add_argument("--seed", type=number(int, 0), default=0, help="seed of the CSR simulations")
+    parser.add_argument("--clark-evans-correction", choices=("none", "donnelly"), default="none",
+                        help="edge correction of the headline Clark-Evans R and p: none (default, what "
+                             "ForestGapR reports: spatstat's clarkevans.test default) or donnelly "
+                             "(Donnelly 1978, for a rectangle); analysis_<T>m.json holds both by name")
     args = parser.parse_args(argv)
-    if (args.dsm is None) != (args.dtm is None and args.ground_window is None):
-        parser.error("--dsm needs --dtm or --ground-window, and they need --dsm (or give --chm alone)")
-    if args.ground_window is not None and not args.ground_window > 0:
-        parser.error(f"--ground-window is a window side in metres and must be > 0, got {args.ground_window}")
+    if args.dsm is None and (args.dtm is not None or args.ground_window is not None):
+        parser.error("--dtm and --ground-window need --dsm")
     if (args.gap_map is None) == (args.thresholds is None):
         parser.error("--thresholds is needed with --chm or --dsm, and not allowed with --gap-map")
     if args.chm_later is not None and args.chm is None:
@@ -84,26 +91,37 @@ def read_inputs(args):
     if args.dsm is not None:
         return estimated_heights(args.dsm, args.ground_window)
     mask, info = read_raster(args.gap_map)
+    odd = ~np.isnan(mask) & (mask != 0) & (mask != 1) & (mask != 255)
+    if odd.any():  # a DSM or CHM given as --gap-map would be thresholded at 1 m by accident
+        raise DataError(f"{args.gap_map}: not a gap map: {np.count_nonzero(odd)} pixel(s) hold values other than "
+                        f"0, 1 and 255 (e.g. {float(mask[odd][0]):g})",
+                        hint="--gap-map takes predict.py's gaps_<T>m.tif; give heights as --chm or --dsm")
     pseudo = np.where(mask == 1, 0.0, 1.0).astype(np.float32)
     pseudo[np.isnan(mask) | (mask == 255)] = np.nan
     return None, pseudo, info
 
 
-def estimated_heights(dsm_path: Path, window_m: float):
-    """(dsm, DSM minus its classical ground estimate, GeoInfo): a CHM estimate without a terrain model."""
+def estimated_heights(dsm_path: Path, window_m: float | None):
+    """(dsm, DSM minus its ground estimate, GeoInfo): a CHM estimate without a terrain model, from the
+    ground filter, or from the grey opening over window_m metres when given."""
     import torch
 
     from lib.gaps.baselines import classical_relative_height
+    from lib.gaps.ground_filter import filtered_relative_height
 
     dsm, info = read_raster(dsm_path)
     if np.isnan(dsm).all():
         raise DataError(f"{dsm_path}: every pixel is nodata", hint="check the file and its nodata value")
     pixel = abs(float(info.pixel_size[0]))
+    x = torch.from_numpy(dsm)[None, None]
+    if window_m is None:
+        with torch.no_grad():
+            return dsm, filtered_relative_height(x, pixel)[0, 0].numpy(), info
     if window_m < 3 * pixel:
         raise ConfigError(f"--ground-window {window_m:g} m is under 3 pixels of {dsm_path} ({pixel:g} m)",
                           hint="the opening must be wider than the largest crown: 51-101 m is typical")
     with torch.no_grad():
-        height = classical_relative_height(torch.from_numpy(dsm)[None, None], window_m, pixel)[0, 0].numpy()
+        height = classical_relative_height(x, window_m, pixel)[0, 0].numpy()
     return dsm, height, info
 
 
@@ -132,8 +150,9 @@ def write_analysis(out: Path, tag: str, labels, n: int, stats: dict, surface, in
     polygons = gap_polygons(labels, n, info)
     write_polygons(out / f"gaps_{tag}", tag, polygons, stats, info)
     window = analysis.window_of(info)
-    summary = analysis.gap_summary(polygons.area, polygons.label_point, window)
-    summary["clark_evans_r_centroid"] = analysis.clark_evans(polygons.centroid, window)["r"]
+    correction = args.clark_evans_correction
+    summary = analysis.gap_summary(polygons.area, polygons.label_point, window, correction)
+    summary["clark_evans_r_centroid"] = analysis.clark_evans(polygons.centroid, window, correction)["r"]
     sizes, counts = analysis.size_frequency(polygons.area)
     write_gap_table(out / f"size_freq_{tag}.csv", {"gap_size_m2": sizes, "frequency": counts})
     write_png(out / f"size_freq_{tag}.png",
@@ -198,8 +217,8 @@ def main(argv=None) -> int:
         if args.analysis:
             s = write_analysis(args.out, tag, labels, n, stats, surface, info, args)
             print(f"{'':>6}  lambda {s['lambda_asner']:.4f} (Asner 2013), {s['lambda_hanel']:.4f} "
-                  f"(Hanel 2017); Clark-Evans R {s['clark_evans_r']:.3f} (Donnelly, "
-                  f"p = {s['clark_evans_p']:.2g}; {s['clark_evans_r_naive']:.3f} uncorrected) -> analysis_{tag}.json")
+                  f"(Hanel 2017); Clark-Evans R {s['clark_evans_r']:.3f} (p = {s['clark_evans_p']:.2g}, "
+                  f"{CORRECTION_NOTE[s['clark_evans_correction']].format(**s)}) -> analysis_{tag}.json")
         if later is not None:
             c = write_change(args.out, tag, labels, n, later, threshold, args, info)
             print(f"{'':>6}  {c['new_gap_pixels']} new-gap pixels; gaps: {c['gaps']['new']['count']} new, "

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from lib.core.cli import handle_errors, setup_logging
+from lib.core.cli import handle_errors, number, setup_logging
 from lib.core.config import add_config_args, config_from_args, read_config_file
 
 ALIASES = {"name": "search.name", "trials": "search.trials", "workers": "search.workers", "folds": "search.folds"}
@@ -27,9 +27,9 @@ def parse_args(argv):
     parser.add_argument("--grid", metavar="FILE", help="JSON or YAML-lite file of dotted keys -> value lists "
                                                        "(replaces search.grid)")
     parser.add_argument("--name", help="search name, the output folder (search.name)")
-    parser.add_argument("--trials", type=int, help="random points drawn from the grid; 0 = all (search.trials)")
-    parser.add_argument("--workers", type=int, help="trials at once, one process (and GPU) each (search.workers)")
-    parser.add_argument("--folds", type=int, help="k-fold over the train+val sites, k >= 2 (search.folds)")
+    parser.add_argument("--trials", type=number(int, 0), help="random points drawn from the grid; 0 = all (search.trials)")
+    parser.add_argument("--workers", type=number(int, 1), help="trials at once, one process (and GPU) each (search.workers)")
+    parser.add_argument("--folds", type=number(int, 0), help="k-fold over the train+val sites, k >= 2 (search.folds)")
     parser.add_argument("--resume", action="store_true",
                         help="continue a killed search: run only the trials without a result")
     return parser.parse_known_args(argv)

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lib.core.cli import handle_errors, setup_logging
+from lib.core.cli import handle_errors, number, setup_logging
 from lib.core.config import add_config_args, config_from_args
 
 
@@ -18,11 +18,11 @@ def parse_args(argv):
                                             "(lr, loss, ema_loss, smoothed_loss), lr_finder.json, tb/. Model, "
                                             "optimiser and RNG states are restored after the sweep.")
     add_config_args(parser, default="configs/config.json")
-    parser.add_argument("--lr-min", type=float, default=1e-6, help="first LR of the sweep (default 1e-6)")
-    parser.add_argument("--lr-max", type=float, default=1.0, help="last LR of the sweep (default 1)")
-    parser.add_argument("--steps", type=int, default=200, help="optimiser steps from lr-min to lr-max (default 200)")
-    parser.add_argument("--beta", type=float, default=0.9, help="EMA smoothing of the loss (default 0.9)")
-    parser.add_argument("--diverge", type=float, default=4.0,
+    parser.add_argument("--lr-min", type=number(float, 0, low_open=True), default=1e-6, help="first LR of the sweep (default 1e-6)")
+    parser.add_argument("--lr-max", type=number(float, 0, low_open=True), default=1.0, help="last LR of the sweep (default 1)")
+    parser.add_argument("--steps", type=number(int, 2), default=200, help="optimiser steps from lr-min to lr-max (default 200)")
+    parser.add_argument("--beta", type=number(float, 0, 1), default=0.9, help="EMA smoothing of the loss (default 0.9)")
+    parser.add_argument("--diverge", type=number(float, 1, low_open=True), default=4.0,
                         help="stop once the smoothed loss exceeds this many times its best (default 4)")
     parser.add_argument("--use", choices=("valley", "steepest", "minimum"), default="valley",
                         help="suggestion written by --write-config (default valley)")

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+from datetime import timedelta
 
 from lib.core.cli import handle_errors
 
@@ -68,19 +69,38 @@ def flag_overrides(args) -> list[str]:
             if getattr(args, flag) is not None]
 
 
-def progress_printer(height: int, width: int):
-    """progress(rows_done): rows done and megapixels per second, in place on a terminal."""
-    start, tty, last = time.perf_counter(), sys.stderr.isatty(), [0.0]
+def progress_printer(total_mp: float | None = None):
+    """progress(height, width) -> progress_scene(rows_done): per scene, then over all scenes of a region
+    (total_mp of them): percentage, megapixels per second and time left, in place on a terminal."""
+    start, tty = time.perf_counter(), sys.stderr.isatty()
+    region = {"done_mp": 0.0}
 
-    def progress(rows: int) -> None:
-        seconds = time.perf_counter() - start
-        if not tty and rows < height and seconds - last[0] < 10:
-            return
-        last[0] = seconds
-        rate = rows * width / 1e6 / max(seconds, 1e-9)
-        line = f"rows {rows}/{height} ({100 * rows / height:5.1f} %)  {rate:6.2f} MP/s"
-        print("\r" + line if tty else line, end="" if tty and rows < height else "\n", file=sys.stderr, flush=True)
+    def progress(height: int, width: int):
+        scene_start, last = time.perf_counter(), [0.0]
+
+        def progress_scene(rows: int) -> None:
+            now = time.perf_counter()
+            if not tty and rows < height and now - last[0] < 10:
+                return
+            last[0] = now
+            line = _progress_line("scene", rows * width / 1e6, height * width / 1e6, now - scene_start)
+            if total_mp:
+                line += "  |  " + _progress_line("region", region["done_mp"] + rows * width / 1e6, total_mp,
+                                                 now - start)
+            print("\r" + line if tty else line, end="" if tty and rows < height else "\n", file=sys.stderr,
+                  flush=True)
+            if rows >= height:
+                region["done_mp"] += height * width / 1e6
+        return progress_scene
     return progress
+
+
+def _progress_line(what: str, done_mp: float, total_mp: float, seconds: float) -> str:
+    """'scene  42.0 %  0.35 MP/s  ETA 0:01:12'."""
+    rate = done_mp / max(seconds, 1e-9)
+    left = (total_mp - done_mp) / rate if rate > 0 else float("inf")
+    eta = str(timedelta(seconds=round(left))) if left != float("inf") else "?"
+    return f"{what} {100 * done_mp / max(total_mp, 1e-9):5.1f} %  {rate:6.3f} MP/s  ETA {eta}"
 
 
 def build_settings(args, overrides):
@@ -121,6 +141,21 @@ def build_settings(args, overrides):
                        " + ".join(file_sha256(p) for p in paths), args.resample, args.filter, args.quicklook)
 
 
+def region_megapixels(paths, rank: int, world: int) -> float:
+    """Megapixels of the scenes this rank maps (for the region's progress; unreadable ones count 0)."""
+    from lib.core.errors import ForestGapsError
+    from lib.geoio.geotiff_read import read_info
+
+    total = 0.0
+    for path in paths[rank::world]:
+        try:
+            info = read_info(path)
+        except ForestGapsError:
+            continue
+        total += info.height * info.width / 1e6
+    return total
+
+
 def scene_paths(args):
     """[the one DSM] or the DSMs of a region run (--dsm-list, or --dsm FOLDER); and whether it is a region."""
     from pathlib import Path
@@ -152,7 +187,7 @@ def main(argv=None) -> int:
     setup_logging(rank=distributed_info()[0])
     settings = build_settings(args, overrides)
     if not region:
-        summary = map_scene(settings, paths[0], args.out, args.chm, args.dtm, progress_printer, echo=print)
+        summary = map_scene(settings, paths[0], args.out, args.chm, args.dtm, progress_printer(), echo=print)
         rate = summary["nesting"]["before_nesting"]["rate"]  # NaN with one threshold
         print(f"nesting violations before nesting: {'n/a' if rate != rate else f'{100 * rate:.3f} %'}; "
               f"{summary['megapixels_per_s']:.2f} MP/s; outputs in {args.out}")
@@ -161,7 +196,7 @@ def main(argv=None) -> int:
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
     start = time.perf_counter()
     try:
-        status = map_region(settings, paths, args.out, rank, world, progress_printer,
+        status = map_region(settings, paths, args.out, rank, world, progress_printer(region_megapixels(paths, rank, world)),
                             echo=lambda line: print(prefix + line, flush=True))
     finally:
         cleanup_distributed()

@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 
-from lib.core.cli import handle_errors, setup_logging
+from lib.core.cli import handle_errors, number, setup_logging
 from lib.core.config import add_config_args, config_from_args, save_config
 from lib.core.errors import DataError
 
@@ -30,7 +30,7 @@ def parse_args(argv):
     parser.add_argument("--export-scene", metavar="DIR",
                         help="only write one synthetic scene as <name>_DSM/_DTM/_CHM.tif GeoTIFFs into DIR "
                              "(to try gaps.py / predict.py without data), then exit")
-    parser.add_argument("--scene-size", type=int, default=512, help="side in pixels of --export-scene")
+    parser.add_argument("--scene-size", type=number(int, 16, 16384), default=512, help="side in pixels of --export-scene")
     parser.add_argument("--preview", action="store_true",
                         help="also write preview_train_augmented.png and preview_val.png (tiles with their "
                              "gap masks, train ones after augmentation) into the dataset folder")
@@ -39,8 +39,12 @@ def parse_args(argv):
 
 def print_summary(manifest: dict, out, seconds: float) -> None:
     """The class balance and nodata per split: what a user must know before training."""
-    rule = manifest["split_rule"]["rule"]
-    print(f"\ndataset: {out}  ({seconds:.1f} s, split by {rule})")
+    rule = manifest["split_rule"]
+    how = rule["rule"]
+    if how == "block":
+        sides = sorted({site.get("block_px", rule["block_px"]) for site in manifest["sites"].values()})
+        how = f"blocks of {'/'.join(map(str, sides))} px with a {rule['buffer_px']} px buffer"
+    print(f"\ndataset: {out}  ({seconds:.1f} s, split by {how})")
     tags = [m.replace("mask_", "") for m in manifest["mask_members"]]
     print(f"{'split':6} {'sites':>5} {'tiles':>6} {'nodata':>7}  " + "  ".join(f"gap@{t:>5}" for t in tags))
     for split, s in manifest["summary"].items():

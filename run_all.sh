@@ -79,9 +79,9 @@ for scene in ("predict_synthetic", "predict_wellington", "predict_shipped"):
     path = out / scene / "scores.json"
     if path.exists():
         scores = json.loads(path.read_text())
-        for name in ("model", "classical"):
+        for name in ("model", "ground_filter", "classical"):
             ious = "  ".join(f"{tag} {s['iou']:.3f}" for tag, s in scores[name].items() if isinstance(s, dict))
-            print(f"{scene} IoU, {name:9s}: {ious}")
+            print(f"{scene} IoU, {name:13s}: {ious}")
 EOF
 echo "time per step:"
 cat "$TIMES"

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from lib.core.cli import handle_errors, setup_logging
+from lib.core.cli import handle_errors, number, setup_logging
 from lib.core.config import add_config_args, config_from_args
 
 
@@ -21,11 +21,11 @@ def parse_args(argv):
                                      epilog="Outputs in --out (default runs/<run.name>/sanity/): report.json "
                                             "and tb/ (overfit curve, baseline scores, the report).")
     add_config_args(parser, default="configs/config.json")
-    parser.add_argument("--tiles", type=int, default=4, help="tiles the model must overfit (default 4)")
-    parser.add_argument("--steps", type=int, default=100, help="most optimiser steps to overfit them (default 100)")
-    parser.add_argument("--target", type=float, default=0.5,
+    parser.add_argument("--tiles", type=number(int, 1), default=4, help="tiles the model must overfit (default 4)")
+    parser.add_argument("--steps", type=number(int, 1), default=100, help="most optimiser steps to overfit them (default 100)")
+    parser.add_argument("--target", type=number(float, 0, 1, low_open=True), default=0.5,
                         help="overfitting passes when the loss falls to this fraction of its start (default 0.5)")
-    parser.add_argument("--max-batch", type=int,
+    parser.add_argument("--max-batch", type=number(int, 1),
                         help="largest batch the batch-size finder tries (default 4096 on CUDA; on CPU, where it "
                              "only measures, 16 x train.batch_size)")
     parser.add_argument("--write-config", metavar="FILE",

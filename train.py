@@ -9,7 +9,7 @@ a canopy-height regression model) on prepared shards.
 import argparse
 import sys
 
-from lib.core.cli import handle_errors, setup_logging
+from lib.core.cli import handle_errors, number, setup_logging
 from lib.core.config import add_config_args, config_from_args
 from lib.core.env import distributed_info
 
@@ -25,7 +25,7 @@ def parse_args(argv):
     parser.add_argument("--init-from", metavar="CKPT",
                         help="start from another run's weights (transfer learning); see train.freeze_encoder_epochs "
                              "and optim.encoder_lr_scale")
-    parser.add_argument("--profile", type=int, metavar="N",
+    parser.add_argument("--profile", type=number(int, 0), metavar="N",
                         help="PyTorch profiler over the first N optimiser steps (same as --train.profile_steps=N); "
                              "trace in runs/<name>/profile/")
     return parser.parse_known_args(argv)

@@ -1,82 +1,165 @@
-"""Gap-map quality of a checkpoint on real and synthetic scenes, beside the classical DSM-only method.
+"""DSM-only gap maps side by side: the shipped model, the project's classical paths and the ground filters
+users already have, on the same scenes (benchmarks/dsm_only_scenes.py).
 
-    python benchmarks/bench_quality.py --checkpoint runs/pretrain/best.ckpt
-    python benchmarks/bench_quality.py --checkpoint weights/gaps_dsm_v5.pt --json quality.json
-    python benchmarks/bench_quality.py --checkpoint runs/x/best.ckpt --scene a_DSM.tif a_CHM.tif --no-flat
+    python benchmarks/bench_quality.py                      # shipped model, every scene, every peer
+    python benchmarks/bench_quality.py --checkpoint runs/x/best.ckpt --json quality.json
+    python benchmarks/bench_quality.py --no-model --scenes validation
 
-Scenes: Wellington (../shared/data/real, steep, New Zealand) and a synthetic flat closed-canopy temperate
-LiDAR scene (the classical method's best case), plus any --scene DSM CHM pair. Pixel-wise IoU (gap =
-CHM <= T, no area filter, nodata excluded). Prints `threshold  model  nested  classical  window  ratio`
-(ratio = model / classical best-of-windows), the nesting violation rate of the raw masks, and a verdict.
+Methods (pixel IoU against CHM <= T, no area filter, nodata excluded):
+- model: `predict.py --dsm SCENE` with the checkpoint (resampled to its pixel size as predict.py does);
+- opening: DSM minus a grey opening (lib/gaps/baselines.py), windows 31/51/71/101 m;
+- filter: the project's ground filter (lib/gaps/ground_filter.py) at its defaults, and over a small grid;
+- saga / whitebox / csf: the peers (benchmarks/ground_peers.py), each over its grid of settings.
+For every grid: "best per scene" (the setting that suits each scene best, an upper bound a user tuning the
+knob by eye could reach) and "best single" (the one setting with the best mean IoU over the validation
+scenes). A missing peer is named and the run exits 3 unless --allow-missing-peers is given.
 """
 import argparse
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+FILTER_GRID = [dict(radius_m=r, slope=s, lowest_floor=low) for r in (20.0, 40.0, 80.0) for s in (0.02, 0.1, 0.3)
+               for low in (False, True)]
+OPENING_WINDOWS_M = (31.0, 51.0, 71.0, 101.0)
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint (.ckpt/.pt) or exported model (.ts)")
+    parser.add_argument("--checkpoint", help="model to score (default: the shipped weights)")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[2.0, 5.0, 10.0, 15.0])
-    parser.add_argument("--window", type=int, help="prediction window, pixels (default: the training tile)")
-    parser.add_argument("--overlap", type=float, default=0.25)
-    parser.add_argument("--tta", action="store_true", help="average the 8 D4 transforms")
-    parser.add_argument("--scene", nargs=2, action="append", default=[], metavar=("DSM", "CHM"))
-    parser.add_argument("--no-flat", dest="flat", action="store_false", help="skip the flat closed-canopy scene")
-    parser.add_argument("--no-dense", dest="dense", action="store_false",
-                        help="skip the nesting check over every whole metre of 1-30 m (30 more thresholds)")
-    parser.add_argument("--json", help="also write the full report here")
+    parser.add_argument("--scenes", choices=("validation", "development", "all"), default="all")
+    parser.add_argument("--model", action=argparse.BooleanOptionalAction, default=True, help="score the model")
+    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True, help="run the peers")
+    parser.add_argument("--allow-missing-peers", action="store_true", help="exit 0 even when a peer is absent")
+    parser.add_argument("--json", help="also write every figure here")
     return parser.parse_args(argv)
 
 
-def print_table(name: str, report: dict, seconds: float) -> bool:
-    """The per-threshold table; returns whether the model beats the best classical window everywhere."""
-    c = report["classical"]
-    print(f"\n{name}  ({report['valid_pixels']} px, {seconds:.1f} s)")
-    print(f"{'T':>5} {'gap%':>6} {'model':>7} {'nested':>7} {'classical':>9} {'window':>7} {'ratio':>6}")
-    for i, t in enumerate(report["thresholds_m"]):
-        ratio = report["model"][i] / c["best"][i] if c["best"][i] else float("nan")
-        print(f"{t:>5g} {100 * report['gap_fraction'][i]:6.2f} {report['model'][i]:7.3f} "
-              f"{report['model_nested'][i]:7.3f} {c['best'][i]:9.3f} {c['best_window_m'][i]:7g} {ratio:6.2f}")
-    dense = report.get("nesting_dense", {}).get("rate", float("nan"))
-    print(f"nesting violations: {100 * report['nesting']['rate']:.2f} % at these thresholds, "
-          f"{100 * dense:.2f} % over 1-30 m (pixels gap at T but not at the next T')")
-    return all(m > b for m, b in zip(report["model"], c["best"]))
+def gaps_from_height(rel: np.ndarray, thresholds_m) -> np.ndarray:
+    """(H, W) estimated CHM -> (K, H, W) bool, NaN never gap."""
+    t = np.asarray(thresholds_m, np.float32).reshape(-1, 1, 1)
+    return np.isfinite(rel)[None] & (np.nan_to_num(rel, nan=np.inf)[None] <= t)
+
+
+def model_gaps(checkpoint, dsm: np.ndarray, pixel_size_m: float, thresholds_m) -> np.ndarray:
+    """The raw gap maps predict.py writes for this DSM (no area filter)."""
+    from lib.gaps.masks import threshold_tag
+    from lib.geoio.georef import GeoInfo
+    from lib.geoio.geotiff_read import read_raster
+    from lib.geoio.geotiff_write import write_raster
+    with tempfile.TemporaryDirectory() as tmp:
+        h, w = dsm.shape
+        info = GeoInfo(height=h, width=w, pixel_size=(pixel_size_m, pixel_size_m),
+                       origin=(500000.0, 5e6 + h * pixel_size_m))
+        write_raster(Path(tmp) / "dsm.tif", dsm.astype(np.float32), info, nodata=float("nan"))
+        command = [sys.executable, str(Path(__file__).resolve().parents[1] / "predict.py"), "--dsm",
+                   str(Path(tmp) / "dsm.tif"), "--out", str(Path(tmp) / "out"), "--no-filter", "--no-quicklook",
+                   "--thresholds", *map(str, thresholds_m)] + (["--checkpoint", str(checkpoint)] if checkpoint else [])
+        subprocess.run(command, check=True, capture_output=True, text=True)
+        return np.stack([read_raster(Path(tmp) / "out" / f"gaps_{threshold_tag(t)}.tif")[0] == 1
+                         for t in thresholds_m])
+
+
+def grid_scores(scenes, thresholds_m, ground_of, settings) -> np.ndarray:
+    """IoU (settings, scenes, K) of `ground_of(dsm, pixel, **setting)` over every scene."""
+    from lib.infer.quality import ious, reference_gaps
+    out = np.full((len(settings), len(scenes), len(thresholds_m)), np.nan)
+    for j, (_, _, dsm, chm, px) in enumerate(scenes):
+        ref = reference_gaps(chm, dsm, thresholds_m)
+        for i, setting in enumerate(settings):
+            out[i, j] = ious(gaps_from_height(dsm - ground_of(dsm, px, **setting), thresholds_m), ref)
+    return out
+
+
+def summarize(table: np.ndarray, validation: np.ndarray) -> dict:
+    """best per scene (settings, scenes, K) -> (scenes, K) and the best single setting chosen on validation."""
+    per_scene = np.nanmax(np.nan_to_num(table, nan=-1.0), axis=0)
+    single = int(np.nanargmax(np.nanmean(table[:, validation], axis=(1, 2)))) if validation.any() else 0
+    return {"best_per_scene": per_scene, "best_single": table[single], "single_index": single}
+
+
+def _ground_functions():
+    import torch
+    from lib.gaps.baselines import ground_estimate
+    from lib.gaps.ground_filter import GroundFilter, ground_surface
+
+    def as_tensor(dsm):
+        return torch.from_numpy(np.ascontiguousarray(dsm, np.float32))[None, None]
+
+    def opening(dsm, px, window_m):
+        return ground_estimate(as_tensor(dsm), int(round(window_m / px)))[0, 0].numpy()
+
+    def ground_filter(dsm, px, **setting):
+        return ground_surface(as_tensor(dsm), px, GroundFilter(**setting))[0, 0].numpy()
+    return opening, ground_filter
+
+
+def score_methods(scenes, validation, args) -> tuple[dict, list[str]]:
+    """{method: {"best_per_scene", "best_single", ...}} and the peers that are missing."""
+    import ground_peers
+    opening, ground_filter = _ground_functions()
+    t = args.thresholds
+    methods = {"opening": summarize(grid_scores(scenes, t, opening, [dict(window_m=w) for w in OPENING_WINDOWS_M]),
+                                    validation),
+               "filter (defaults)": summarize(grid_scores(scenes, t, ground_filter, [{}]), validation),
+               "filter": summarize(grid_scores(scenes, t, ground_filter, FILTER_GRID), validation)}
+    absent = ground_peers.missing() if args.peers else []
+    for name, fn in ground_peers.PEERS.items() if args.peers else ():
+        if any(a.startswith(name) for a in absent):
+            continue
+        start = time.perf_counter()
+        methods[name] = summarize(grid_scores(scenes, t, fn, ground_peers.SETTINGS[name]), validation)
+        print(f"  {name}: {len(ground_peers.SETTINGS[name])} settings in {time.perf_counter() - start:.0f} s",
+              flush=True)
+    if args.model:
+        from lib.infer.quality import ious, reference_gaps
+        per = np.array([ious(model_gaps(args.checkpoint, dsm, px, t), reference_gaps(chm, dsm, t))
+                        for _, _, dsm, chm, px in scenes])
+        methods["model"] = {"best_per_scene": per, "best_single": per, "single_index": 0}
+    return methods, absent
+
+
+def print_tables(scenes, methods, thresholds_m) -> None:
+    fmt = lambda row: " ".join(f"{v:5.3f}" for v in row)   # noqa: E731
+    for key in ("best_per_scene", "best_single"):
+        print(f"\n== IoU at {' / '.join(f'{t:g}' for t in thresholds_m)} m, {key.replace('_', ' ')}")
+        for j, (name, regime, dsm, _, px) in enumerate(scenes):
+            print(f"{name}  [{regime}; {dsm.shape[0]}x{dsm.shape[1]} px at {px:g} m]")
+            peers = [m for m in methods if m not in ("model", "opening", "filter", "filter (defaults)")]
+            strongest = max(peers + ["opening"], key=lambda m: np.nanmean(methods[m][key][j]), default=None)
+            for m, r in methods.items():
+                mark = "  <- strongest peer/opening" if m == strongest else ""
+                print(f"  {m:18s} {fmt(r[key][j])}{mark}")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from lib.infer.loading import load_model
-    from lib.infer.quality import DENSE_THRESHOLDS_M, score_flat_closed, score_scene
-
-    loaded = load_model(args.checkpoint, "cpu")
-    run = dict(window_px=args.window or loaded.tile_px, overlap=args.overlap, stride=loaded.stride, tta=args.tta,
-               dense_thresholds_m=DENSE_THRESHOLDS_M if args.dense else ())
-    print(f"checkpoint {args.checkpoint} (step {loaded.meta.get('step')}): window {run['window_px']} px, "
-          f"overlap {args.overlap}, tta {args.tta}")
-    scenes = [tuple(pair) for pair in args.scene]
-    if (REAL / "wellington_DSM.tif").exists():
-        scenes.insert(0, (REAL / "wellington_DSM.tif", REAL / "wellington_CHM.tif"))
-    reports, beats = {}, {}
-    for dsm, chm in scenes:
-        start = time.perf_counter()
-        name = Path(dsm).stem
-        reports[name] = score_scene(loaded.net, dsm, chm, args.thresholds, **run)
-        beats[name] = print_table(name, reports[name], time.perf_counter() - start)
-    if args.flat:
-        start = time.perf_counter()
-        reports["flat_closed"] = score_flat_closed(loaded.net, args.thresholds, **run)
-        beats["flat_closed"] = print_table("flat_closed (synthetic)", reports["flat_closed"],
-                                           time.perf_counter() - start)
-    print("\nbeats the classical best-of-windows at every threshold: "
-          + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in beats.items()))
+    import dsm_only_scenes
+    val = dsm_only_scenes.validation_scenes() if args.scenes in ("validation", "all") else []
+    dev = dsm_only_scenes.development_scenes() if args.scenes in ("development", "all") else []
+    scenes = val + dev
+    if not scenes:
+        print("error: no scenes (../shared/data/real/ is missing and no synthetic scene was asked for)")
+        return 2
+    validation = np.array([True] * len(val) + [False] * len(dev))
+    print(f"{len(val)} validation and {len(dev)} development scene(s); thresholds {args.thresholds}", flush=True)
+    methods, absent = score_methods(scenes, validation, args)
+    print_tables(scenes, methods, args.thresholds)
     if args.json:
         from lib.core.atomic import write_json
-        write_json(args.json, {"checkpoint": str(args.checkpoint), **run, "scenes": reports, "beats": beats})
+        write_json(args.json, {"scenes": [s[:2] + (s[4],) for s in scenes], "thresholds_m": args.thresholds,
+                               "validation": validation, "methods": methods, "missing_peers": absent})
+    if absent:
+        print(f"\nMISSING PEERS (their rows are absent): {'; '.join(absent)}")
+        return 0 if args.allow_missing_peers else 3
     return 0
 
 

@@ -17,12 +17,13 @@ from lib.geoio.georef import GeoInfo
 from lib.geoio.geotiff_read import read_raster
 from lib.geoio.geotiff_write import write_raster
 
-# ForestGapR on ALS_CHM_DUC.tif, threshold 10 m, areas 1-10,000 m² (GapSizeFDist, GapsSpatPattern with
-# the spatstat of its time, before clarkevans.test defaulted to the Donnelly correction)
-DUC = {"n_gaps": 131, "lambda_asner": 1.6955, "lambda_hanel": 2.0307, "clark_evans_r_naive": 0.844}
+# ForestGapR on ALS_CHM_DUC.tif, threshold 10 m, areas 1-10,000 m² (GapSizeFDist; GapsSpatPattern calls
+# spatstat's clarkevans.test with its default correction = "none")
+DUC = {"n_gaps": 131, "lambda_asner": 1.6955, "lambda_hanel": 2.0307, "clark_evans_r": 0.844}
 # ForestGapR README, GapsSpatPattern on ALS_CHM_CAU_2012/2014, threshold 10 m, size c(1, 1000):
 # "Clark-Evans test, No edge correction, Z-test": R and two-sided p
 CAU_CLARK_EVANS = {"ALS_CHM_CAU_2012": (0.89312, 0.001022), "ALS_CHM_CAU_2014": (1.0596, 0.2688)}
+CAU_2012_5_TO_1000_R = 1.088   # ForestGapR 0.1.8, GapsSpatPattern on CAU 2012, 10 m, size c(5, 1000)
 # R's ?optimize example: optimize(function(x) x^2*(print(x)-1), lower = 0, upper = 10) prints these
 # evaluation points (7 significant digits) and returns $minimum 0.6666728
 R_OPTIMIZE_TRACE = [3.81966, 6.18034, 2.36068, 2.077939, 1.505823, 0.9306496, 0.9196752, 0.772905,
@@ -116,11 +117,14 @@ def test_clark_evans_against_distance_matrix():
     assert ce["r"] == pytest.approx(mean_nn / (0.5 / math.sqrt(n / area)), rel=1e-12)
     assert ce["z"] == pytest.approx(z, rel=1e-4)
     assert ce["p"] == pytest.approx(2 * (1 - 0.5 * (1 + math.erf(abs(z) / math.sqrt(2)))), rel=1e-3)
-    # spatstat's default: Donnelly (1978) expected distance for a rectangle of perimeter 320 m
+    assert analysis.clark_evans(xy, window) == ce                      # "none" is the default, as spatstat's
+    # the option: Donnelly (1978) expected distance for a rectangle of perimeter 320 m
     donnelly = 0.5 / math.sqrt(n / area) + (0.0514 + 0.0412 / math.sqrt(n)) * 320 / n
-    ce = analysis.clark_evans(xy, window)
-    assert ce["r"] == pytest.approx(mean_nn / donnelly, rel=1e-12)
+    ce = analysis.clark_evans(xy, window, "donnelly")
+    assert ce["r"] == pytest.approx(mean_nn / donnelly, rel=1e-12) and ce["correction"] == "Donnelly"
     assert ce["z"] == pytest.approx((mean_nn - donnelly) / (0.26136 / math.sqrt(n * n / area)), rel=1e-4)
+    assert (ce["r_donnelly"], ce["p_donnelly"]) == (ce["r"], ce["p"])
+    assert ce["r_none"] == pytest.approx(mean_nn / (0.5 / math.sqrt(n / area)), rel=1e-12)
     with pytest.raises(ValueError, match="Donnelly"):
         analysis.clark_evans(xy, window, "guard")
 
@@ -213,8 +217,9 @@ def test_published_duc_figures(real_data):
     assert summary["n_gaps"] == DUC["n_gaps"]
     assert summary["lambda_asner"] == pytest.approx(DUC["lambda_asner"], abs=1e-3)
     assert summary["lambda_hanel"] == pytest.approx(DUC["lambda_hanel"], abs=1e-3)
-    assert summary["clark_evans_r_naive"] == pytest.approx(DUC["clark_evans_r_naive"], abs=2e-3)
-    assert summary["clark_evans_r"] < summary["clark_evans_r_naive"]       # Donnelly expects longer distances
+    assert summary["clark_evans_r"] == pytest.approx(DUC["clark_evans_r"], abs=5e-4)
+    assert summary["clark_evans_correction"] == "none" and summary["clark_evans_r_none"] == summary["clark_evans_r"]
+    assert summary["clark_evans_r_donnelly"] < summary["clark_evans_r"]   # Donnelly expects longer distances
     assert summary["gap_area_m2"] == (labels > 0).sum() * info.pixel_area
 
 
@@ -229,6 +234,21 @@ def test_published_cauaxi_clark_evans(real_data, name):
     r, p = CAU_CLARK_EVANS[name]
     assert ce["r"] == pytest.approx(r, abs=5e-5 if name.endswith("2014") else 5e-4)
     assert ce["p"] == pytest.approx(p, rel=5e-4 if name.endswith("2014") else 0.05)
+
+
+def test_published_cauaxi_clark_evans_from_5_m2(real_data, tmp_path):
+    """gaps.py's default figure is ForestGapR's; --clark-evans-correction donnelly is the option."""
+    chm = real_data / "ALS_CHM_CAU_2012.tif"
+    base = ["--chm", chm, "--thresholds", 10, "--min-area", 5, "--max-area", 1000, "--analysis", "--simulations", 0]
+    code, _, err = run(base + ["--out", tmp_path / "none"])
+    assert code == 0, err
+    none = json.loads((tmp_path / "none" / "analysis_10m.json").read_text())
+    assert none["clark_evans_r"] == pytest.approx(CAU_2012_5_TO_1000_R, abs=5e-4)
+    code, out, err = run(base + ["--out", tmp_path / "donnelly", "--clark-evans-correction", "donnelly"])
+    assert code == 0 and "Donnelly edge correction; 1.088 uncorrected as ForestGapR" in out, err
+    donnelly = json.loads((tmp_path / "donnelly" / "analysis_10m.json").read_text())
+    assert donnelly["clark_evans_r"] == none["clark_evans_r_donnelly"] < none["clark_evans_r"]
+    assert donnelly["clark_evans_p"] == none["clark_evans_p_donnelly"]
 
 
 def test_gap_change_classes_on_a_hand_made_pair():
@@ -282,11 +302,11 @@ def run(argv) -> tuple[int, str, str]:
 def test_gaps_analysis_on_duc(real_data, tmp_path):
     code, out, _ = run(["--chm", real_data / "ALS_CHM_DUC.tif", "--thresholds", 10, "--min-area", 1,
                         "--max-area", 10000, "--out", tmp_path, "--analysis", "--simulations", 19])
-    assert code == 0 and "Clark-Evans R 0.813 (Donnelly" in out and "0.844 uncorrected" in out
+    assert code == 0 and "Clark-Evans R 0.844 (p = 0.00066, no edge correction, as ForestGapR; Donnelly 0.813)" in out
     result = json.loads((tmp_path / "analysis_10m.json").read_text())
     for key, value in DUC.items():
-        assert result[key] == pytest.approx(value, abs=2e-3)
-    assert 0 < result["clark_evans_p"] < 0.01
+        assert result[key] == pytest.approx(value, abs=5e-4)
+    assert result["clark_evans_p"] == result["clark_evans_p_none"] and result["clark_evans_correction"] == "none"
     for name in ("gaps_10m.gpkg", "gaps_10m.geojson", "size_freq_10m.png", "size_freq_10m.csv",
                  "ripley_10m.png", "ripley_10m.csv", "quicklook_10m.png"):
         assert (tmp_path / name).stat().st_size > 0, name

@@ -159,3 +159,46 @@ def test_mutated_files_and_overrides_only_raise_config_error(tmp_path):
                             "", "=", "auto", "0x10", "1_0", "[[]]", "{}"])
         override = f"--{key}={value}" if rng.random() < 0.9 else f"--{key}"
         check(lambda: build_config(apply_overrides(seed, [override])), override)
+
+
+def test_override_errors_name_the_override_and_the_key():
+    """Bad values for random schema keys: the error quotes the override and names its key, never
+    `override:0:0` or the config file it would have been merged into."""
+    rng = random.Random(4)
+    values = ["[1,", "{a:", "-5", "[-5]", "nan", "[nan]", "1e999", "'x", "[[]]", "x", "-1e-9", "[0]", "{}",
+              "[" * 3000, "1" * 5000, "true", "[2, 1]", "[1.5, 1e400]"]
+    for _ in range(1500):
+        key = ".".join(rng.choice(SCHEMA_PATHS))
+        override = f"--{key}={rng.choice(values)}"
+        try:
+            cfg = build_config(TINY, [override], source="tiny.json")
+        except ConfigError as exc:
+            text = str(exc)
+            if text.startswith("override"):
+                assert override[:40] in text and key in text, (override, text)
+            else:  # a rule over a whole section after the override passed on its own
+                assert text.startswith("tiny.json: ") and key.split(".")[0] in text, (override, text)
+            continue
+        json.dumps(config_to_dict(cfg), allow_nan=False)
+
+
+def test_an_override_after_a_free_form_one_is_still_named():
+    with pytest.raises(ConfigError, match=r"^override '--data.tile_px=-3': data.tile_px: -3 is below"):
+        build_config({}, ["--model.extra.width=3", "--data.tile_px=-3"])
+
+
+@pytest.mark.parametrize("depth", [10, 64, 65, 900, 5000])
+def test_nested_files_are_refused_by_depth(tmp_path, depth):
+    """JSON and YAML-lite nested `depth` levels (inside model.extra): accepted up to 64, else a ConfigError
+    naming the file; never a RecursionError."""
+    inner = "[" * (depth - 3) + "]" * (depth - 3)
+    (tmp_path / "c.json").write_text('{"model": {"extra": {"a": ' + inner + "}}}")
+    yaml = "model:\n  extra:\n" + "".join(" " * (4 + 2 * i) + f"k{i}:\n" for i in range(depth - 2))
+    (tmp_path / "c.yaml").write_text(yaml)
+    for path in (tmp_path / "c.json", tmp_path / "c.yaml"):
+        try:
+            build_config(read_config_file(path))
+        except ConfigError as exc:
+            assert depth > 64 and str(path) in str(exc) and "nested deeper" in str(exc), str(exc)
+        else:
+            assert depth <= 64

@@ -11,6 +11,7 @@ from lib.core.errors import ShardError
 from lib.data.shards import ShardWriter, mask_member, read_manifest, write_manifest
 
 THRESHOLDS = [5, 2]  # deliberately not sorted: masks must follow the manifest's order
+MASK_VALUE = {5: 1, 2: 255}  # each threshold's mask is constant: its value tells the channels apart
 COUNTS = [7, 3, 9, 4, 6]  # uneven shards: 29 samples
 
 
@@ -27,7 +28,7 @@ def folder(tmp_path_factory):
                 dsm[0, 0] = np.nan
                 w.write({"__key__": f"site{i % 2}_r{i:04d}", "dsm.npy": dsm,
                          "chm.npy": np.full((8, 8), i, np.float32),
-                         **{mask_member(t): np.full((8, 8), t + i % 2, np.uint8) for t in THRESHOLDS},
+                         **{mask_member(t): np.full((8, 8), MASK_VALUE[t], np.uint8) for t in THRESHOLDS},
                          "extra.npy": np.zeros(3), "json": {"site": f"site{i % 2}", "i": i}})
                 i += 1
         shards += w.shards
@@ -56,7 +57,7 @@ def test_sample_format(folder):
     assert s["dsm"].shape == (1, 8, 8) and s["dsm"].dtype == torch.float32 and torch.isnan(s["dsm"][0, 0, 0])
     assert torch.equal(s["chm"], torch.full((1, 8, 8), 3.0))
     assert s["masks"].dtype == torch.uint8 and s["masks"].shape == (2, 8, 8)
-    assert s["masks"][:, 0, 0].tolist() == [t + 1 for t in THRESHOLDS]
+    assert s["masks"][:, 0, 0].tolist() == [MASK_VALUE[t] for t in THRESHOLDS]
     assert set(s) == {"key", "dsm", "chm", "masks", "site"}  # "extra" is not decoded
     batch = next(iter(build_loader(ds, batch_size=4, workers=0)))
     assert batch["dsm"].shape == (4, 1, 8, 8) and batch["site"] == ["site0", "site1", "site0", "site1"]
@@ -175,7 +176,7 @@ def test_mask_members_set_the_channel_order(folder, tmp_path):
     manifest["mask_members"] = [mask_member(t)[:-4] for t in reversed(THRESHOLDS)]
     write_manifest(tmp_path, manifest)
     s = next(iter(ShardDataset(tmp_path, "train", shuffle=False)))
-    assert s["masks"][:, 0, 0].tolist() == [t for t in reversed(THRESHOLDS)]
+    assert s["masks"][:, 0, 0].tolist() == [MASK_VALUE[t] for t in reversed(THRESHOLDS)]
     del manifest["mask_members"], manifest["thresholds_m"]
     write_manifest(tmp_path, manifest)
     with pytest.raises(ShardError, match="mask_members"):
@@ -188,7 +189,7 @@ def test_bad_split_and_arrays(folder):
         ShardDataset(folder, "val")
     with pytest.raises(ShardError, match="lacks member"):
         list(ShardDataset(folder, "train", arrays=("dsm", "ortho")))
-    with pytest.raises(ShardError, match="no 'region' in its json"):
+    with pytest.raises(ShardError, match="'json' has no 'region'"):
         list(ShardDataset(folder, "train", meta_keys=("site", "region")))
 
 

@@ -352,7 +352,8 @@ def test_gaps_script_reports_errors(tmp_path):
 
 
 def test_gaps_script_estimates_the_ground_without_a_dtm(tmp_path):
-    """--ground-window: the classical DSM-only method; on flat ground with pits to it, it finds the DTM's gaps."""
+    """The DSM-only paths (the ground filter by default, the opening with --ground-window): on flat ground
+    with pits to it, each finds the DTM's gaps."""
     rng = np.random.default_rng(3)
     chm = np.full((96, 96), 25.0, np.float32) + rng.uniform(-2, 2, (96, 96)).astype(np.float32)
     chm[20:30, 40:52] = 0.5                                         # gaps that reach the ground
@@ -363,22 +364,24 @@ def test_gaps_script_estimates_the_ground_without_a_dtm(tmp_path):
     write_raster(tmp_path / "dsm.tif", chm + terrain, info)
     write_raster(tmp_path / "dtm.tif", terrain, info)
     runs = {}
-    for name, extra in (("dtm", ["--dtm", tmp_path / "dtm.tif"]), ("ground", ["--ground-window", 41])):
+    for name, extra in (("dtm", ["--dtm", tmp_path / "dtm.tif"]), ("opening", ["--ground-window", 41]),
+                        ("filter", [])):
         code, out, err = run_script(["--dsm", tmp_path / "dsm.tif", *extra, "--thresholds", 5,
                                      "--min-area", 4, "--out", tmp_path / name])
         assert code == 0, err
         runs[name], _ = read_raster(tmp_path / name / "gaps_5m.tif")
-    found, truth = np.nan_to_num(runs["ground"]) > 0, np.nan_to_num(runs["dtm"]) > 0
+    truth = np.nan_to_num(runs["dtm"]) > 0
     assert truth.sum() == 10 * 12 + 3 * 4
-    assert (found & truth).sum() / (found | truth).sum() > 0.95
+    for name in ("opening", "filter"):
+        found = np.nan_to_num(runs[name]) > 0
+        assert (found & truth).sum() / (found | truth).sum() > 0.95, name
 
 
 def test_gaps_script_ground_window_errors(tmp_path):
     chm = random_chm(2)
     write_raster(tmp_path / "dsm.tif", chm + 100, geo(*chm.shape, pixel=(2.0, 2.0)))
     write_raster(tmp_path / "chm.tif", chm, geo(*chm.shape))
-    for argv, message in (([], "--dsm needs --dtm or --ground-window"),
-                          (["--ground-window", 0], "must be > 0"),
+    for argv, message in ((["--ground-window", 0], "must be > 0"),
                           (["--ground-window", 51, "--dtm", tmp_path / "chm.tif"], "not allowed with")):
         with pytest.raises(SystemExit), redirect_stderr(io.StringIO()) as err:
             gaps.main([str(a) for a in ["--dsm", tmp_path / "dsm.tif", "--thresholds", 5, "--out", tmp_path / "o",
@@ -387,7 +390,7 @@ def test_gaps_script_ground_window_errors(tmp_path):
     with pytest.raises(SystemExit), redirect_stderr(io.StringIO()) as err:
         gaps.main([str(a) for a in ["--chm", tmp_path / "chm.tif", "--ground-window", 51, "--thresholds", 5,
                                     "--out", tmp_path / "o"]])
-    assert "--dsm needs --dtm or --ground-window" in err.getvalue()
+    assert "--dtm and --ground-window need --dsm" in err.getvalue()
     code, _, err = run_script(["--dsm", tmp_path / "dsm.tif", "--ground-window", 5, "--thresholds", 5,
                                "--out", tmp_path / "o"])
     assert code == 2 and "under 3 pixels" in err and "dsm.tif" in err

@@ -327,9 +327,10 @@ def test_broken_inputs_name_the_path(tmp_path):
 def test_unsupported_compression_is_named(tmp_path):
     strips = [bytes(16 * 16)]
     (tmp_path / "jpeg.tif").write_bytes(tiff_bytes(strips, (16, 16), np.uint8, compression=7))
-    read_info(tmp_path / "jpeg.tif")  # the header is fine
-    with pytest.raises(RasterError, match=r"compression JPEG \(7\) is not supported"):
-        read_raster(tmp_path / "jpeg.tif")
+    for read in (read_info, read_raster):  # refused before any pixel or grid is used
+        with pytest.raises(RasterError, match=r"jpeg.tif: TIFF tag Compression \(259\) = 7 \(JPEG\) is not"
+                                              r" read here.*\n  hint: gdal_translate"):
+            read(tmp_path / "jpeg.tif")
 
 
 def test_corrupt_block_is_named(tmp_path):

@@ -164,3 +164,23 @@ def test_ensemble_members_must_agree(tmp_path):
         loading.load_ensemble([continuous, fixed])
     with pytest.raises(ModelError, match=r"p.ckpt was trained on 2 m pixels but .*c.ckpt on 1 m"):
         loading.load_ensemble([continuous, coarse])
+
+
+def test_a_model_with_a_head_for_every_threshold_is_called_once():
+    from lib.data.normalize import Normalizer
+    from lib.infer.loading import InferenceModel
+
+    class EveryThreshold(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x, t):  # the per-sample path must not be taken
+            raise AssertionError("forward called")
+
+        def forward_thresholds(self, x, t):  # (B, C, H, W), (K,) -> (B, K, H, W)
+            EveryThreshold.calls += 1
+            return x[:, :1] * 0 + t.view(1, -1, 1, 1)
+
+    net = InferenceModel(Normalizer(scale=10.0), EveryThreshold())
+    probs = predict_thresholds(net, torch.full((3, 1, 8, 8), 300.0), torch.tensor([2.0, 5.0]))
+    assert EveryThreshold.calls == 1 and probs.shape == (3, 2, 8, 8)
+    assert torch.allclose(probs[:, 1], torch.sigmoid(torch.tensor(0.5)))

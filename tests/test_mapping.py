@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import predict
 from conftest import make_checkpoint
 from lib.gaps.nesting import nesting_violations
+from lib.geoio.geopackage import read_gpkg
 from lib.geoio.geotiff_read import read_info, read_raster
 from tests.test_scene_windows import random_dsm, write_dsm
 
@@ -177,8 +178,10 @@ def test_a_folder_s_chms_and_dtms_are_not_mapped_as_dsms(tmp_path, caplog):
 
 
 def outputs(folder: Path) -> dict[str, bytes]:
-    """Every output file's bytes, except the JSON summaries (they hold timings)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+    """Every output file's bytes, except the JSON summaries (they hold timings); a GeoPackage as its layers'
+    features (its gpkg_contents rows hold the time of writing)."""
+    return {str(p.relative_to(folder)): repr([read_gpkg(p, f"gaps_{t}m") for t in (2, 5, 10, 15)]).encode()
+            if p.suffix == ".gpkg" else p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file() and p.suffix != ".json"}
 
 
@@ -197,7 +200,7 @@ def test_two_torchrun_processes_give_the_outputs_of_one(tmp_path):
     assert "[rank 0/2] tile_0: mapping" in pair.stdout and "[rank 1/2] tile_1: mapping" in pair.stdout
     assert "[rank 1/2] tile_2" not in pair.stdout                # rank r takes scenes r, r + 2
     one, two = outputs(tmp_path / "one"), outputs(tmp_path / "two")
-    assert len(one) == 4 * 8 + 4 and one == two                   # 4 scenes x (4 tif + 4 csv), 4 tables
+    assert len(one) == 4 * 9 + 4 and one == two                   # 4 scenes x (4 tif + 4 csv + gpkg), 4 tables
     counts = [{name: scene["gaps"] for name, scene in json.loads((tmp_path / d / "predict.json").read_text())
                ["scenes"].items()} for d in ("one", "two")]
     assert counts[0] == counts[1] and sum(counts[0]["tile_0"].values()) > 8

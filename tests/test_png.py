@@ -61,7 +61,8 @@ def test_png_rejects_other_arrays():
 
 
 def test_glyphs_and_text_bitmap():
-    assert len(png._FONT) == 45
+    assert len(png._FONT) == 46
+    assert png.text_bitmap("<", scale=1).astype(int).tolist() == [[0, 0, 1], [0, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]
     assert all(len(code) == 5 and set(code) <= set("01234567") for code in png._FONT.values())
     one = png.text_bitmap("1", scale=1)
     assert one.astype(int).tolist() == [[0, 1, 0], [1, 1, 0], [0, 1, 0], [0, 1, 0], [1, 1, 1]]

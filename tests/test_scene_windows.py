@@ -20,7 +20,8 @@ from lib.gaps.masks import IGNORE, gap_labels, gap_masks
 from lib.geoio.georef import GeoInfo
 from lib.geoio.geotiff_read import read_info, read_raster
 from lib.geoio.geotiff_write import RasterWriter, write_raster
-from lib.infer.scene_windows import blend_ramp, d4_average, filter_gaps, iter_scene, plan_scene, predict_thresholds, write_scene
+from lib.infer.scene_gaps import filter_gaps
+from lib.infer.scene_windows import blend_ramp, d4_average, iter_scene, plan_scene, predict_thresholds, write_scene
 from lib.infer.scene_scores import score_scene
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,7 +199,8 @@ def test_scene_scores_against_a_reference(tmp_path):
     tp = int(((pred[1] == 1) & (ref[1] == 1)).sum())
     assert scores["model"]["10m"]["recall"] == pytest.approx(tp / (ref[1] == 1).sum())
     assert scores["model"]["10m"]["precision"] == 1.0
-    assert set(scores["classical"]["mean"]) == {"iou", "f1", "precision", "recall"}
+    assert set(scores["classical"]["mean"]) == set(scores["ground_filter"]["mean"]) == {"iou", "f1", "precision",
+                                                                                        "recall"}
     assert np.array_equal(read_raster(tmp_path / "ref_gaps_10m.tif")[0] == 1, ref[1] == 1)
     stats = scores["gap_statistics"]
     for k, tag in enumerate(("2m", "10m")):                       # the statistics of both maps, side by side
@@ -288,9 +290,34 @@ def test_predict_cli_on_the_real_wellington_scene(tmp_path, real_data):
         assert header.startswith("gap_id,gap_area,dsm_max")
     scores = json.loads((out / "scores.json").read_text())
     assert set(scores) >= {"model", "classical", "reference", "thresholds_m"}
-    assert set(scores["model"]) == set(scores["classical"]) == {"5m", "10m", "mean"}
+    assert set(scores["model"]) == set(scores["classical"]) == set(scores["ground_filter"]) == {"5m", "10m", "mean"}
     assert scores["gap_statistics"]["10m"]["reference"]["n_gaps"] > 0 and "lambda_hanel" in \
         scores["gap_statistics"]["10m"]["model"]
     assert (out / "quicklook.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "predict.json").read_text())
     assert summary["predict"]["window_px"] == 64 and summary["predict"]["batch_size"] == 2
+
+
+def test_prefetched_yields_everything_in_order_and_reraises_errors():
+    from lib.infer.scene_windows import prefetched
+
+    assert list(prefetched(iter(range(50)))) == list(range(50))
+
+    def broken():
+        yield 1
+        raise ValueError("bad strip")
+    with pytest.raises(ValueError, match="bad strip"):
+        list(prefetched(broken()))
+
+
+def test_padded_batches_have_one_shape_and_change_nothing(tmp_path):
+    write_dsm(tmp_path / "dsm.tif", random_dsm(70, 90))
+    shapes = []
+
+    class Recording(PointOracle):
+        def forward(self, dsm, thresholds_m):
+            shapes.append(tuple(dsm.shape))
+            return super().forward(dsm, thresholds_m)
+    padded = scene(Recording(), tmp_path / "dsm.tif", 32, 0.25, batch=4, pad_batches=True)
+    assert len(set(shapes)) == 1 and shapes[0][0] == 4 * 2      # 4 windows x 2 thresholds, every call
+    np.testing.assert_allclose(padded, scene(PointOracle(), tmp_path / "dsm.tif", 32, 0.25, batch=4), atol=1e-6)

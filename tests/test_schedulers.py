@@ -147,3 +147,14 @@ def test_set_lr_scales_each_group():
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 5e-4])
     with pytest.raises(ValueError):
         set_lr(opt, 1e-3, group_scales=[1.0])
+
+
+@pytest.mark.parametrize("total", [3, 10])
+def test_a_warmup_longer_than_the_run_names_one_that_fits(total):
+    """A small dataset gives few steps per epoch: the error's hint is a warmup the run can take."""
+    cfg = ScheduleConfig(name="warmup_cosine", warmup_steps=total + 1)
+    with pytest.raises(ConfigError) as err:
+        build_schedule(cfg, 1e-3, total)
+    fitting = int(err.value.hint.split("--schedule.warmup_steps=")[1].split()[0])
+    schedule = build_schedule(ScheduleConfig(name="warmup_cosine", warmup_steps=fitting), 1e-3, total)
+    assert 0 <= fitting < total and schedule(total - 1) < schedule(fitting)

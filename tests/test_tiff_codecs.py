@@ -2,6 +2,7 @@
 present), the TIFF predictors against row-by-row references, and LZW GeoTIFFs written by GDAL."""
 import shutil
 import subprocess
+import zlib
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def pack_codes(codes: list) -> bytes:
     return bytes(out + (bytes([(acc << (8 - n_bits)) & 0xFF]) if n_bits else b""))
 
 
-def lzw_encode(data: bytes) -> bytes:
+def lzw_codes(data: bytes) -> list[int]:
     """Reference TIFF LZW encoder in plain Python: a clear first and whenever the table is full."""
     codes, table, prefix = [256], {}, None  # table: (prefix code, next byte) -> code
     for byte in data:
@@ -44,7 +45,12 @@ def lzw_encode(data: bytes) -> bytes:
             if 258 + len(table) == 4094:
                 codes.append(256)
                 table = {}
-    return pack_codes(codes + ([] if prefix is None else [prefix]) + [257])
+    return codes + ([] if prefix is None else [prefix]) + [257]
+
+
+def lzw_encode(data: bytes) -> bytes:
+    """Reference TIFF LZW stream of `data` (see lzw_codes and pack_codes)."""
+    return pack_codes(lzw_codes(data))
 
 
 def float_predict(rows: np.ndarray) -> np.ndarray:
@@ -89,6 +95,53 @@ def test_lzw_stream_without_eoi_and_corrupt_code():
         tiff_codecs.lzw_decode(pack_codes([256, 97, 300, 257]))
     with pytest.raises(ValueError, match="code 258 used before"):
         tiff_codecs.lzw_decode(pack_codes([256, 258, 257]))  # first code after a clear must be a byte
+
+
+@pytest.mark.parametrize("kind", ["random", "floats", "long"])
+def test_old_style_lzw_decodes_as_libtiff(kind):
+    """Pre-libtiff-5 streams (LSB-first codes, widened one code later) are told apart as libtiff does."""
+    from tests.tiff_builder import old_lzw_encode
+    rng = np.random.default_rng(3)
+    data = {"random": rng.integers(0, 256, 3000, dtype=np.uint8).tobytes(), "floats": smooth((40, 50)).tobytes(),
+            "long": bytes(range(256)) * 300}[kind]  # "long": several clears, all four code widths
+    old, new = old_lzw_encode(data), lzw_encode(data)
+    assert tiff_codecs.is_old_style_lzw(old) and not tiff_codecs.is_old_style_lzw(new)
+    assert tiff_codecs.lzw_decode_many([new, old, new]) == [data, data, data]
+    raw = tiff_codecs.decode_segments([old], 5, 1, [(1, len(data), 1)], np.dtype("u1"))[0]
+    assert raw.tobytes() == data
+
+
+def test_lzw_bomb_is_refused_before_it_is_allocated():
+    bomb = lzw_encode(bytes(2**22))  # 4 MiB of zeros in ~6 KB
+    assert len(bomb) < 2**13 and tiff_codecs.lzw_decode(bomb) == bytes(2**22)
+    with pytest.raises(ValueError, match="far more bytes than its block holds"):
+        tiff_codecs.lzw_decode_many([bomb], max_bytes=2**20)
+    with pytest.raises(ValueError, match="far more bytes"):
+        tiff_codecs.decode_segments([bomb], 5, 1, [(16, 16, 1)], np.dtype("u1"))
+
+
+def test_fill_order_2_reverses_the_stored_bits_of_any_codec():
+    values = smooth((6, 20)).astype("<f4")
+    for compression, encode in ((1, bytes), (5, lzw_encode), (8, zlib.compress)):
+        stored = tiff_codecs.reverse_bits(encode(values.tobytes()))
+        got = tiff_codecs.decode_segments([stored], compression, 1, [(6, 20, 1)], np.dtype("<f4"), fill_order=2)
+        np.testing.assert_array_equal(got[0][:, :, 0], values)
+    assert tiff_codecs.reverse_bits(b"\x01\x80\x0f") == b"\x80\x01\xf0"
+
+
+def test_deflate_must_end_as_a_whole_stream():
+    """libdeflate (GDAL's inflater) needs the whole stream: a longer valid one gives its first bytes,
+    a cut or corrupt one (even past the block's bytes) is an error, never a guess."""
+    data = bytes(range(256)) * 8
+    decode = lambda stream: tiff_codecs.decode_segments([stream], 8, 1, [(4, 256, 1)], np.dtype("u1"))[0]
+    assert decode(zlib.compress(data)).tobytes() == bytes(range(256)) * 4
+    assert decode(zlib.compress(data) + b"junk").tobytes() == bytes(range(256)) * 4  # after the end: ignored
+    with pytest.raises(ValueError, match="cut short"):
+        decode(zlib.compress(data)[:-9])
+    corrupt = bytearray(zlib.compress(data, 0))  # stored blocks: the checksum catches a flipped byte
+    corrupt[-20] ^= 1
+    with pytest.raises(ValueError, match="corrupt deflate data"):
+        decode(bytes(corrupt))
 
 
 def test_predictors_invert_reference():

@@ -47,3 +47,14 @@ def test_loader_calibration_choice_is_printed(tiny_dataset, tmp_path, capsys):
     assert train.main(["--config", config, "--run.name=cal", "--data.calibrate=true", "--train.max_steps=3"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("loader calibration chose "))
     assert "0 workers (the main process loads)" in line and "samples/s: " in line      # every trial, timed
+
+
+def test_a_train_split_smaller_than_one_batch_is_an_error(tiny_dataset, tmp_path, capsys):
+    """drop_last would run no step at all: a single small plot must not 'train' silently."""
+    samples = json.loads((tiny_dataset / "data" / "manifest.json").read_text())["splits"]["train"]["samples"]
+    config = _config_file(tmp_path, tiny_dataset)
+    assert train.main(["--config", config, f"--train.batch_size={samples + 1}"]) == 2
+    err = capsys.readouterr().err
+    assert f"the train split has {samples} tile(s) per process, fewer than one batch" in err
+    assert f"hint: --train.batch_size={samples}" in err
+    assert train.main(["--config", config, f"--train.batch_size={samples}", "--schedule.warmup_steps=0"]) == 0

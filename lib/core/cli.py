@@ -1,6 +1,9 @@
-"""What every script shares at its edge: error reporting, logging set-up, the resolved-config banner."""
+"""What every script shares at its edge: error reporting, logging set-up, the resolved-config banner,
+range-checked number types for argparse."""
+import argparse
 import functools
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -47,3 +50,23 @@ def setup_logging(log_file: str | Path | None = None, rank: int = 0, level: int 
                                                and not isinstance(handler, logging.FileHandler)
                                                else "%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
+
+
+def number(kind: type = float, low: float | None = None, high: float | None = None, low_open: bool = False):
+    """An argparse `type=`: a finite `kind` in [low, high] ((low, high] with low_open). argparse turns a
+    refusal into `<prog>: error: argument --x: ...` and exit 2, before anything runs."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (value < low or low_open and value == low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if low_open else '>='} {low:g}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} must be <= {high:g}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse

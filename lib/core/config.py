@@ -12,7 +12,7 @@ import types
 import typing
 from pathlib import Path
 
-from lib.core import yamllite
+from lib.core import safejson, yamllite
 from lib.core.atomic import write_text
 from lib.core.errors import ConfigError
 from lib.core.schema import Config
@@ -29,15 +29,18 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})") \
             from None
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+        data = safejson.loads(text, str(path))
     else:
         data = yamllite.loads(text, where=str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, found {type(data).__name__}")
     return data
+
+
+def _show(value, limit: int = 80) -> str:
+    """repr of a value for a message, cut at `limit` characters (a config value can be a megabyte)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _type_name(tp) -> str:
@@ -59,15 +62,15 @@ def _coerce(value, tp, where: str, meta: dict):
                 return _coerce(value, option, where, meta)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {_show(value)}")
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, found {value!r}")
+            raise ConfigError(f"{where}: expected a list, found {_show(value)}")
         (item_tp,) = typing.get_args(tp) or (typing.Any,)
         return [_coerce(v, item_tp, f"{where}[{i}]", meta) for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, found {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, found {_show(value)}")
         return dict(value)
     if tp is typing.Any:
         return value
@@ -77,7 +80,7 @@ def _coerce(value, tp, where: str, meta: dict):
         value = float(value)
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool) \
             or not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, found {value!r}")
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, found {_show(value)}")
     _check_range(value, where, meta)
     return value
 
@@ -102,9 +105,11 @@ def _check_range(value, where: str, meta: dict) -> None:
     if choices is not None and value not in choices:
         near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f"did you mean {near[0]!r}?" if near else None
-        raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}", hint=hint)
+        raise ConfigError(f"{where}: {_show(value)} is not one of {list(choices)}", hint=hint)
     if "min" in meta and value < meta["min"]:
         raise ConfigError(f"{where}: {value!r} is below the minimum {meta['min']}")
+    if "above" in meta and not value > meta["above"]:
+        raise ConfigError(f"{where}: {value!r} must be above {meta['above']}")
     if "max" in meta and value > meta["max"]:
         raise ConfigError(f"{where}: {value!r} is above the maximum {meta['max']}")
 
@@ -112,40 +117,52 @@ def _check_range(value, where: str, meta: dict) -> None:
 def _unknown_key(key: str, valid: list[str], where: str, source: str) -> ConfigError:
     near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"did you mean {where + near[0]!r}?" if near else f"valid keys: {', '.join(valid)}"
-    return ConfigError(f"{source}: unknown key {where + key!r}", hint=hint)
+    return ConfigError(f"{source}: unknown key {_show(where + key)}", hint=hint)
+
+
+def _split_override(item: str) -> tuple[str, str, str]:
+    """('--a.b=1') -> ('a.b', '1', "override '--a.b=1'"), the last naming it in messages."""
+    text = item[2:] if item.startswith("--") else item
+    name = f"override {_show(item)}"
+    if "=" not in text:
+        raise ConfigError(f"{name} must look like --section.key=value")
+    dotted, raw = text.split("=", 1)
+    return dotted, raw, name
 
 
 def _check_overrides(overrides: list[str]) -> None:
-    """Name the override, not the config file, when an override's key is not in the schema or its value
-    does not fit the key's type, choices or range."""
+    """Check each override against the schema on its own, so an error names the override and its key
+    (not the config file it would have been merged into)."""
     for item in overrides:
-        text = item[2:] if item.startswith("--") else item
-        key, has_value, raw = text.partition("=")
-        if key == "config":  # scripts that read a config file consume --config earlier
+        dotted, raw, name = _split_override(item)
+        if dotted == "config":  # scripts that read a config file consume --config earlier
             raise ConfigError("this script takes no --config: its config is the one saved in --checkpoint",
                               hint="change keys with overrides, e.g. --data.root=data/mysite")
-        cls, prefix, meta = Config, "", None
-        for part in key.split("."):
+        cls, prefix, meta = Config, "", {}
+        for part in dotted.split("."):
             if not dataclasses.is_dataclass(cls):  # inside a free-form mapping (e.g. model.extra)
-                meta = None
                 break
             fields = {f.name: f for f in dataclasses.fields(cls)}
             if part not in fields:
-                raise _unknown_key(part, list(fields), prefix, f"override {item!r}")
+                raise _unknown_key(part, list(fields), prefix, name)
             cls, prefix, meta = typing.get_type_hints(cls)[part], f"{prefix}{part}.", dict(fields[part].metadata)
-        if has_value and meta is not None and not dataclasses.is_dataclass(cls):
-            _coerce(_override_value(raw), cls, f"override {item!r}: {key}", meta)
+        else:  # a schema key or section: its value is checked here, where the override can be named
+            value = _override_value(raw, f"{name}: {dotted}")
+            if dataclasses.is_dataclass(cls):
+                _build(cls, value, prefix, name)
+            else:
+                _coerce(value, cls, f"{name}: {dotted}", meta)
 
 
 def _build(cls, data: dict, prefix: str, source: str):
     """Instantiate dataclass `cls` from `data`, recursing into section dataclasses."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, found {data!r}")
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, found {_show(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
-            raise _unknown_key(key, list(fields), prefix, source)
+            raise _unknown_key(str(key), list(fields), prefix, source)
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
@@ -159,36 +176,43 @@ def _build(cls, data: dict, prefix: str, source: str):
         raise ConfigError(f"{source}: {exc}") from None
 
 
-def _override_value(text: str):
+def _override_value(text: str, where: str):
     """An override's value: JSON when it parses (numbers, lists, true), YAML-lite scalar otherwise."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return yamllite.parse_scalar(text, "override")
+        value = json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested deeper than {safejson.MAX_DEPTH} levels") from None
+    except ValueError:  # not JSON (or an integer past 4,300 digits): read it as YAML-lite
+        value = yamllite.parse_scalar(text, where)
+    safejson.check_depth(value, where)
+    return value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Set `section.key=value` strings into a nested dict (copied)."""
     data = json.loads(json.dumps(data))
     for item in overrides:
-        text = item[2:] if item.startswith("--") else item
-        if "=" not in text:
-            raise ConfigError(f"override {item!r} must look like --section.key=value")
-        dotted, raw = text.split("=", 1)
+        dotted, raw, name = _split_override(item)
         node = data
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = _override_value(raw)
+                raise ConfigError(f"{name}: {part!r} is not a section")
+        node[leaf] = _override_value(raw, f"{name}: {dotted}")
     return data
 
 
 def build_config(data: dict | None = None, overrides: list[str] = (), source: str = "<config>") -> Config:
     """Validated Config from a dict (missing keys take their defaults) plus overrides."""
     _check_overrides(list(overrides))
-    data = apply_overrides(data or {}, list(overrides))
+    if not isinstance(data or {}, dict):
+        raise ConfigError(f"{source}: the config must be a mapping of sections, found {_show(data)}")
+    safejson.check_depth(data or {}, source)  # a checkpoint's config arrives here without a JSON parse
+    try:
+        data = apply_overrides(data or {}, list(overrides))
+    except (TypeError, ValueError) as exc:  # keys or values JSON cannot hold (a checkpoint's config)
+        raise ConfigError(f"{source}: not plain JSON data ({str(exc)[:120]})") from None
     return _build(Config, data, "", source)
 
 

@@ -18,7 +18,8 @@ def valid_input_feature(name) -> bool:
 
 
 def opt(default, doc: str, **meta):
-    """A schema field: default, one-line doc (with unit), optional choices/min/max."""
+    """A schema field: default, one-line doc (with unit), optional choices/min/above (exclusive)/max; for a
+    list the bounds apply to each item."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc, **meta})
     return field(default=default, metadata={"doc": doc, **meta})
@@ -28,7 +29,7 @@ def opt(default, doc: str, **meta):
 class RunConfig:
     name: str = opt("default", "run name: outputs go to <output_root>/<name>/")
     output_root: str = opt("runs", "folder that holds run directories")
-    seed: int = opt(0, "one seed for python, numpy, torch, data order and augmentation")
+    seed: int = opt(0, "one seed for python, numpy, torch, data order and augmentation", min=0)
     deterministic: bool = opt(False, "cudnn deterministic, no benchmark (slower; for final runs)")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
 
@@ -40,20 +41,21 @@ class DataConfig:
     root: str = opt("data/synthetic", "dataset folder: shards and manifest.json")
     synthetic_sites: int = opt(12, "number of synthetic sites when no real site is listed; for task "
                                "classification without class_folder, synthetic tiles per stand type", min=0)
-    synthetic_size_px: int = opt(1024, "side of each synthetic site in pixels", min=64)
+    synthetic_size_px: int = opt(1024, "side of each synthetic site in pixels", min=64, max=16384)
     sites: list[dict] = opt([], "real sites: [{name, dsm, chm | dtm}] paths to GeoTIFFs")
     raster_folder: str = opt("", "folder of <site>_DSM.tif with <site>_CHM.tif or <site>_DTM.tif")
     class_folder: str = opt("", "classification: folder of class subfolders of tiles")
-    pixel_size_m: float = opt(1.0, "pixel size of the tiles in metres", min=0.0)
-    tile_px: int = opt(256, "tile side in pixels", min=16)
+    pixel_size_m: float = opt(1.0, "pixel size of the tiles in metres", above=0.0)
+    tile_px: int = opt(256, "tile side in pixels", min=16, max=4096)
     stride_px: int = opt(256, "step between tiles in pixels (< tile_px overlaps, inside a split only)", min=1)
     min_valid_fraction: float = opt(0.7, "drop tiles with less valid (non-nodata) area", min=0.0, max=1.0)
-    thresholds_m: list[float] = opt([2.0, 5.0, 10.0, 15.0], "gap height thresholds in metres, increasing")
+    thresholds_m: list[float] = opt([2.0, 5.0, 10.0, 15.0], "gap height thresholds in metres, increasing",
+                                        above=0.0)
     min_area_m2: float = opt(1.0, "smallest gap kept in the masks, m²", min=0.0)
     max_area_m2: float = opt(1.0e6, "largest gap kept in the masks, m²", min=0.0)
     split: str = opt("auto", "spatial split rule: by site, by blocks of tiles, or auto (site if enough sites)",
                      choices=("auto", "site", "block"))
-    split_fractions: list[float] = opt([0.7, 0.15, 0.15], "train/val/test fractions")
+    split_fractions: list[float] = opt([0.7, 0.15, 0.15], "train/val/test fractions", min=0.0, max=1.0)
     block_px: int = opt(1024, "block side in pixels for the block split", min=16)
     test_sites: list[str] = opt([], "site names held out as the test split")
     shard_mb: float = opt(128.0, "target shard size in MB", min=1.0)
@@ -128,7 +130,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     name: str = opt("focal_dice", "loss for the task (segmentation: bce, focal, dice, tversky, lovasz, focal_dice)")
-    threshold_weights: list[float] = opt([], "per-threshold weights (empty: all 1)")
+    threshold_weights: list[float] = opt([], "per-threshold weights (empty: all 1)", min=0.0)
     extra: dict = opt({}, "loss-specific keyword arguments (focal gamma, tversky alpha/beta, ...)")
     focal_gamma: float = opt(2.0, "focal: focusing exponent (0 gives BCE)", min=0.0)
     focal_alpha: float | None = opt(None, "focal: weight of gap pixels, 1 - alpha for non-gap; null: unweighted",
@@ -149,9 +151,10 @@ class LossConfig:
     tversky_beta: float = opt(0.7, "tversky: weight of false negatives", min=0.0)
     adaptive_terms: list[str] = opt(["focal", "dice"], "adaptive: segmentation losses balanced by learned "
                                     "uncertainty weights (Kendall et al.)")
-    huber_delta_m: float = opt(1.0, "huber (regression): error in metres where L2 turns into L1", min=0.0)
+    huber_delta_m: float = opt(1.0, "huber (regression): error in metres where L2 turns into L1", above=0.0)
     label_smoothing: float = opt(0.0, "cross_entropy (classification): label smoothing", min=0.0, max=1.0)
-    class_weights: list[float] = opt([], "cross_entropy (classification): per-class weights (empty: all 1)")
+    class_weights: list[float] = opt([], "cross_entropy (classification): per-class weights (empty: all 1)",
+                                      min=0.0)
 
 
 @dataclass
@@ -182,7 +185,8 @@ class ScheduleConfig:
     final_div_factor: float = opt(1.0e4, "one_cycle: final LR = starting LR / final_div_factor", min=1.0)
     cycle_half_steps: int = opt(2000, "cyclic: steps from the low LR (min_lr_ratio x peak) to the peak", min=1)
     decay_every_steps: int = opt(1000, "step: multiply the LR by gamma every this many steps", min=1)
-    milestone_steps: list[int] = opt([], "multistep: steps at which the LR is multiplied by gamma, increasing")
+    milestone_steps: list[int] = opt([], "multistep: steps at which the LR is multiplied by gamma, increasing",
+                                       min=0)
     gamma: float = opt(0.1, "step/multistep: LR multiplier at each decay", min=0.0)
     poly_power: float = opt(0.9, "poly: exponent of (1 - progress)", min=0.0)
     plateau_factor: float = opt(0.1, "reduce_on_plateau: LR multiplier on a plateau", min=0.0, max=1.0)
@@ -206,7 +210,8 @@ class TrainConfig:
                                   "filter: T ~ U(range) (continuous) or log T ~ U(log range) (continuous_log: "
                                   "as many draws in 1-5 m as in 5-25 m)",
                                   choices=("uniform", "rare", "continuous", "continuous_log"))
-    threshold_range_m: list[float] = opt([1.0, 30.0], "continuous sampling: lowest and highest threshold, metres")
+    threshold_range_m: list[float] = opt([1.0, 30.0], "continuous sampling: lowest and highest threshold, metres",
+                                         min=0.0)
     early_stopping_patience: int = opt(10, "epochs without improvement before stopping; 0 disables", min=0)
     monitor: str = opt("val/iou_mean", "metric that picks best.ckpt and drives early stopping")
     monitor_mode: str = opt("max", "whether the monitored metric should rise or fall", choices=("max", "min"))
@@ -276,9 +281,9 @@ class EvalConfig:
     tta: bool = opt(False, "average the D4 transforms at test time")
     batch_size: int = opt(16, "evaluation batch size", min=1)
     classical_window_m: float = opt(51.0, "classical DSM-only baseline: side of the grey-opening window, "
-                                          "metres (wider than the largest gap)", min=0.0)
+                                          "metres (wider than the largest gap)", above=0.0)
     size_bounds_m2: list[float] = opt([25.0, 400.0], "gap-size classes for recall, m²: small < first, "
-                                                      "medium up to second, large above")
+                                                      "medium up to second, large above", min=0.0)
     panels: int = opt(4, "example tiles drawn as TensorBoard panels (each at every threshold)", min=0)
 
     def __post_init__(self):
@@ -288,7 +293,7 @@ class EvalConfig:
 
 @dataclass
 class PredictConfig:
-    window_px: int = opt(256, "window side in pixels", min=16)
+    window_px: int = opt(256, "window side in pixels", min=16, max=8192)
     overlap: float = opt(0.25, "fraction of the window shared with its neighbours", min=0.0, max=0.9)
     batch_size: int = opt(8, "windows per forward pass (each runs at every threshold)", min=1)
     tta: bool = opt(False, "average the D4 transforms at test time")
@@ -304,7 +309,7 @@ class SearchConfig:
     name: str = opt("search", "search name: trials go to <run.output_root>/<name>/<trial id>/")
     grid: dict = opt({}, "dotted config keys -> list of values (grid_search.py --grid FILE replaces it)")
     trials: int = opt(0, "random trials drawn from the grid; 0 = the full grid", min=0)
-    seed: int = opt(0, "seed of the random draw of trials (every trial trains with run.seed)")
+    seed: int = opt(0, "seed of the random draw of trials (every trial trains with run.seed)", min=0)
     epochs: int = opt(2, "epochs per trial (of the first rung with successive halving)", min=1)
     workers: int = opt(1, "trials at once, each in its own process (one GPU each when there are GPUs)", min=1)
     halving_rungs: int = opt(0, "successive halving: rungs after the first; each keeps the best keep_fraction "

@@ -33,6 +33,8 @@ def _constraints(meta) -> str:
         parts.append("one of " + ", ".join(f"`{c}`" for c in meta["choices"]))
     if "min" in meta:
         parts.append(f"≥ {meta['min']}")
+    if "above" in meta:
+        parts.append(f"> {meta['above']}")
     if "max" in meta:
         parts.append(f"≤ {meta['max']}")
     return "; ".join(parts)

@@ -2,11 +2,13 @@
 
 Supported: `key: value`, `key:` followed by an indented block, `- item` lists (of scalars or of
 mappings), inline lists `[1, 2.5, "a"]`, inline mappings `{a: 1}`, `#` comments, quoted strings,
-true/false/null, ints and floats. Anything else is a ConfigError with line and column.
+true/false/null, ints and floats. Anything else is a ConfigError with line and column; so is nesting
+deeper than safejson.MAX_DEPTH (block or inline), which would otherwise end in a RecursionError.
 """
 import json
 import re
 
+from lib.core import safejson
 from lib.core.errors import ConfigError
 
 _KEY = re.compile(r"^([A-Za-z_][\w.\-]*)\s*:(\s+|$)")
@@ -26,6 +28,11 @@ def _strip_comment(line: str) -> str:
     return line
 
 
+def _at(where: str, line: int, col: int) -> str:
+    """'file:line:col', or just `where` for text that has no lines (an override)."""
+    return f"{where}:{line}:{col}" if line else where
+
+
 def parse_scalar(text: str, where: str = "<text>", line: int = 0, col: int = 0):
     """One scalar or inline list/mapping, YAML-style (`true`, `null`, `1e-3`, `'a'`, `[1, 2]`)."""
     text = text.strip()
@@ -40,7 +47,7 @@ def parse_scalar(text: str, where: str = "<text>", line: int = 0, col: int = 0):
         return _parse_flow(text, where, line, col)
     if text[0] in "\"'":
         if len(text) < 2 or text[-1] != text[0]:
-            raise ConfigError(f"{where}:{line}:{col}: unterminated string {text!r}")
+            raise ConfigError(f"{_at(where, line, col)}: unterminated string {_short(text)}")
         return text[1:-1]
     for cast in (int, float):
         try:
@@ -60,10 +67,19 @@ def _parse_flow(text: str, where: str, line: int, col: int):
             parts.append(tok)
         else:
             parts.append(json.dumps(parse_scalar(tok, where, line, col)))
+    at = f"{_at(where, line, col)}: inline value {_short(text)}"
     try:
-        return json.loads("".join(parts))
+        value = json.loads("".join(parts))
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{where}:{line}:{col}: cannot read inline value {text!r} ({exc.msg})") from None
+        raise ConfigError(f"{_at(where, line, col)}: cannot read inline value {_short(text)} ({exc.msg})") from None
+    except RecursionError:
+        raise ConfigError(f"{at}: nested deeper than {safejson.MAX_DEPTH} levels") from None
+    safejson.check_depth(value, at)
+    return value
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def loads(text: str, where: str = "<text>"):
@@ -81,13 +97,17 @@ def loads(text: str, where: str = "<text>"):
     if end != len(lines):
         number, indent, _ = lines[end]
         raise ConfigError(f"{where}:{number}:{indent + 1}: unexpected indentation")
+    safejson.check_depth(value, where)  # blocks and inline values together
     return value
 
 
-def _block(lines, start, indent, where):
-    """Read the mapping or list whose items sit at `indent`, from lines[start]."""
+def _block(lines, start, indent, where, depth: int = 1):
+    """Read the mapping or list whose items sit at `indent`, from lines[start]; `depth` counts the blocks
+    around it (each costs a Python frame, so it is bounded before the interpreter's recursion limit)."""
+    if depth > safejson.MAX_DEPTH:
+        raise ConfigError(f"{where}:{lines[start][0]}:{indent + 1}: nested deeper than {safejson.MAX_DEPTH} levels")
     if lines[start][2].startswith("- ") or lines[start][2] == "-":
-        return _list_block(lines, start, indent, where)
+        return _list_block(lines, start, indent, where, depth)
     result, i = {}, start
     while i < len(lines) and lines[i][1] == indent:
         number, _, body = lines[i]
@@ -101,7 +121,7 @@ def _block(lines, start, indent, where):
         if rest:
             result[key] = parse_scalar(rest, where, number, indent + match.end() + 1)
         elif i < len(lines) and lines[i][1] > indent:
-            result[key], i = _block(lines, i, lines[i][1], where)
+            result[key], i = _block(lines, i, lines[i][1], where, depth + 1)
         else:
             result[key] = None
     if i < len(lines) and lines[i][1] > indent:
@@ -110,7 +130,7 @@ def _block(lines, start, indent, where):
     return result, i
 
 
-def _list_block(lines, start, indent, where):
+def _list_block(lines, start, indent, where, depth: int):
     """Read `- item` lines at `indent`; an item may be a scalar or an inline/nested mapping."""
     result, i = [], start
     while i < len(lines) and lines[i][1] == indent and lines[i][2].startswith("-"):
@@ -119,7 +139,7 @@ def _list_block(lines, start, indent, where):
         i += 1
         if not item:
             if i < len(lines) and lines[i][1] > indent:
-                value, i = _block(lines, i, lines[i][1], where)
+                value, i = _block(lines, i, lines[i][1], where, depth + 1)
             else:
                 value = None
         elif _KEY.match(item):
@@ -128,7 +148,7 @@ def _list_block(lines, start, indent, where):
             while i < len(lines) and lines[i][1] > indent:
                 sub.append(lines[i])
                 i += 1
-            value, _ = _block(sub, 0, indent + 2, where)
+            value, _ = _block(sub, 0, indent + 2, where, depth + 1)
         else:
             value = parse_scalar(item, where, number, indent + 3)
         result.append(value)

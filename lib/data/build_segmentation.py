@@ -12,7 +12,7 @@ import numpy as np
 from lib.core.errors import DataError
 from lib.gaps.masks import IGNORE, gap_masks, threshold_tag
 from lib.data.shards import MANIFEST, ShardWriter, mask_member, write_manifest
-from lib.data.tiling import SPLITS, assign_sites, assign_tiles_by_block, block_split_map, tile_origins, valid_fractions
+from lib.data.tiling import SPLITS, assign_sites, fit_block_split, tile_origins, valid_fractions
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -55,26 +55,51 @@ class _SplitTally:
 
 
 def _site_tiles(site, data_cfg, split_rule, site_split, seed):
-    """(origin, split) pairs kept for one site, and its gap masks (K, H, W)."""
+    """(origin, split) pairs kept for one site, its gap masks (K, H, W), and {block_px, draw} of its block
+    split (None when split by site)."""
     h, w = site.dsm.shape
     px = data_cfg.tile_px
+    valid = np.isfinite(site.dsm) & np.isfinite(site.chm)
     if h < px or w < px:
         raise DataError(f"site {site.name!r} is {h}x{w} px, smaller than one {px} px tile",
-                        hint="lower data.tile_px")
+                        hint=_small_site_hint(valid, data_cfg, seed))
     pixel_area = float(site.info.pixel_size[0] * site.info.pixel_size[1])
     masks = gap_masks(site.chm, data_cfg.thresholds_m, data_cfg.min_area_m2, data_cfg.max_area_m2, pixel_area)
-    origins = tile_origins(h, w, px, data_cfg.stride_px)
-    valid = np.isfinite(site.dsm) & np.isfinite(site.chm)
-    keep = valid_fractions(valid, origins, px) >= data_cfg.min_valid_fraction
-    origins = origins[keep]
+    origins = _kept_origins(valid, px, data_cfg.stride_px, data_cfg.min_valid_fraction)
     if split_rule == "site":
-        splits = [site_split] * len(origins)
-    else:
-        blocks = block_split_map(h, w, data_cfg.block_px, data_cfg.split_fractions, seed)
-        buffer_px = max(1, data_cfg.tile_px - data_cfg.stride_px)
-        idx = assign_tiles_by_block(origins, px, blocks, data_cfg.block_px, buffer_px)
-        splits = [SPLITS[i] if i >= 0 else None for i in idx]
-    return [(o, s) for o, s in zip(origins, splits) if s is not None], masks
+        return [(o, site_split) for o in origins], masks, None
+    fit = fit_block_split(origins, (h, w), px, data_cfg.block_px, _buffer_px(data_cfg),
+                          data_cfg.split_fractions, seed)
+    if fit is None:
+        raise DataError(f"site {site.name!r} ({h}x{w} px) is too small to split into train/val/test by "
+                        f"blocks of {px} px tiles with a buffer, whatever the block size",
+                        hint=_small_site_hint(valid, data_cfg, seed))
+    if fit["block_px"] != data_cfg.block_px:
+        log.warning("site %r (%dx%d px): %d px blocks leave a split without tiles, split by %d px blocks "
+                    "instead (manifest.json split_rule)", site.name, h, w, data_cfg.block_px, fit["block_px"])
+    kept = [(o, SPLITS[i]) for o, i in zip(origins, fit.pop("split")) if i >= 0]
+    return kept, masks, fit
+
+
+def _kept_origins(valid: np.ndarray, tile_px: int, stride_px: int, min_valid_fraction: float) -> np.ndarray:
+    origins = tile_origins(*valid.shape, tile_px, stride_px)
+    return origins[valid_fractions(valid, origins, tile_px) >= min_valid_fraction]
+
+
+def _buffer_px(data_cfg) -> int:
+    return max(1, data_cfg.tile_px - data_cfg.stride_px)
+
+
+def _small_site_hint(valid: np.ndarray, data_cfg, seed: int) -> str:
+    """What would split the site: smaller tiles (the first that fit), or more sites."""
+    sites = "add sites (5 or more are split by site) or name held-out ones in data.test_sites"
+    tile = data_cfg.tile_px // 2
+    while tile >= 16:
+        origins = _kept_origins(valid, tile, tile, data_cfg.min_valid_fraction)
+        if fit_block_split(origins, valid.shape, tile, data_cfg.block_px, 1, data_cfg.split_fractions, seed):
+            return f"--data.tile_px={tile} --data.stride_px={tile} would split it; or {sites}"
+        tile //= 2
+    return sites
 
 
 class _Build:
@@ -102,7 +127,8 @@ class _Build:
         site = source.load()
         _check_pixel_size(site, self.data.pixel_size_m)
         self.crs = self.crs or _crs_of(site.info)
-        kept, masks = _site_tiles(site, self.data, self.rule, self.site_splits.get(site.name), self.seed + n)
+        kept, masks, blocks = _site_tiles(site, self.data, self.rule, self.site_splits.get(site.name),
+                                            self.seed + n)
         px = self.data.tile_px
         for (r, c), split in kept:
             window = (slice(r, r + px), slice(c, c + px))
@@ -122,6 +148,7 @@ class _Build:
                 yield sample["dsm.npy"], sample["chm.npy"]
         self.site_meta[site.name] = {"split": self.site_splits.get(site.name, "block"), "tiles": len(kept),
                                      "shape": list(site.dsm.shape), **site.provenance}
+        self.site_meta[site.name].update(blocks or {})
 
     def manifest(self, shards: dict, normalization: dict) -> dict:
         d = self.data
@@ -214,5 +241,8 @@ def _describe_rule(rule: str, data_cfg) -> dict:
     if rule == "site":
         return {"rule": "site", "fractions": data_cfg.split_fractions, "test_sites": data_cfg.test_sites}
     return {"rule": "block", "block_px": data_cfg.block_px, "fractions": data_cfg.split_fractions,
-            "buffer_px": max(1, data_cfg.tile_px - data_cfg.stride_px),
+            "buffer_px": _buffer_px(data_cfg),
+            "block_px_rule": "per site (sites.<name>.block_px, .draw): data.block_px, or where that leaves "
+                             "a split without tiles, the side and seeded draw whose tile shares are closest "
+                             "to the fractions with the fewest tiles lost (lib/data/tiling.py fit_block_split)",
             "note": "tiles whose extent plus the buffer meets another split's block are dropped"}

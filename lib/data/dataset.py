@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lib.core.errors import ConfigError, ShardError
+from lib.data.sample_check import SampleSpec
 from lib.data.shards import iter_shard, mask_member, read_manifest, verify_shard
 
 FLOAT32_ARRAYS = ("dsm", "chm")  # cast to float32 on read; other arrays keep their stored dtype
@@ -80,7 +81,7 @@ def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 def _mask_members(manifest: dict, folder: Path) -> list[str]:
     """Mask member names in channel order: the manifest's "mask_members" stems, else its "thresholds_m"."""
-    if "mask_members" in manifest:
+    if "mask_members" in manifest:  # types checked by read_manifest
         return [f"{stem}.npy" for stem in manifest["mask_members"]]
     if manifest.get("thresholds_m"):
         return [mask_member(t) for t in manifest["thresholds_m"]]
@@ -115,6 +116,7 @@ class ShardDataset(IterableDataset):
         if bad:
             raise ConfigError(f"arrays {bad} invalid: expected member stems like 'dsm', or 'mask_*'")
         self.mask_members = _mask_members(manifest, self.folder) if "mask_*" in arrays else []
+        self.spec = SampleSpec(manifest, meta_keys)
         if buffer_size < 1:
             raise ConfigError(f"buffer_size must be >= 1 sample, found {buffer_size}")
         self.meta_keys = tuple(meta_keys)
@@ -178,7 +180,9 @@ class ShardDataset(IterableDataset):
             raise _count_error(path, start + got, n)
 
     def _decode(self, path, start: int = 0, stop: int | None = None) -> Iterator[dict]:
-        return iter_shard(path, required=self.members, members=self.members, start=start, stop=stop)
+        """Samples of one shard, each checked against the manifest (SampleSpec)."""
+        return (self.spec.check(raw, path)
+                for raw in iter_shard(path, required=self.members, members=self.members, start=start, stop=stop))
 
     def _to_sample(self, raw: dict) -> dict:
         """Shard members -> tensors; cached arrays are copied so an in-place edit cannot reach the cache."""
@@ -193,10 +197,7 @@ class ShardDataset(IterableDataset):
         if self.mask_members:
             masks = np.stack([raw[m] for m in self.mask_members])  # (K, H, W), a fresh array
             out["masks"] = torch.from_numpy(masks.astype(np.uint8, copy=False))
-        for k in self.meta_keys:
-            if k not in raw["json"]:
-                raise ShardError(f"{self.folder}: sample {raw['__key__']!r} has no {k!r} in its json; "
-                                 f"found {sorted(raw['json'])}", hint="set meta_keys to fields the json has")
+        for k in self.meta_keys:  # present: checked by self.spec
             out[k] = raw["json"][k]
         return out
 

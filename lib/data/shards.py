@@ -15,7 +15,9 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from lib.core import safejson
 from lib.core.errors import ShardError
+from lib.data.sample_check import check_manifest
 from lib.gaps.masks import threshold_tag
 
 BLOCK = 512
@@ -47,7 +49,7 @@ def _encode(key: str, member: str, value) -> bytes:
     if member == "json" or member.endswith(".json"):
         try:
             return json.dumps(value, allow_nan=False, sort_keys=True).encode()
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:
             raise ShardError(f"{key}.{member}: not strict JSON ({e})") from None
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
@@ -262,13 +264,11 @@ def _decode(member: str, data: bytearray, path: str, name: str):
     if member == "npy" or member.endswith(".npy"):
         try:
             return _load_npy(data)
-        except (ValueError, EOFError, OSError) as e:  # object arrays land here: no pickles are loaded
+        except Exception as e:  # untrusted bytes: numpy raises ValueError, TokenError, SyntaxError...; and
+            # object arrays land here: no pickles are loaded
             raise ShardError(f"{path}: member {name!r} is not a plain .npy array ({e})") from None
     if member == "json" or member.endswith(".json"):
-        try:
-            return json.loads(data)
-        except ValueError as e:
-            raise ShardError(f"{path}: member {name!r} is not valid JSON ({e})") from None
+        return safejson.loads(data, f"{path}: member {name!r}", ShardError)
     return bytes(data)
 
 
@@ -368,13 +368,11 @@ def read_manifest(folder) -> dict:
     """Reads and checks `folder/manifest.json`: `{"splits": {name: {"shards": [entry, ...]}}, ...}`."""
     path = os.path.join(os.fspath(folder), MANIFEST)
     try:
-        with open(path) as f:
-            manifest = json.load(f)
+        with open(path, "rb") as f:
+            manifest = safejson.loads(f.read(), path, ShardError)
     except OSError as e:
         raise ShardError(f"cannot read manifest {path}: {e.strerror}",
                          hint="run prepare_data.py; it writes the manifest after every shard") from None
-    except ValueError as e:
-        raise ShardError(f"{path}: not valid JSON ({e})") from None
     splits = manifest.get("splits") if isinstance(manifest, dict) else None
     if not isinstance(splits, dict):
         raise ShardError(f"{path}: expected an object with a 'splits' object, found {type(splits).__name__}")
@@ -383,4 +381,5 @@ def read_manifest(folder) -> dict:
             raise ShardError(f"{path}: split {split!r} has no 'shards' list")
         for entry in body["shards"]:
             _check_entry(entry, split, path)
+    check_manifest(manifest, path)
     return manifest

@@ -116,6 +116,10 @@ def raster_source(name: str, dsm: str, chm: str | None = None, dtm: str | None =
     def load() -> SiteData:
         from lib.geoio.geotiff_read import read_pair
         dsm_arr, chm_arr, info = read_pair(dsm, chm=chm, dtm=dtm)
+        valid = dsm_arr[np.isfinite(dsm_arr)]
+        if valid.size and valid.min() == valid.max():  # nothing to normalise or learn: a fill, not a survey
+            raise DataError(f"{dsm}: every valid pixel of the DSM holds the same height ({float(valid[0]):g})",
+                            hint="check that the file is a surface model and that its nodata value is set")
         files = {"dsm": str(dsm), **({"chm": str(chm)} if chm else {"dtm": str(dtm)})}
         return SiteData(name, dsm_arr, chm_arr, info, {"source": "raster", "files": files})
     return SiteSource(name, load)

@@ -88,19 +88,55 @@ def block_split_map(height: int, width: int, block_px: int, fractions: list[floa
     return np.random.default_rng(seed).permutation(labels).reshape(bh, bw)
 
 
+BLOCK_DRAWS = 20  # seeded block draws tried per side when data.block_px does not fit a site
+
+
+def fit_block_split(origins: np.ndarray, shape: tuple[int, int], tile_px: int, block_px: int, buffer_px: int,
+                    fractions: list[float], seed: int) -> dict | None:
+    """{block_px, draw, split}: a seeded block split that gives every split with a positive fraction at
+    least one tile (split: index per tile, -1 in a buffer); None when none does (too small to split).
+
+    block_px with the site's own draw when that works (large sites). Otherwise every side from the site's
+    longer side down to one tile plus its buffers (steps of half a tile) and BLOCK_DRAWS draws each: the
+    one with the lowest (distance of the tile shares from `fractions`, L1) + (share of tiles lost to
+    buffers), the larger side on a tie. Only the geometry of valid tiles is looked at, never a label, so
+    the choice cannot favour a split's scores.
+    """
+    best, best_score = None, np.inf
+    sides = range(max(shape), tile_px + 2 * buffer_px - 1, -max(1, tile_px // 2))
+    for side, draw in [(block_px, 0)] + [(s, d) for s in sides for d in range(BLOCK_DRAWS)]:
+        if -(-shape[0] // side) * -(-shape[1] // side) < 3:
+            continue
+        blocks = block_split_map(*shape, side, fractions, seed + 7919 * draw)
+        split = assign_tiles_by_block(origins, tile_px, blocks, side, buffer_px)
+        counts = np.bincount(split[split >= 0], minlength=3)
+        if not all(c > 0 for c, f in zip(counts, fractions) if f > 0):
+            continue
+        if side == block_px and draw == 0:
+            return {"block_px": side, "draw": draw, "split": split}
+        score = np.abs(counts / counts.sum() - np.asarray(fractions)).sum() + 1 - counts.sum() / len(split)
+        if score < best_score - 1e-9:
+            best, best_score = {"block_px": side, "draw": draw, "split": split}, score
+    return best
+
+
 def assign_tiles_by_block(origins: np.ndarray, tile_px: int, blocks: np.ndarray, block_px: int,
                           buffer_px: int) -> np.ndarray:
     """Split index per tile, or -1 for tiles whose extent grown by buffer_px meets another split's block.
 
     So no train tile overlaps or touches a val/test tile: between splits there is at least
-    2 * buffer_px of unused ground.
+    2 * buffer_px of unused ground. A tile takes split s when every block under it is s (summed-area
+    table of each split's blocks).
     """
     bh, bw = blocks.shape
     lo = np.clip((origins - buffer_px) // block_px, 0, [bh - 1, bw - 1])
-    hi = np.clip((origins + tile_px - 1 + buffer_px) // block_px, 0, [bh - 1, bw - 1])
+    hi = np.clip((origins + tile_px - 1 + buffer_px) // block_px, 0, [bh - 1, bw - 1]) + 1
+    covered = (hi[:, 0] - lo[:, 0]) * (hi[:, 1] - lo[:, 1])
     out = np.full(len(origins), -1, dtype=np.int64)
-    for i, ((r0, c0), (r1, c1)) in enumerate(zip(lo, hi)):  # per tile, not per pixel: a few hundred
-        covered = np.unique(blocks[r0:r1 + 1, c0:c1 + 1])
-        if len(covered) == 1:
-            out[i] = covered[0]
+    for s in np.unique(blocks):
+        table = np.zeros((bh + 1, bw + 1), np.int64)
+        table[1:, 1:] = np.cumsum(np.cumsum(blocks == s, axis=0), axis=1)
+        inside = table[hi[:, 0], hi[:, 1]] - table[lo[:, 0], hi[:, 1]] - table[hi[:, 0], lo[:, 1]] \
+            + table[lo[:, 0], lo[:, 1]]
+        out[inside == covered] = s
     return out

@@ -187,38 +187,43 @@ def nearest_neighbour(xy: np.ndarray) -> np.ndarray:
     return best
 
 
-CLARK_EVANS_CORRECTIONS = ("Donnelly", "none")
+CLARK_EVANS_CORRECTIONS = ("none", "Donnelly")  # spatstat's names; "none" is clarkevans.test's default
 
 
-def clark_evans(xy, window, correction: str = "Donnelly") -> dict[str, float]:
-    """Clark-Evans R and its two-sided asymptotic Z-test, as spatstat's clarkevans.test(X).
+def clark_evans(xy, window, correction: str = "none") -> dict[str, float]:
+    """Clark-Evans R and its two-sided asymptotic Z-test, as spatstat's clarkevans.test(X, correction=).
 
-    R = mean nearest-neighbour distance / expected one. "none": expected = 0.5 / sqrt(n / area).
-    "Donnelly" adds (0.0514 + 0.0412 / sqrt(n)) perimeter / n: clarkevans.test's default for a
-    rectangular window since spatstat.explore's 2023 version, so what ForestGapR's GapsSpatPattern
-    reports today (its README figures predate it: "none"). Z = (R - 1) / SE, SE = sqrt((4 - pi) area /
-    (4 pi)) / n / expected. r_uncorrected: R with "none", whatever `correction` is. NaN for fewer than two
-    points.
+    R = mean nearest-neighbour distance / expected one. "none" (clarkevans.test's default, so what
+    ForestGapR's GapsSpatPattern reports): expected = 0.5 / sqrt(n / area). "Donnelly" (an option here,
+    as in spatstat) adds (0.0514 + 0.0412 / sqrt(n)) perimeter / n for a rectangle's edge effect.
+    Z = (R - 1) / SE, SE = sqrt((4 - pi) area / (4 pi)) / n / expected. r, z, p follow `correction`;
+    r_none, p_none, r_donnelly, p_donnelly give both from the one nearest-neighbour pass. NaN for fewer
+    than two points.
     """
-    if correction not in CLARK_EVANS_CORRECTIONS:
+    names = {c.lower(): c for c in CLARK_EVANS_CORRECTIONS}
+    if correction.lower() not in names:
         raise ValueError(f"unknown Clark-Evans correction {correction!r}, "
                          f"expected one of {CLARK_EVANS_CORRECTIONS}")
     xy = np.asarray(xy, np.float64).reshape(-1, 2)
-    n = len(xy)
+    n, chosen = len(xy), names[correction.lower()]
+    keys = ("r", "z", "p", "mean_nn_m", "r_none", "p_none", "r_donnelly", "p_donnelly")
+    if n < 2:
+        return {"n": n, "correction": chosen, **dict.fromkeys(keys, float("nan"))}
     width, height = window[1] - window[0], window[3] - window[2]
     area = width * height
-    if n < 2:
-        nan = float("nan")
-        return {"r": nan, "z": nan, "p": nan, "mean_nn_m": nan, "n": n, "r_uncorrected": nan}
     observed = float(nearest_neighbour(xy).mean())
-    uncorrected = 0.5 / math.sqrt(n / area)
-    expected = uncorrected
-    if correction == "Donnelly":
-        expected += (0.0514 + 0.0412 / math.sqrt(n)) * 2 * (width + height) / n
-    r = observed / expected
-    z = (r - 1) / (math.sqrt((4 - math.pi) * area / (4 * math.pi)) / n / expected)
-    return {"r": r, "z": z, "p": math.erfc(abs(z) / math.sqrt(2)), "mean_nn_m": observed, "n": n,
-            "r_uncorrected": observed / uncorrected}
+    out = {"mean_nn_m": observed, "n": n, "correction": chosen}
+    for name in CLARK_EVANS_CORRECTIONS:
+        expected = 0.5 / math.sqrt(n / area)
+        if name == "Donnelly":
+            expected += (0.0514 + 0.0412 / math.sqrt(n)) * 2 * (width + height) / n
+        r = observed / expected
+        z = (r - 1) / (math.sqrt((4 - math.pi) * area / (4 * math.pi)) / n / expected)
+        p = math.erfc(abs(z) / math.sqrt(2))
+        out.update({f"r_{name.lower()}": r, f"p_{name.lower()}": p})
+        if name == chosen:
+            out.update(r=r, z=z, p=p)
+    return out
 
 
 def ripley_radii(n: int, window, count: int = 513) -> np.ndarray:
@@ -289,14 +294,15 @@ def ripley_envelope(xy, window, n_simulations: int = 99, seed: int = 0, radii=No
             "l_hi": np.sqrt(hi / math.pi)}
 
 
-def gap_summary(areas_m2, points, window) -> dict[str, float]:
+def gap_summary(areas_m2, points, window, correction: str = "none") -> dict[str, float]:
     """Headline figures of a gap map: count, total area, lambda by both methods, Clark-Evans R and test
-    (Donnelly-corrected as ForestGapR reports it today; clark_evans_r_naive as in its older figures)."""
+    with `correction` (default "none", as ForestGapR), and R and p with each correction by name."""
     areas = np.asarray(areas_m2, np.float64)
-    ce = clark_evans(points, window)
+    ce = clark_evans(points, window, correction)
     return {"n_gaps": int(areas.size), "gap_area_m2": float(areas.sum()), "lambda_asner": lambda_asner(areas),
             "lambda_hanel": lambda_hanel(areas), "clark_evans_r": ce["r"], "clark_evans_z": ce["z"],
-            "clark_evans_p": ce["p"], "clark_evans_r_naive": ce["r_uncorrected"],
+            "clark_evans_p": ce["p"], "clark_evans_correction": ce["correction"],
+            **{f"clark_evans_{k}": ce[k] for k in ("r_none", "p_none", "r_donnelly", "p_donnelly")},
             "mean_nn_distance_m": ce["mean_nn_m"]}
 
 

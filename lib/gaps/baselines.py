@@ -5,40 +5,18 @@ window of tens of metres, then smoothed), subtracts it, and thresholds the relat
 training, is strong on flat ground and weak on slopes. Computed in torch (separable filters), NaN-aware.
 """
 import torch
-import torch.nn.functional as F
 
-
-def _odd(n: int) -> int:
-    return max(1, n | 1)
-
-
-def _max_filter(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Square max filter of odd side k, separable (exact for max); x (B,1,H,W) with -inf as 'no value'."""
-    p = k // 2
-    x = F.max_pool2d(F.pad(x, (0, 0, p, p), value=float("-inf")), (k, 1), stride=1)
-    return F.max_pool2d(F.pad(x, (p, p, 0, 0), value=float("-inf")), (1, k), stride=1)
-
-
-def _mean_filter(x: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
-    """Box mean over valid pixels only (separable sums), x and valid (B,1,H,W)."""
-    p = k // 2
-    num = torch.where(valid, x, torch.zeros_like(x))
-    den = valid.to(x.dtype)
-    for kernel, pad in (((k, 1), (0, 0, p, p)), ((1, k), (p, p, 0, 0))):
-        num = F.avg_pool2d(F.pad(num, pad), kernel, stride=1)
-        den = F.avg_pool2d(F.pad(den, pad), kernel, stride=1)
-    return num / den.clamp_min(1e-12)
+from lib.gaps.morphology import mean_filter, odd, opening
 
 
 def ground_estimate(dsm: torch.Tensor, window_px: int, smooth_px: int | None = None) -> torch.Tensor:
     """Grey opening of the DSM (erosion then dilation), then a box smoothing; (B,1,H,W) metres, NaN kept."""
     valid = torch.isfinite(dsm)
-    k = _odd(window_px)
-    eroded = -_max_filter(torch.where(valid, -dsm, torch.full_like(dsm, float("-inf"))), k)
-    opened = _max_filter(torch.where(torch.isfinite(eroded), eroded, torch.full_like(dsm, float("-inf"))), k)
+    k = odd(window_px)
+    opened = opening(dsm, k)
     ok = torch.isfinite(opened)
-    smooth = _odd(smooth_px if smooth_px is not None else k // 2)
-    ground = _mean_filter(torch.where(ok, opened, torch.zeros_like(opened)), ok, smooth)
+    smooth = odd(smooth_px if smooth_px is not None else k // 2)
+    ground = mean_filter(torch.where(ok, opened, torch.zeros_like(opened)), ok, smooth)
     return torch.where(valid, ground, torch.full_like(dsm, float("nan")))
 
 

@@ -8,6 +8,7 @@ ForestGapR takes the pixel area as res_x², we take res_x * res_y (the same for 
 numpy only: analysis without the training stack.
 """
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
@@ -126,12 +127,18 @@ def round_like_r(x, digits: int) -> np.ndarray:
 
 def write_gap_table(path, stats: dict[str, np.ndarray]) -> None:
     """Write the gap statistics as CSV (one row per gap, NaN as "NA"), atomically."""
-    path = Path(path)
-    columns = [_format_column(np.asarray(values)) for values in stats.values()]
-    with replacing(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
+    with replacing(Path(path)) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        handle.write(gap_table_rows(stats))
+
+
+def gap_table_rows(stats: dict[str, np.ndarray], header: bool = True) -> str:
+    """CSV text of the gap statistics, the header row first when asked (a table written in parts)."""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    if header:
         writer.writerow(stats.keys())
-        writer.writerows(zip(*columns))
+    writer.writerows(zip(*[_format_column(np.asarray(values)) for values in stats.values()]))
+    return text.getvalue()
 
 
 def _format_column(values: np.ndarray) -> list[str]:

@@ -5,8 +5,8 @@ little-endian WKB. The CRS row carries the EPSG code from the GeoTIFF keys; its 
 "undefined" (no projection database here), which GDAL resolves from the EPSG code.
 """
 import sqlite3
-import struct
 from contextlib import closing
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -47,39 +47,85 @@ def write_gpkg(path, polygons, columns: dict[str, np.ndarray], epsg: int | None,
 
     epsg None writes the GeoPackage's "undefined Cartesian" CRS (srs_id -1).
     """
-    path = Path(path)
-    srs_id = int(epsg) if epsg else -1
-    with replacing(path) as tmp:
-        with closing(sqlite3.connect(tmp)) as db, db:
-            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            db.execute(f"PRAGMA user_version = {USER_VERSION}")
-            db.executescript(_SCHEMA)
-            rows = list(_REQUIRED_SRS)
-            if srs_id not in (-1, 0, 4326):
-                rows.append((crs_name or f"EPSG:{srs_id}", srs_id, "EPSG", srs_id, "undefined",
-                             f"EPSG:{srs_id} from the GeoTIFF keys"))
-            db.executemany("INSERT INTO gpkg_spatial_ref_sys VALUES (?, ?, ?, ?, ?, ?)", rows)
-            _write_features(db, table, polygons, columns, srs_id)
+    with GpkgWriter(path, epsg, crs_name) as gpkg:
+        gpkg.append(table, polygons, columns)
 
 
-def _write_features(db, table: str, polygons, columns: dict, srs_id: int) -> None:
-    """The feature table, its gpkg_contents row (with the extent) and its geometry column row."""
-    types = {name: _sql_type(np.asarray(values)) for name, values in columns.items()}
-    fields = "".join(f', "{name}" {kind}' for name, kind in types.items())
-    db.execute(f'CREATE TABLE "{table}" (fid INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL, '
-               f'geom MULTIPOLYGON{fields})')
-    marks = ", ".join("?" * (len(types) + 1))
-    names = ", ".join(f'"{name}"' for name in ["geom", *types])
-    db.executemany(f'INSERT INTO "{table}" ({names}) VALUES ({marks})',
-                   ([geometry_blob(parts, srs_id), *props.values()]
-                    for parts, props in polygons.features(columns)))
-    xy = polygons.coords
-    extent = (xy[:, 0].min(), xy[:, 1].min(), xy[:, 0].max(), xy[:, 1].max()) if len(xy) else (None,) * 4
-    db.execute("INSERT INTO gpkg_contents (table_name, data_type, identifier, min_x, min_y, max_x, max_y, "
-               "srs_id) VALUES (?, 'features', ?, ?, ?, ?, ?, ?)",
-               (table, table, *map(_plain, extent), srs_id))
-    db.execute("INSERT INTO gpkg_geometry_columns VALUES (?, 'geom', 'MULTIPOLYGON', ?, 0, 0)",
-               (table, srs_id))
+class GpkgWriter:
+    """A GeoPackage of several feature tables (layers), features appended in batches; atomic on close.
+
+    with GpkgWriter(path, epsg) as gpkg:
+        gpkg.append("gaps_2m", polygons, columns)   # any number of times, per layer
+    """
+
+    def __init__(self, path, epsg: int | None, crs_name: str | None = None):
+        self.srs_id, self.extents, self._created = int(epsg) if epsg else -1, {}, set()
+        self._replacing = replacing(Path(path))
+        tmp = self._replacing.__enter__()
+        self.db = sqlite3.connect(tmp)
+        self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        self.db.execute(f"PRAGMA user_version = {USER_VERSION}")
+        self.db.executescript(_SCHEMA)
+        rows = list(_REQUIRED_SRS)
+        if self.srs_id not in (-1, 0, 4326):
+            rows.append((crs_name or f"EPSG:{self.srs_id}", self.srs_id, "EPSG", self.srs_id, "undefined",
+                         f"EPSG:{self.srs_id} from the GeoTIFF keys"))
+        self.db.executemany("INSERT INTO gpkg_spatial_ref_sys VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def layer(self, table: str) -> None:
+        """Declare a layer, so that it exists (empty) even when no feature is appended to it."""
+        self.extents.setdefault(table, None)
+
+    def append(self, table: str, polygons, columns: dict) -> None:
+        """Features of GapPolygons with their attribute columns; the table is created on first use."""
+        if table not in self._created:
+            self._create(table, columns)
+        marks = ", ".join("?" * (len(columns) + 1))
+        names = ", ".join(f'"{name}"' for name in ["geom", *columns])
+        self.db.executemany(f'INSERT INTO "{table}" ({names}) VALUES ({marks})',
+                            ([geometry_blob(parts, self.srs_id), *props.values()]
+                             for parts, props in polygons.features(columns)))
+        xy = polygons.coords
+        if len(xy):
+            box = (xy[:, 0].min(), xy[:, 1].min(), xy[:, 0].max(), xy[:, 1].max())
+            old = self.extents.get(table)
+            self.extents[table] = box if old is None else (*np.minimum(old[:2], box[:2]), *np.maximum(old[2:], box[2:]))
+
+    def _create(self, table: str, columns: dict) -> None:
+        types = {name: _sql_type(np.asarray(values)) for name, values in columns.items()}
+        fields = "".join(f', "{name}" {kind}' for name, kind in types.items())
+        self.db.execute(f'CREATE TABLE "{table}" (fid INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL, '
+                        f'geom MULTIPOLYGON{fields})')
+        self._created.add(table)
+        self.extents.setdefault(table, None)
+
+    def close(self) -> None:
+        """The gpkg_contents rows (with each layer's extent) and geometry column rows; then into place."""
+        for table, extent in self.extents.items():
+            if table not in self._created:
+                self.db.execute(f'CREATE TABLE "{table}" (fid INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL, '
+                                f'geom MULTIPOLYGON)')
+            self.db.execute("INSERT INTO gpkg_contents (table_name, data_type, identifier, min_x, min_y, max_x, "
+                            "max_y, srs_id) VALUES (?, 'features', ?, ?, ?, ?, ?, ?)",
+                            (table, table, *map(_plain, extent or (None,) * 4), self.srs_id))
+            self.db.execute("INSERT INTO gpkg_geometry_columns VALUES (?, 'geom', 'MULTIPOLYGON', ?, 0, 0)",
+                            (table, self.srs_id))
+        self.db.commit()
+        self.db.close()
+        self._replacing.__exit__(None, None, None)
+
+    def abort(self, exc) -> None:
+        self.db.close()
+        self._replacing.__exit__(type(exc), exc, exc.__traceback__)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort(exc)
 
 
 def geometry_blob(parts: list[list[np.ndarray]], srs_id: int) -> bytes:

@@ -16,6 +16,8 @@ _RASTER_TYPE, _PIXEL_IS_POINT = 1025, 2  # GTRasterTypeGeoKey: tiepoint at the p
 _MODEL_TYPE, _GEOGRAPHIC = 1024, 2  # GTModelTypeGeoKey: longitude/latitude
 _LINEAR_UNITS, _METRE = 3076, 9001  # ProjLinearUnitsGeoKey
 _WARP_HINT = "make it a north-up grid: gdalwarp -r bilinear in.tif out.tif"
+_GEOREF_HINT = ("the georeferencing tags are damaged; set them again: gdal_translate -a_srs EPSG:<code>"
+                " -a_ullr <ulx> <uly> <lrx> <lry> in.tif out.tif")
 
 
 @dataclass(frozen=True)
@@ -68,16 +70,51 @@ class GeoInfo:
 
 
 # ----------------------------------------------------------------------------- tags -> GeoInfo
+_COUNTS = {PIXEL_SCALE: ("ModelPixelScale", lambda n: n >= 2, "2 or 3"),  # name, valid count, which
+           TIEPOINT: ("ModelTiepoint", lambda n: n and n % 6 == 0, "6 per tiepoint"),
+           TRANSFORM: ("ModelTransformation", lambda n: n == 16, "16"),
+           GEODOUBLE: ("GeoDoubleParams", lambda n: n >= 1, "1 or more")}
+
+
+def _numbers(tags: dict, code: int, path) -> tuple | None:
+    """A georeferencing tag's values as finite floats in a valid count; None when absent."""
+    if code not in tags:
+        return None
+    name, valid, expected = _COUNTS[code]
+    value = tags[code]
+    values = tuple(value) if isinstance(value, (tuple, list, np.ndarray)) else (value,)
+    if not all(isinstance(v, (int, float, np.number)) and np.isfinite(v) for v in values):
+        raise RasterError(f"{path}: GeoTIFF tag {name} ({code}) = {value!r:.80} is not a list of finite numbers",
+                          hint=_GEOREF_HINT)
+    if not valid(len(values)):
+        raise RasterError(f"{path}: GeoTIFF tag {name} ({code}) has {len(values)} values; expected {expected}",
+                          hint=_GEOREF_HINT)
+    return tuple(float(v) for v in values)
+
+
+def _geokeys(tags: dict, path) -> tuple[int, ...] | None:
+    """GeoKeyDirectory as ints: a 4-short header, then 4 shorts per key (as many as it declares)."""
+    if GEOKEYS not in tags:
+        return None
+    value = tags[GEOKEYS]
+    keys = tuple(value) if isinstance(value, (tuple, list, np.ndarray)) else (value,)
+    if not all(isinstance(k, (int, np.integer)) and 0 <= k < 2**16 for k in keys) \
+            or len(keys) < 4 or len(keys) < 4 + 4 * keys[3]:
+        raise RasterError(f"{path}: GeoTIFF tag GeoKeyDirectory ({GEOKEYS}) = {value!r:.80} is not a key"
+                          f" directory (4 shorts, then 4 per key)", hint=_GEOREF_HINT)
+    return tuple(int(k) for k in keys)
+
+
 def _georef(tags: dict, point: bool, path) -> tuple[tuple, tuple]:
     """(pixel_size, origin) from ModelPixelScale + ModelTiepoint or ModelTransformation."""
-    tiepoints = tags.get(TIEPOINT, ())
-    if PIXEL_SCALE in tags and len(tiepoints) >= 6:  # several tiepoints + a scale: the first (as GDAL)
-        sx, sy = tags[PIXEL_SCALE][:2]
+    tiepoints, scale, m = (_numbers(tags, code, path) for code in (TIEPOINT, PIXEL_SCALE, TRANSFORM))
+    tiepoints = tiepoints or ()
+    if scale and len(tiepoints) >= 6:  # several tiepoints + a scale: the first (as GDAL)
+        sx, sy = scale[:2]
         sy = abs(sy)  # a negative y scale is a common writer mistake; GDAL reads it as north-up too
         i, j, _, x, y, _ = tiepoints[:6]
         x, y = x - i * sx, y + j * sy
-    elif TRANSFORM in tags:
-        m = tags[TRANSFORM]
+    elif m:
         if m[1] or m[4]:
             raise RasterError(f"{path}: rotated rasters are not supported (ModelTransformation {m[:8]})",
                               hint=_WARP_HINT)
@@ -88,7 +125,7 @@ def _georef(tags: dict, point: bool, path) -> tuple[tuple, tuple]:
     else:  # stacklevel 4: the caller of lib.geoio.geotiff_read.read_info / read_raster
         warnings.warn(f"{path}: no georeferencing; assuming 1 m pixels at origin (0, 0)", stacklevel=4)
         return (1.0, 1.0), (0.0, 0.0)
-    if not (sx > 0 and sy > 0):
+    if not (sx > 0 and sy > 0 and np.isfinite([x, y]).all()):
         raise RasterError(f"{path}: pixel size ({sx}, {-sy}) is not north-up; expected x > 0, y < 0",
                           hint=_WARP_HINT)
     if point:  # the tiepoint names a pixel centre; GeoInfo keeps corners (as GDAL does)
@@ -116,17 +153,20 @@ def _parse_nodata(text, path) -> float | None:
     try:
         return float(str(text).strip().rstrip("\0"))
     except ValueError:
-        raise RasterError(f"{path}: GDAL_NODATA tag {text!r} is not a number") from None
+        raise RasterError(f"{path}: GDAL_NODATA tag {text!r} is not a number",
+                          hint="set it again: gdal_edit.py -a_nodata <value> in.tif") from None
 
 
 def parse_geoinfo(tags: dict, height: int, width: int, path) -> GeoInfo:
     """GeoInfo of a `height` x `width` image from its TIFF tags {code: value}; `path` names errors."""
-    keys = tuple(int(k) for k in tags[GEOKEYS]) if GEOKEYS in tags else None
+    ascii_ = tags.get(GEOASCII)
+    if ascii_ is not None and not isinstance(ascii_, str):
+        raise RasterError(f"{path}: GeoTIFF tag GeoAsciiParams ({GEOASCII}) = {ascii_!r:.80} is not text",
+                          hint=_GEOREF_HINT)
     info = GeoInfo(
         height=int(height), width=int(width), pixel_size=(1.0, 1.0), origin=(0.0, 0.0),
-        nodata=_parse_nodata(tags.get(GDAL_NODATA), path), geokeys=keys,
-        geo_double=tuple(float(v) for v in tags[GEODOUBLE]) if GEODOUBLE in tags else None,
-        geo_ascii=str(tags[GEOASCII]) if GEOASCII in tags else None)
+        nodata=_parse_nodata(tags.get(GDAL_NODATA), path), geokeys=_geokeys(tags, path),
+        geo_double=_numbers(tags, GEODOUBLE, path), geo_ascii=ascii_)
     pixel_size, origin = _georef(tags, info.geokey(_RASTER_TYPE) == _PIXEL_IS_POINT, path)
     info = replace(info, pixel_size=pixel_size, origin=origin)
     _check_units(info, path)

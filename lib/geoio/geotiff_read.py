@@ -16,6 +16,7 @@ import tifffile
 from lib.core.errors import RasterError
 from lib.geoio import tiff_codecs
 from lib.geoio.georef import GeoInfo, check_same_grid, parse_geoinfo
+from lib.geoio.tiff_layout import Layout, check_directory, memory_budget, read_layout
 
 _FILL_VALUES = 9999.0  # +-9999 without a nodata tag is almost always an undeclared fill value
 _LOWEST_CHM_M = -1.0  # canopy heights below this are not interpolation noise but a DSM/DTM mismatch
@@ -33,23 +34,44 @@ def _open(path) -> tifffile.TiffFile:
         raise RasterError(f"{path}: no such file")
     try:
         tif = tifffile.TiffFile(path)
-    except (tifffile.TiffFileError, ValueError, OSError, struct.error) as exc:
-        raise RasterError(f"{path}: not a readable TIFF ({exc})") from None
+    except Exception as exc:  # tifffile raises many kinds on a damaged header or IFD
+        raise RasterError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
     if not len(tif.pages):  # the header points past the end: tifffile only warns
         tif.close()
         raise RasterError(f"{path}: truncated TIFF: no image directory in its {Path(path).stat().st_size} bytes")
     return tif
 
 
-def _page_info(page, path) -> GeoInfo:
-    tags = {tag.code: tag.value for tag in page.tags.values()}
-    return parse_geoinfo(tags, page.imagelength, page.imagewidth, path)
+def _codes_in_ifd(tif, offset: int) -> list[int]:
+    """Tag codes of the image directory at `offset`, as stored (tifffile drops tags it cannot parse
+    and keeps one of duplicated ones)."""
+    big, e = tif.is_bigtiff, tif.byteorder
+    fh = tif.filehandle
+    fh.seek(offset)
+    n = struct.unpack(e + ("Q" if big else "H"), fh.read(8 if big else 2))[0]
+    size = 20 if big else 12
+    table = np.frombuffer(fh.read(min(n, 2**16) * size), np.uint8).reshape(-1, size)
+    return table[:, :2].copy().view(e + "u2").ravel().tolist()
+
+
+def _first_page(tif, path) -> tuple[Layout, GeoInfo]:
+    """Checked layout and grid of the first image: nothing is decoded or allocated before this."""
+    try:
+        page = tif.pages[0]
+        tags = {tag.code: tag for tag in page.tags.values()}
+        codes = _codes_in_ifd(tif, page.offset)
+    except Exception as exc:  # tifffile parses pages lazily and raises many kinds
+        raise RasterError(f"{path}: not a readable TIFF image directory ({type(exc).__name__}: {exc})") from None
+    check_directory(codes, tags, path)
+    layout = read_layout(tags, tif.byteorder, tif.is_bigtiff, tif.filehandle.size, path)
+    info = parse_geoinfo({code: tag.value for code, tag in tags.items()}, layout.height, layout.width, path)
+    return layout, info
 
 
 def read_info(path) -> GeoInfo:
-    """Grid and georeferencing of a GeoTIFF without reading its pixels."""
+    """Grid and georeferencing of a GeoTIFF without reading its pixels (its layout is checked)."""
     with _open(path) as tif:
-        return _page_info(tif.pages[0], path)
+        return _first_page(tif, path)[1]
 
 
 class _Blocks:
@@ -59,55 +81,52 @@ class _Blocks:
         self.path = str(path)
         self._tif = _open(path)
         try:
-            self._setup(self._tif.pages[0], band)
+            self._setup(band)
         except Exception:
             self._tif.close()
             raise
 
-    def _setup(self, page, band):
-        self.info = _page_info(page, self.path)
-        spp = int(page.samplesperpixel)
+    def _setup(self, band):
+        self.layout, self.info = _first_page(self._tif, self.path)
+        spp = self.layout.samples
         if band is None and spp != 1:
             raise RasterError(f"{self.path}: expected one band, found {spp}",
                               hint=f"extract the height band: gdal_translate -b 1 in.tif out.tif"
                                    f" (in Python: band=1..{spp})")
         if band is not None and not 1 <= band <= spp:
             raise RasterError(f"{self.path}: band {band} requested, the file has bands 1..{spp}")
-        self._compression, self._predictor = int(page.compression), int(page.predictor)
-        if self._compression not in tiff_codecs.COMPRESSIONS:
-            name = getattr(page.compression, "name", str(self._compression))
-            raise RasterError(f"{self.path}: compression {name} ({self._compression}) is not supported;"
-                              f" supported: {', '.join(dict.fromkeys(tiff_codecs.COMPRESSIONS.values()))}",
-                              hint="convert it: gdal_translate -co COMPRESS=DEFLATE in.tif out.tif")
-        dtype = np.dtype(page.dtype) if page.dtype is not None else None
-        if dtype is None or dtype.kind not in "uif" or page.bitspersample != 8 * dtype.itemsize:
-            raise RasterError(f"{self.path}: {page.bitspersample}-bit {page.dtype} samples are not"
-                              f" supported; expected 8/16/32/64-bit integers or floats")
-        self.dtype = dtype.newbyteorder(self._tif.byteorder)
-        self._tiled = bool(page.is_tiled)
-        if self._tiled:
-            self._block = (int(page.tilelength), int(page.tilewidth))
-        else:
-            self._block = (min(int(page.rowsperstrip or self.info.height), self.info.height),
-                           self.info.width)
-        separate = spp > 1 and int(page.planarconfig) == 2
-        grid = [-(-n // b) for n, b in zip((self.info.height, self.info.width), self._block)]
-        self._grid_cols = grid[1]
-        self._first = ((band or 1) - 1) * grid[0] * grid[1] if separate else 0  # plane start
-        self._spp, self._sample = (1, 0) if separate else (spp, (band or 1) - 1)
-        self._offsets, self._counts = page.dataoffsets, page.databytecounts
+        self.dtype = self.layout.dtype
+        self.out_dtype = np.dtype("f4" if self.dtype.str[1:] == "f2" else self.dtype.str[1:])  # as GDAL's band
+        rows, cols = self.layout.grid
+        self._first = ((band or 1) - 1) * rows * cols if self.layout.separate else 0  # plane start
+        self._spp, self._sample = (1, 0) if self.layout.separate else (spp, (band or 1) - 1)
         self._cache = {}
-        nodata = self.info.nodata  # fills the blocks a sparse file leaves out, as GDAL does
-        fits = nodata is not None and (dtype.kind == "f" or (
-            nodata.is_integer() and np.iinfo(dtype).min <= nodata <= np.iinfo(dtype).max))
-        self._fill = nodata if fits else 0
+        self._fill = self._sparse_fill()
+
+    def _sparse_fill(self) -> float:
+        """What fills the blocks a sparse file leaves out, as GDAL does: the nodata value, else 0.
+
+        GDAL rounds (half away from zero) and clamps a nodata value that integer samples cannot hold;
+        it parses it as an integer prefix for 64-bit samples, and clamps to Byte for int8 before GDAL
+        3.7: those are refused, not imitated.
+        """
+        nodata, dtype = self.info.nodata, self.dtype
+        if nodata is None or (np.isnan(nodata) and dtype.kind != "f"):
+            return 0
+        if dtype.kind == "f" or (nodata.is_integer() and np.iinfo(dtype).min <= nodata <= np.iinfo(dtype).max):
+            return nodata
+        if dtype.itemsize < 8 and dtype != np.int8:
+            rounded = np.sign(nodata) * np.floor(abs(nodata) + 0.5)
+            return float(np.clip(rounded, np.iinfo(dtype).min, np.iinfo(dtype).max))
+        if (self.layout.counts == 0).any():
+            raise RasterError(f"{self.path}: the file leaves blocks out (sparse) and its nodata value"
+                              f" {nodata:g} does not fit its {dtype.name} samples (GDAL's fill for it"
+                              f" depends on its version)", hint="gdal_translate -a_nodata <a value that fits> in.tif out.tif")
+        return 0
 
     def _raw(self, index: int) -> bytes:
-        offset, count = int(self._offsets[index]), int(self._counts[index])
-        if offset + count > self._tif.filehandle.size:
-            raise RasterError(f"{self.path}: truncated: block {index} ends at byte {offset + count},"
-                              f" the file has {self._tif.filehandle.size} bytes")
-        self._tif.filehandle.seek(offset)
+        offset, count = int(self.layout.offsets[index]), int(self.layout.counts[index])
+        self._tif.filehandle.seek(offset)  # inside the file: checked by read_layout
         return self._tif.filehandle.read(count)
 
     def _decode(self, keys: list) -> list[np.ndarray]:
@@ -116,33 +135,39 @@ class _Blocks:
         A block with no bytes (a sparse file: GDAL's SPARSE_OK leaves all-nodata blocks out) is
         the nodata value, or 0 without one.
         """
-        th, tw = self._block
-        shapes = [(th if self._tiled else min(th, self.info.height - r * th), tw, self._spp)
+        layout, (th, tw) = self.layout, self.layout.block
+        shapes = [(th if layout.tiled else min(th, layout.height - r * th), tw, self._spp)
                   for r, _ in keys]  # the last strip is short; edge tiles are padded
-        index = [self._first + r * self._grid_cols + c for r, c in keys]
-        stored = [k for k, i in enumerate(index) if int(self._counts[i])]
+        index = [self._first + r * layout.grid[1] + c for r, c in keys]
+        stored = [k for k, i in enumerate(index) if layout.counts[i]]
         try:
-            blocks = tiff_codecs.decode_segments([self._raw(index[k]) for k in stored], self._compression,
-                                         self._predictor, [shapes[k] for k in stored], self.dtype)
+            blocks = tiff_codecs.decode_segments([self._raw(index[k]) for k in stored], layout.compression,
+                                                 layout.predictor, [shapes[k] for k in stored], self.dtype,
+                                                 layout.fill_order)
         except ValueError as exc:
             if len(stored) > 1:  # find the broken one to name it
                 for k in stored:
                     self._decode([keys[k]])
             raise RasterError(f"{self.path}: cannot decode block {index[stored[0]]}: {exc}") from None
         decoded = dict(zip(stored, blocks))
-        return [decoded[k][:, :, self._sample] if k in decoded
-                else np.full(shapes[k][:2], self._fill, self.dtype.newbyteorder("="))
-                for k in range(len(keys))]
+        with np.errstate(over="ignore"):  # a float nodata beyond float32 fills with inf, as GDAL's
+            return [decoded[k][:, :, self._sample].astype(self.out_dtype, copy=False) if k in decoded
+                    else np.full(shapes[k][:2], self._fill, self.out_dtype) for k in range(len(keys))]
 
     def read(self, row0: int, col0: int, height: int, width: int) -> np.ndarray:
-        """(height, width) samples in the file's dtype; keeps the blocks it used for the next call."""
-        th, tw = self._block
+        """(height, width) samples in the file's dtype (float16 as float32, as GDAL reads it); keeps the
+        blocks it used for the next call."""
+        (th, tw), itemsize = self.layout.block, self.dtype.itemsize
+        need = (height * width + len(self._cache) * th * tw * self._spp) * itemsize
+        if need > memory_budget():
+            raise RasterError(f"{self.path}: reading a {height}x{width} window needs {need / 2**30:.1f} GiB,"
+                              f" over this machine's memory", hint="read it in windows or strips (iter_strips)")
         keys = [(br, bc) for br in range(row0 // th, (row0 + height - 1) // th + 1)
                 for bc in range(col0 // tw, (col0 + width - 1) // tw + 1)]
         missing = [key for key in keys if key not in self._cache]
         self._cache = {key: self._cache.get(key) for key in keys if key in self._cache}
         self._cache.update(zip(missing, self._decode(missing)))  # one window's blocks: bounded
-        out = np.empty((height, width), self.dtype.newbyteorder("="))
+        out = np.empty((height, width), self.out_dtype)
         for (br, bc), block in self._cache.items():
             r0, r1 = max(row0, br * th), min(row0 + height, (br + 1) * th)
             c0, c1 = max(col0, bc * tw), min(col0 + width, (bc + 1) * tw)
@@ -201,7 +226,7 @@ def read_raster(path, window=None, band: int | None = None) -> tuple[np.ndarray,
 def read_bands(path) -> np.ndarray:
     """Every band of a (multi-band) GeoTIFF as float32 (C, H, W), nodata as NaN (EuroSAT-style tiles)."""
     with _open(path) as tif:
-        bands = int(tif.pages[0].samplesperpixel)
+        bands = _first_page(tif, path)[0].samples
     return np.stack([read_raster(path, band=b)[0] for b in range(1, bands + 1)])
 
 

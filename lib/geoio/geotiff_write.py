@@ -48,7 +48,42 @@ def _check_cast(block: np.ndarray, dtype: np.dtype, path) -> None:
         raise RasterError(f"{path}: cannot store {block.dtype} values as {dtype.name}")
 
 
-class RasterWriter:
+def checked_dtype(path, dtype, nodata) -> np.dtype:
+    """The little-endian dtype a raster of `dtype` is written as (bool as uint8); RasterError when it is no
+    number type or nodata does not fit it."""
+    dtype = np.dtype(np.uint8 if np.dtype(dtype) == bool else dtype)
+    if dtype.kind not in _SAMPLE_FORMAT:
+        raise RasterError(f"{path}: cannot write {dtype} rasters; expected integers or floats")
+    if nodata is not None and dtype.kind in "ui" and not (
+            float(nodata).is_integer() and np.iinfo(dtype).min <= nodata <= np.iinfo(dtype).max):
+        raise RasterError(f"{path}: nodata {nodata} does not fit {dtype}")
+    return dtype.newbyteorder("<")
+
+
+class StreamedWriter:
+    """A writer used as a context manager: close() on success, abort() (the destination untouched) on error."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
+
+
+class RasterWriter(StreamedWriter):
     """Stream a GeoTIFF top to bottom in bounded memory (one row of 256 x 256 tiles).
 
     with RasterWriter(path, info, np.float32) as out:
@@ -57,16 +92,10 @@ class RasterWriter:
 
     def __init__(self, path, info: GeoInfo, dtype, nodata=None, compress: bool = True):
         self.path, self.info, self.compress = Path(path), info, compress
-        dtype = np.dtype(np.uint8 if np.dtype(dtype) == bool else dtype)
-        if dtype.kind not in _SAMPLE_FORMAT:
-            raise RasterError(f"{path}: cannot write {dtype} rasters; expected integers or floats")
-        if nodata is not None and dtype.kind in "ui" and not (
-                float(nodata).is_integer() and np.iinfo(dtype).min <= nodata <= np.iinfo(dtype).max):
-            raise RasterError(f"{path}: nodata {nodata} does not fit {dtype}")
-        self.dtype, self.nodata, self._row = dtype.newbyteorder("<"), nodata, 0
+        self.dtype, self.nodata, self._row = checked_dtype(path, dtype, nodata), nodata, 0
         self._cols = -(-info.width // _TILE)  # tiles per row
         self._buf = np.zeros((_TILE, self._cols * _TILE), self.dtype)  # one tile row
-        self._big = info.height * info.width * dtype.itemsize > _BIGTIFF_BYTES
+        self._big = info.height * info.width * self.dtype.itemsize > _BIGTIFF_BYTES
         self._offsets, self._counts = [], []
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
@@ -131,19 +160,6 @@ class RasterWriter:
         """Drop the temp file; the destination is left untouched."""
         self._fh.close()
         self._tmp.unlink(missing_ok=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is not None:
-            self.abort()
-            return
-        try:
-            self.close()
-        except BaseException:
-            self.abort()
-            raise
 
 
 def write_raster(path, array, info: GeoInfo, nodata=None, compress: bool = True) -> None:

@@ -16,10 +16,10 @@ from lib.core.atomic import write_bytes
 BLACK, GREY, RED, BLUE, GREEN = (0, 0, 0), (190, 190, 190), (200, 30, 30), (30, 70, 200), (34, 139, 34)
 OUTLINE_COLOURS = ((255, 40, 40), (255, 220, 0), (0, 220, 255), (255, 0, 255), (80, 255, 80))
 # 3 x 5 glyphs, one octal digit per row (bit 4 = left column)
-_FONT = dict(zip("0123456789.-()=,/:ABCDEFGHIJKLMNOPQRSTUVWXYZ ", (
+_FONT = dict(zip("0123456789.-()=,/:ABCDEFGHIJKLMNOPQRSTUVWXYZ <", (
     "75557 26227 71747 71717 55711 74717 74757 71111 75757 75717 00002 00700 24442 21112 07070 00024 "
     "11244 02020 25755 65656 34443 65556 74647 74644 34553 55755 72227 11152 55655 44447 57755 65555 "
-    "25552 65644 25563 65655 34216 72222 55557 55552 55775 55255 55222 71247 00000").split()))
+    "25552 65644 25563 65655 34216 72222 55557 55552 55775 55255 55222 71247 00000 12421").split()))
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -216,22 +216,28 @@ def hillshade_quicklook(dsm: np.ndarray, masks, pixel_size: float = 1.0, max_sid
     step = max(1, math.ceil(max(dsm.shape) / max_side))
     zoom = max(1, min(min_side, max_side) // max(dsm.shape)) if step == 1 else 1
     z = dsm[::step, ::step]
-    filled = np.nan_to_num(z, nan=float(np.nanmean(z)) if np.isfinite(z).any() else 0.0)
-    dz_drow, dz_dx = np.gradient(filled, pixel_size * step)
-    sun = np.array([-1.0, 1.0, math.sqrt(2)]) / 2          # (east, north, up): azimuth 315, altitude 45
-    shade = (-dz_dx * sun[0] + dz_drow * sun[1] + sun[2]) / np.sqrt(1 + dz_dx ** 2 + dz_drow ** 2)
-    grey = np.where(np.isnan(z), 0, np.clip(shade, 0, 1) * 215 + 40).astype(np.uint8)
-    image = np.repeat(_enlarge(grey, zoom)[:, :, None], 3, axis=2)
+    grey = hillshade(z, pixel_size * step)
+    image = np.repeat(enlarge(grey, zoom)[:, :, None], 3, axis=2)
     gap = (masks == 1) if masks.dtype == np.uint8 else masks > 0
     for k, mask in enumerate(gap):
-        block = _enlarge(_any_pool(mask, step)[:z.shape[0], :z.shape[1]], zoom)
+        block = enlarge(_any_pool(mask, step)[:z.shape[0], :z.shape[1]], zoom)
         ring = np.pad(block, 1)
         inner = block & ring[:-2, 1:-1] & ring[2:, 1:-1] & ring[1:-1, :-2] & ring[1:-1, 2:]
         image[block & ~inner] = OUTLINE_COLOURS[k % len(OUTLINE_COLOURS)]
     return image
 
 
-def _enlarge(image: np.ndarray, zoom: int) -> np.ndarray:
+def hillshade(z: np.ndarray, pixel_size: float) -> np.ndarray:
+    """(H, W) heights (NaN nodata) -> uint8 grey shading, sun from the north-west at 45 degrees; nodata black."""
+    filled = np.nan_to_num(z, nan=float(np.nanmean(z)) if np.isfinite(z).any() else 0.0)
+    dz_drow, dz_dx = np.gradient(filled, pixel_size) if min(z.shape) > 1 else (np.zeros_like(filled),) * 2
+    sun = np.array([-1.0, 1.0, math.sqrt(2)]) / 2          # (east, north, up): azimuth 315, altitude 45
+    shade = (-dz_dx * sun[0] + dz_drow * sun[1] + sun[2]) / np.sqrt(1 + dz_dx ** 2 + dz_drow ** 2)
+    return np.where(np.isnan(z), 0, np.clip(shade, 0, 1) * 215 + 40).astype(np.uint8)
+
+
+def enlarge(image: np.ndarray, zoom: int) -> np.ndarray:
+    """Each pixel as a zoom x zoom block."""
     return np.repeat(np.repeat(image, zoom, axis=0), zoom, axis=1) if zoom > 1 else image
 
 

@@ -16,23 +16,39 @@ except ImportError:
 
 COMPRESSIONS = {1: "none", 5: "LZW", 8: "deflate", 32946: "deflate", 32773: "PackBits",
                 34925: "LZMA"}  # TIFF code -> name
+USES_PREDICTOR = (5, 8, 32946, 34925)  # libtiff ignores the Predictor tag of the others
+_REVERSED = np.array([int(f"{i:08b}"[::-1], 2) for i in range(256)], np.uint8)  # FillOrder 2
 
 _CLEAR, _EOI = 256, 257
 # TIFF LZW "early change": after a clear, 254 codes are 9 bits wide, 512 are 10, 1024 are 11,
 # the rest 12. A segment holds at most 4096 - 258 + 1 codes before the table is full.
+# Old-style LZW (libtiff < 5, "compat") widens one code later and packs codes LSB-first.
 _WIDTHS = np.repeat(np.array([9, 10, 11, 12], np.int32), [254, 512, 1024, 4096 - 1790])
-_STARTS = (np.cumsum(_WIDTHS) - _WIDTHS).astype(np.int64)  # bit offset of each code in a segment
-_MASKS = (1 << _WIDTHS) - 1
+_COMPAT_WIDTHS = np.repeat(np.array([9, 10, 11, 12], np.int32), [255, 512, 1024, 4096 - 1791])
+_REVERSED_12 = np.array([int(f"{i:012b}"[::-1], 2) for i in range(4096)], np.int32)
 _GROUP_BYTES = 2**16  # compressed bytes of small streams parsed together
 _CHUNK_CODES = 2**15  # codes expanded together (whole segments)
 _SHORT = 8  # strings up to this long resolve vectorised; longer ones by one slice copy each
 
 
-def _parse_codes(streams: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def is_old_style_lzw(stream: bytes) -> bool:
+    """libtiff's test for a pre-5.0 LZW stream: an LSB-first clear code (first byte 0, then bit 0)."""
+    return len(stream) >= 2 and stream[0] == 0 and bool(stream[1] & 1)
+
+
+def _parse_codes(streams: list[bytes], compat: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Codes (K,) of all streams, start index of every clear-delimited segment, and each
     stream's number of codes. One pass per segment (the code widths restart at a clear) over
-    ~4096 codes: small arrays that stay in cache, which measured faster than all at once."""
+    ~4096 codes: small arrays that stay in cache, which measured faster than all at once.
+
+    Old-style (compat) streams read LSB-first: with every byte's bits reversed, an MSB-first
+    read gives each code with its own bits reversed.
+    """
+    widths = _COMPAT_WIDTHS if compat else _WIDTHS
+    starts, masks = (np.cumsum(widths) - widths).astype(np.int64), (1 << widths) - 1
     data = b"".join(streams)
+    if compat:
+        data = reverse_bits(data)
     buf = np.frombuffer(data + b"\0\0\0", dtype=np.uint8).astype(np.int32)
     window = (buf[:-2] << 16) | (buf[1:-1] << 8) | buf[2:]  # 24 bits from every byte, (N+1,)
     pieces, per_stream, begin = [], [], 0
@@ -40,14 +56,16 @@ def _parse_codes(streams: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarr
         bit, nbits, n_codes = 8 * begin, 8 * (begin + len(stream)), 0
         begin += len(stream)
         while True:
-            pos = bit + _STARTS
-            n_avail = int(np.searchsorted(pos + _WIDTHS, nbits, side="right"))
-            pos, width = pos[:n_avail], _WIDTHS[:n_avail]
-            seg = (window[pos >> 3] >> (24 - (pos & 7) - width)) & _MASKS[:n_avail]
+            pos = bit + starts
+            n_avail = int(np.searchsorted(pos + widths, nbits, side="right"))
+            pos, width = pos[:n_avail], widths[:n_avail]
+            seg = (window[pos >> 3] >> (24 - (pos & 7) - width)) & masks[:n_avail]
+            if compat:
+                seg = _REVERSED_12[seg] >> (12 - width)
             stops = np.flatnonzero(seg >= _CLEAR)  # cheap prefilter: table codes are >= 258
             stops = stops[seg[stops] <= _EOI]
             end = int(stops[0]) if len(stops) else n_avail
-            if not len(stops) and n_avail == len(_WIDTHS):
+            if not len(stops) and n_avail == len(widths):
                 raise ValueError("corrupt LZW stream: the code table overflows without a clear")
             pieces.append(seg[:end])
             n_codes += end
@@ -141,14 +159,18 @@ def _expand(codes: np.ndarray, starts: np.ndarray) -> tuple[bytes, np.ndarray]:
     return bytes(out), length
 
 
-def _decode_group(streams: list[bytes]) -> list[bytes]:
-    """Decode streams parsed together; expansion runs ~_CHUNK_CODES codes at a time."""
-    codes, starts, per_stream = _parse_codes(streams)
+def _decode_group(streams: list[bytes], compat: bool, max_bytes: float) -> list[bytes]:
+    """Decode streams parsed together; expansion runs ~_CHUNK_CODES codes at a time, and stops
+    past `max_bytes` of output (a chunk expands to at most ~128 MiB before that check)."""
+    codes, starts, per_stream = _parse_codes(streams, compat)
     chunk = starts // _CHUNK_CODES  # expand whole segments, ~_CHUNK_CODES at a time
     bounds = np.append(starts[np.diff(chunk, prepend=-1) > 0], len(codes)).tolist()
     pieces, lengths = [], [np.zeros(1, np.int64)]
     for a, b in zip(bounds[:-1], bounds[1:]):
         data, length = _expand(codes[a:b], starts[(starts >= a) & (starts < b)] - a)
+        max_bytes -= len(data)
+        if max_bytes < 0:
+            raise ValueError("corrupt LZW stream: it decodes to far more bytes than its block holds")
         pieces.append(data)
         lengths.append(length)
     out, off = b"".join(pieces), np.cumsum(np.concatenate(lengths))  # (K+1,) output offsets
@@ -156,20 +178,31 @@ def _decode_group(streams: list[bytes]) -> list[bytes]:
     return [out[a:b] for a, b in zip([0] + ends[:-1], ends)]
 
 
-def lzw_decode_many(streams: list[bytes]) -> list[bytes]:
-    """Decode TIFF LZW streams (MSB-first codes, early change, clear 256, EOI 257) with numpy.
+def lzw_decode_many(streams: list[bytes], max_bytes: float = float("inf")) -> list[bytes]:
+    """Decode TIFF LZW streams (MSB-first codes, early change, clear 256, EOI 257) with numpy;
+    old-style streams (LSB-first, late change) as libtiff detects and decodes them.
 
     Small streams (strips) are decoded together, large ones a few segments at a time: work
     arrays of ~_CHUNK_CODES codes stay in cache, which measured ~2x faster than one big pass.
+    Output beyond `max_bytes` in all is refused (an LZW bomb) before it is allocated.
     """
-    groups, size = [[]], 0
-    for stream in streams:
-        if groups[-1] and size + len(stream) > _GROUP_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(bytes(stream))
-        size += len(stream)
-    return [data for group in groups for data in _decode_group(group)]
+    out = [b""] * len(streams)
+    for compat in (False, True):  # each style in groups of ~_GROUP_BYTES compressed bytes
+        groups, size = [[]], 0
+        for k, stream in enumerate(streams):
+            if is_old_style_lzw(stream) != compat:
+                continue
+            if groups[-1] and size + len(stream) > _GROUP_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append(k)
+            size += len(stream)
+        for group in filter(None, groups):
+            decoded = _decode_group([bytes(streams[k]) for k in group], compat, max_bytes)
+            max_bytes -= sum(map(len, decoded))
+            for k, data in zip(group, decoded):
+                out[k] = data
+    return out
 
 
 def lzw_decode(data: bytes) -> bytes:
@@ -252,13 +285,26 @@ def packbits_decode(data: bytes) -> bytes:
     return buf[src].astype(np.uint8).tobytes()
 
 
-def _decompress(data: bytes, compression: int) -> bytes:
+def reverse_bits(data: bytes) -> bytes:
+    """Every byte with its bit order reversed (FillOrder 2, and old-style LZW's LSB-first codes)."""
+    return _REVERSED[np.frombuffer(data, np.uint8)].tobytes()
+
+
+def _decompress(data: bytes, compression: int, size: int) -> bytes:
+    """A block's `size` bytes. LZMA stops there, as libtiff does. Deflate must end as a complete
+    stream (its checksum verified) within 2 * size + 1 MiB, as libdeflate (GDAL's) requires: a
+    corrupt stream is refused and a deflate bomb stays bounded."""
     try:
         if compression == 34925:
-            return lzma.decompress(data)
-        return zlib.decompress(data)
+            return lzma.LZMADecompressor().decompress(data, max_length=size)
+        inflate = zlib.decompressobj()
+        out = inflate.decompress(data, 2 * size + 2**20)
     except (zlib.error, lzma.LZMAError) as exc:
         raise ValueError(f"corrupt {COMPRESSIONS[compression]} data ({exc})") from None
+    if not inflate.eof:
+        raise ValueError(f"corrupt deflate data: the stream {'is cut short' if len(out) < 2 * size else 'goes on'}"
+                         f" after {len(out)} bytes (the block holds {size})")
+    return out[:size]
 
 
 def _unpredict(raw: bytes, predictor: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
@@ -283,13 +329,18 @@ def _unpredict(raw: bytes, predictor: int, shape: tuple, dtype: np.dtype) -> np.
 
 
 def decode_segments(segments: list[bytes], compression: int, predictor: int, shapes: list,
-                    dtype: np.dtype) -> list[np.ndarray]:
+                    dtype: np.dtype, fill_order: int = 1) -> list[np.ndarray]:
     """Decode strips/tiles to native-order arrays of their shapes (rows, width, samples)."""
+    if fill_order == 2:  # libtiff reverses the raw bytes of every codec used here
+        segments = [reverse_bits(s) for s in segments]
     if compression == 5:
-        raws = ([_lzw_c(s) for s in segments] if _lzw_decode_c is not None
-                else lzw_decode_many(segments))
+        c_decodes = _lzw_decode_c is not None and not any(map(is_old_style_lzw, segments))
+        expected = sum(int(np.prod(shape)) for shape in shapes) * dtype.itemsize
+        raws = ([_lzw_c(s) for s in segments] if c_decodes  # libtiff ignores codes past a block's end:
+                else lzw_decode_many(segments, 2 * expected + 2**20))  # allow some, not a bomb
     elif compression in (8, 32946, 34925):
-        raws = [_decompress(s, compression) for s in segments]
+        raws = [_decompress(s, compression, int(np.prod(shape)) * dtype.itemsize)
+                for s, shape in zip(segments, shapes)]
     elif compression == 32773:
         raws = [packbits_decode(s) for s in segments]
     elif compression == 1:

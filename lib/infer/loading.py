@@ -11,7 +11,7 @@ sha256 of their card before loading. A weights card is `<stem>.json` beside the 
 ("file" and "sha256" are required, the rest is provenance), or, for the shipped file only,
 `weights/MODEL_CARD.md` with a line `sha256: <64 hex digits>` (lib/infer/weights.py).
 """
-import json
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from lib.core import safejson
 from lib.data.bands import normalizer_from_stats
-from lib.train.checkpoint import load_checkpoint
+from lib.train.checkpoint import check_weight_kinds, load_checkpoint, load_weights
 from lib.core.config import build_config
-from lib.core.errors import ConfigError, ModelError
+from lib.core.errors import ConfigError, ForestGapsError, ModelError
 from lib.models import build_model, rebuild_model
 from lib.data.normalize import Normalizer, relative_height_channels
 from lib.infer.weights import DEFAULT_WEIGHTS, file_sha256, verified_weights
@@ -61,15 +62,20 @@ class InferenceModel(torch.nn.Module):
     def forward_thresholds(self, dsm: torch.Tensor, thresholds_m: torch.Tensor) -> torch.Tensor:
         """dsm (B,1,H,W), thresholds (K,) -> (B,K,H,W) in one forward pass, each window normalised once.
 
-        Equal to forward on the DSM repeated K times (the normalisation is per window), without K sorts; a
-        regression model runs once per window, its CHM compared with every threshold.
+        Equal to forward on the DSM repeated K times (the normalisation is per window), without K sorts. A
+        regression model runs once per window, its CHM compared with every threshold; a model that has its own
+        forward_thresholds (one forward for every threshold) is called once too.
         """
         b, k = dsm.shape[0], thresholds_m.numel()
         if self.regression:
             return torch.sigmoid(thresholds_m.view(1, k, 1, 1) - self._heights(self.normalizer(dsm)))
-        x = self.normalizer(dsm).repeat_interleave(k, dim=0)                  # (B*K, C, H, W), row = b*K + k
-        t = self.normalizer.normalise_threshold(thresholds_m).repeat(b)      # (B*K,)
-        return torch.sigmoid(self.model(x, t).float()).view(b, k, *dsm.shape[-2:])
+        x = self.normalizer(dsm)                                              # (B, C, H, W)
+        t = self.normalizer.normalise_threshold(thresholds_m)                # (K,)
+        every = getattr(self.model, "forward_thresholds", None)
+        if every is not None:  # a model with a head for every threshold: (B, C, H, W), (K,) -> (B, K, H, W) logits
+            return torch.sigmoid(every(x, t).float())
+        x = x.repeat_interleave(k, dim=0)                                     # (B*K, C, H, W), row = b*K + k
+        return torch.sigmoid(self.model(x, t.repeat(b)).float()).view(b, k, *dsm.shape[-2:])
 
     def compile(self, *args, **kwargs) -> None:
         """torch.compile the normaliser and the model in place, so forward and forward_thresholds both use them."""
@@ -142,22 +148,43 @@ def resolve_checkpoint(path=None) -> Path:
     return DEFAULT_WEIGHTS
 
 
-def check_weights_card(path: Path) -> None:
-    """Verify path's sha256 against its weights card (<stem>.json naming it); the shipped file must have one."""
+def _read_card(card_path: Path, what: str) -> dict:
+    """A JSON model/weights card as a dict; ModelError naming it when it is not one."""
+    card = safejson.loads(card_path.read_bytes(), f"{card_path}: {what}", ModelError)
+    if not isinstance(card, dict):
+        raise ModelError(f"{card_path}: {what} is {type(card).__name__}, expected a JSON object")
+    return card
+
+
+def check_weights_card(path: Path) -> bool:
+    """Verify path's sha256 against its weights card (<stem>.json naming it); the shipped file must have one.
+    True when a card vouched for the file's bytes."""
     card_path = path.with_suffix(".json")
-    card = {}
-    if card_path.is_file():
-        try:
-            card = json.loads(card_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelError(f"{card_path}: weights card is not JSON ({exc})") from None
-    if isinstance(card, dict) and card.get("file") == path.name and "sha256" in card:
+    card = _read_card(card_path, "weights card") if card_path.is_file() else {}
+    if card.get("file") == path.name and "sha256" in card:
         got = file_sha256(path)
         if got != str(card["sha256"]).lower():
             raise ModelError(f"{path} has sha256 {got} but its card {card_path} records {card['sha256']}",
                              hint="the file is corrupt, partially downloaded, or not the weights the card describes")
-    elif path.resolve() == DEFAULT_WEIGHTS.resolve():
+        return True
+    if path.resolve() == DEFAULT_WEIGHTS.resolve():
         verified_weights(path)                                              # weights/MODEL_CARD.md
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _part_of(path: Path, what: str):
+    """Errors while rebuilding `what` from checkpoint `path` become a ModelError naming both."""
+    try:
+        yield
+    except ModelError as exc:
+        if str(path) in str(exc):
+            raise
+        raise ModelError(f"{path}: {what}: {exc}") from None
+    except (ForestGapsError, KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: {what}: {reason}") from None
 
 
 def load_model(path: str | Path, device="cpu") -> LoadedModel:
@@ -165,18 +192,19 @@ def load_model(path: str | Path, device="cpu") -> LoadedModel:
     path = Path(path)
     if path.suffix in EXPORTED:
         return _load_exported(path, device)
-    check_weights_card(path)
-    ckpt = load_checkpoint(path, map_location="cpu")
+    ckpt = load_checkpoint(path, map_location="cpu", verified=check_weights_card(path))
     cfg = build_config(ckpt["config"], source=f"{path} (embedded config)")
+    if "normalization" not in ckpt:
+        raise ModelError(f"{path} has no 'normalization' entry: the model's inputs cannot be scaled as in training")
     if cfg.data.task == "classification":
         return _load_classifier(path, ckpt, cfg, device)
-    normalizer = Normalizer.from_stats(ckpt["normalization"])
-    model = build_model(cfg.model, task=cfg.data.task, in_channels=normalizer.out_channels,
-                        batch_size=cfg.train.batch_size, prior_channels=relative_height_channels(normalizer.features))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise ModelError(f"{path}: weights do not fit model {cfg.model.name!r}: {str(exc).splitlines()[0]}") from None
+    with _part_of(path, "normalization"):
+        normalizer = Normalizer.from_stats(ckpt["normalization"])
+    with _part_of(path, f"model {cfg.model.name!r}"):
+        model = build_model(cfg.model, task=cfg.data.task, in_channels=normalizer.out_channels,
+                            batch_size=cfg.train.batch_size,
+                            prior_channels=relative_height_channels(normalizer.features))
+    load_weights(model, ckpt["model"], path)
     net = InferenceModel(normalizer, model, cfg.data.task).to(device).eval()
     meta = {"metrics": ckpt.get("metrics", {}), "version": ckpt.get("version", {}),
             "normalization": ckpt["normalization"], "step": ckpt.get("step")}
@@ -222,13 +250,14 @@ def _threshold_training(loaded: LoadedModel) -> tuple:
 
 def _load_classifier(path: Path, ckpt: dict, cfg, device) -> LoadedModel:
     """A tile classifier: per-band normaliser + model + softmax, and its class names."""
-    try:
+    with _part_of(path, f"model {cfg.model.name!r}"):
         model = rebuild_model(cfg.model, ckpt["model"])
-    except RuntimeError as exc:
-        raise ModelError(f"{path}: weights do not fit model {cfg.model.name!r}: {str(exc).splitlines()[0]}") from None
+    check_weight_kinds(model, ckpt["model"], path)  # after: the model keeps its own dtypes when loading
     classes = model.build_kwargs["num_classes"]
     names = ckpt.get("task", {}).get("class_names") or [f"class_{i}" for i in range(classes)]  # older checkpoints
-    net = ClassifierModel(normalizer_from_stats(ckpt["normalization"]), model).to(device).eval()
+    with _part_of(path, "normalization"):
+        normalizer = normalizer_from_stats(ckpt["normalization"])
+    net = ClassifierModel(normalizer, model).to(device).eval()
     meta = {"metrics": ckpt.get("metrics", {}), "version": ckpt.get("version", {}),
             "normalization": ckpt["normalization"], "step": ckpt.get("step")}
     return LoadedModel(net, [], cfg.data.pixel_size_m, cfg.data.tile_px, 1, cfg, meta, "classification", names)
@@ -239,7 +268,8 @@ def _load_exported(path: Path, device) -> LoadedModel:
     card_path = path.with_suffix(".json")
     if not card_path.is_file():
         raise ModelError(f"{path}: exported model has no model card {card_path.name} beside it")
-    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card = _read_card(card_path, "model card")
+    _check_card(card, card_path)
     try:
         if path.suffix == ".ts":
             net = torch.jit.load(str(path), map_location=device).eval()
@@ -253,6 +283,19 @@ def _load_exported(path: Path, device) -> LoadedModel:
         raise ModelError(f"cannot load exported model {path}: {str(exc).splitlines()[0][:200]}") from None
     return LoadedModel(net, card["thresholds_m"], card["pixel_size_m"], card["tile_px"], card["stride"],
                        None, card, card.get("task", "segmentation"), card.get("class_names", []))
+
+
+CARD_ENTRIES = {"thresholds_m": list, "pixel_size_m": (int, float), "tile_px": int, "stride": int}
+
+
+def _check_card(card: dict, card_path: Path) -> None:
+    """The entries an exported model's card must give, with their types."""
+    for key, kind in CARD_ENTRIES.items():
+        if not isinstance(card.get(key), kind) or isinstance(card.get(key), bool):
+            raise ModelError(f"{card_path}: model card entry {key!r} is {card.get(key)!r:.60}, expected "
+                             f"{getattr(kind, '__name__', 'a number')}")
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in card["thresholds_m"]):
+        raise ModelError(f"{card_path}: model card entry 'thresholds_m' must list numbers")
 
 
 def check_thresholds(requested, trained_m, train_cfg, task: str = "segmentation") -> list[float]:

@@ -1,8 +1,8 @@
 """Map gaps on scenes end to end: one scene (resampled to the model's pixel size when it differs), and many
 scenes in one resumable run, split across torchrun processes.
 
-A scene's folder gets gaps_{tag}.tif/.csv, prob_{tag}.tif (optional), quicklook.png, predict.json, and with
-a reference ref_gaps_{tag}.tif and scores.json; every file is written atomically. In a region run each
+A scene's folder gets gaps_{tag}.tif (Cloud-Optimized GeoTIFFs) and .csv, gaps.gpkg (one layer per
+threshold), prob_{tag}.tif (optional), quicklook.png, predict.json, and with a reference ref_gaps_{tag}.tif and scores.json; every file is written atomically. In a region run each
 scene gets <out>/<stem>/ and done.json is written there last: a scene whose done.json holds the same
 settings and whose outputs all exist is skipped, so an interrupted run resumes where it stopped. A scene
 that fails (unreadable file, every pixel nodata, ...) gets failed.json with the error instead, and the run
@@ -33,7 +33,10 @@ from lib.geoio.georef import check_same_grid
 from lib.geoio.geotiff_read import iter_strips, read_info
 from lib.geoio.geotiff_write import RasterWriter
 from lib.geoio.resample import dsm_methods, needs_resampling, resample_raster, resampled_grid
-from lib.infer.scene_windows import WrittenScene, filter_gaps, plan_scene, write_quicklook, write_scene
+from lib.geoio.cog import to_cog
+from lib.geoio.geopackage import GpkgWriter
+from lib.infer.scene_gaps import filter_gaps, write_quicklook
+from lib.infer.scene_windows import WrittenScene, gpu_batch_size, plan_scene, write_scene
 from lib.infer.scene_scores import score_scene
 
 log = logging.getLogger(__name__)
@@ -75,34 +78,38 @@ class MapSettings:
         """File names a finished scene has (without a reference)."""
         tags = [threshold_tag(t) for t in self.thresholds_m]
         return (["predict.json"] + [f"gaps_{t}.tif" for t in tags] + [f"gaps_{t}.csv" for t in tags if self.filter]
-                + [f"prob_{t}.tif" for t in tags if self.cfg.predict.write_prob]
+                + [f"prob_{t}.tif" for t in tags if self.cfg.predict.write_prob] + (["gaps.gpkg"] if self.filter else [])
                 + (["quicklook.png"] if self.quicklook else []))
 
 
-def _predict(s: MapSettings, dsm_path, out_dir: Path, grid, progress, compress: bool = True) -> WrittenScene:
-    """The strip pass on a DSM already on the model's grid."""
+def _predict(s: MapSettings, dsm_path, out_dir: Path, grid, progress, compress: bool = True, raw_dir=None):
+    """The strip pass on a DSM already on the model's grid (gap maps into raw_dir for the area filter)."""
     p = s.cfg.predict
     plan = plan_scene(grid.height, grid.width, p.window_px, p.overlap, s.stride)
-    return write_scene(s.net, dsm_path, out_dir, plan, s.thresholds_m, p.batch_size, p.tta, s.device, p.write_prob,
+    batch = p.batch_size if p.compile else gpu_batch_size(s.net, p.window_px, s.thresholds_m, s.device, p.batch_size)
+    return write_scene(s.net, dsm_path, out_dir, plan, s.thresholds_m, batch, p.tta, s.device, p.write_prob,
                        p.prob_threshold, pad_batches=p.compile, nested=p.nested,
-                       progress=progress(grid.height, grid.width) if progress else None, compress=compress)
+                       progress=progress(grid.height, grid.width) if progress else None, compress=compress,
+                       raw_dir=raw_dir)
 
 
-def _predict_resampled(s: MapSettings, dsm_path: Path, info, out_dir: Path, progress) -> WrittenScene:
+def _predict_resampled(s: MapSettings, dsm_path: Path, info, out_dir: Path, progress, work: Path) -> WrittenScene:
     """Resample the DSM to the model's pixel size, predict there, and bring the maps back to the input grid:
-    nearest for the gap maps, bilinear for probabilities; the input's nodata stays nodata."""
+    nearest for the gap maps (into work, for the area filter; COGs without it), bilinear for probabilities
+    (COGs); the input's nodata stays nodata."""
     grid = resampled_grid(info, s.pixel_size_m)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=TEMPORARY_DIRS[0]) as work:
-        work = Path(work)
-        resample_raster(dsm_path, work / "dsm.tif", grid, dsm_methods(info, s.pixel_size_m), compress=False)
-        written = _predict(s, work / "dsm.tif", work, grid, progress, compress=False)
-        paths = {}
-        for tag, path in written.paths.items():
-            paths[tag] = out_dir / path.name
-            resample_raster(path, paths[tag], info, "nearest", np.uint8, IGNORE, nodata_like=dsm_path)
-            if s.cfg.predict.write_prob:
-                resample_raster(work / f"prob_{tag}.tif", out_dir / f"prob_{tag}.tif", info, "bilinear",
-                                nodata_like=dsm_path)
+    resample_raster(dsm_path, work / "dsm.tif", grid, dsm_methods(info, s.pixel_size_m), compress=False)
+    written = _predict(s, work / "dsm.tif", work, grid, progress, compress=False)
+    paths = {}
+    for tag, path in written.paths.items():
+        paths[tag] = (work / f"input_grid_{tag}.tif") if s.filter else out_dir / path.name
+        resample_raster(path, paths[tag], info, "nearest", np.uint8, IGNORE, nodata_like=dsm_path, compress=False)
+        if not s.filter:
+            to_cog(paths[tag], np.uint8, IGNORE)
+        if s.cfg.predict.write_prob:
+            resample_raster(work / f"prob_{tag}.tif", out_dir / f"prob_{tag}.tif", info, "bilinear",
+                            nodata_like=dsm_path, compress=False)
+            to_cog(out_dir / f"prob_{tag}.tif", np.float32, float("nan"))
     return WrittenScene(paths, written.nesting)
 
 
@@ -177,35 +184,56 @@ def map_scene(s: MapSettings, dsm_path, out_dir, chm_path=None, dtm_path=None, p
 
 
 def _map_scene(s: MapSettings, dsm_path: Path, info, out_dir: Path, chm_path, dtm_path, progress, echo) -> dict:
-    """map_scene's work on a checked DSM: the maps, the area filter and table, quick-look, scores; its summary."""
+    """map_scene's work on a checked DSM: the maps, the area filter, table and polygons, quick-look, scores."""
     resampled = needs_resampling(info, s.pixel_size_m)
     start = time.perf_counter()
-    written = (_predict_resampled(s, dsm_path, info, out_dir, progress) if resampled
-               else _predict(s, dsm_path, out_dir, info, progress))
-    seconds = time.perf_counter() - start
-    counts = {}
-    for tag, path in written.paths.items() if s.filter else ():
-        counts[tag] = filter_gaps(path, dsm_path, s.cfg.data.min_area_m2, s.cfg.data.max_area_m2)
-        echo(f"{tag:>6}: {counts[tag]:6d} gaps  -> {path}, {path.with_suffix('.csv').name}")
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=TEMPORARY_DIRS[0]) as work:
+        work = Path(work)
+        raw_dir = work if s.filter else None
+        written = (_predict_resampled(s, dsm_path, info, out_dir, progress, work) if resampled
+                   else _predict(s, dsm_path, out_dir, info, progress, raw_dir=raw_dir))
+        predicted = time.perf_counter() - start
+        counts = _filter(s, written, dsm_path, info, out_dir, echo) if s.filter else {}
+    paths = [out_dir / f"gaps_{threshold_tag(t)}.tif" for t in s.thresholds_m]
     if s.quicklook:
-        write_quicklook(out_dir / "quicklook.png", dsm_path, list(written.paths.values()))
+        write_quicklook(out_dir / "quicklook.png", dsm_path, paths, s.thresholds_m)
+    seconds = time.perf_counter() - start
     if chm_path or dtm_path:
         scores = score_scene(out_dir, dsm_path, s.thresholds_m, s.cfg.data.min_area_m2, s.cfg.data.max_area_m2,
                              chm_path=chm_path, dtm_path=dtm_path, classical_window_m=s.cfg.eval.classical_window_m)
         write_json(out_dir / "scores.json", scores)
         echo_scores(scores, echo)
+    megapixels = info.height * info.width / 1e6
+    echo(f"scene: {megapixels:.2f} MP in {seconds:.1f} s ({megapixels / seconds:.3f} MP/s; model pass {predicted:.1f} s)"
+         + "".join(f"; {n} gaps at {tag}" for tag, n in counts.items()))
     return {"checkpoint": s.checkpoint, "dsm": str(dsm_path), "thresholds_m": list(s.thresholds_m),
             "predict": config_to_dict(s.cfg.predict), "device": str(s.device),
             "pixel_size_m": {"input": list(info.pixel_size), "model": s.pixel_size_m, "resampled": resampled},
-            "seconds": round(seconds, 3), "megapixels_per_s": round(info.height * info.width / 1e6 / seconds, 3),
+            "seconds": round(seconds, 3), "seconds_model_pass": round(predicted, 3), "megapixels": round(megapixels, 3),
+            "megapixels_per_s": round(megapixels / seconds, 3),
             "nesting": {"nested": s.cfg.predict.nested, "before_nesting": written.nesting}, "gaps": counts}
 
 
+def _filter(s: MapSettings, written, dsm_path: Path, info, out_dir: Path, echo) -> dict:
+    """Area filter of each raw map into out_dir's gaps_{tag}.tif (COG) and .csv, polygons into gaps.gpkg."""
+    counts = {}
+    crs_name = (info.geo_ascii or "").split("|")[0] or None         # GeoTIFF citation: "name|datum|"
+    with GpkgWriter(out_dir / "gaps.gpkg", info.epsg, crs_name) as gpkg:
+        for tag, raw in written.paths.items():
+            gpkg.layer(f"gaps_{tag}")
+            path = out_dir / f"gaps_{tag}.tif"
+            counts[tag] = filter_gaps(path, dsm_path, s.cfg.data.min_area_m2, s.cfg.data.max_area_m2, gpkg,
+                                      f"gaps_{tag}", raw_path=raw)
+            echo(f"{tag:>6}: {counts[tag]:6d} gaps  -> {path}, {path.with_suffix('.csv').name}, gaps.gpkg "
+                 f"layer gaps_{tag}")
+    return counts
+
+
 def echo_scores(scores: dict, echo) -> None:
-    """Per threshold: IoU against the reference (and the classical method's), gap counts, λ and R side by side."""
+    """Per threshold: IoU against the reference (and the DSM-only methods'), gap counts, λ and R side by side."""
     for tag, model in scores["model"].items():
-        line = (f"{tag:>6}: IoU {model['iou']:.4f}  F1 {model['f1']:.4f}  "
-                f"(classical IoU {scores['classical'][tag]['iou']:.4f})")
+        line = (f"{tag:>6}: IoU {model['iou']:.4f}  F1 {model['f1']:.4f}  (ground filter IoU "
+                f"{scores['ground_filter'][tag]['iou']:.4f}, opening {scores['classical'][tag]['iou']:.4f})")
         stats = scores["gap_statistics"].get(tag)
         if stats:
             m, r = stats["model"], stats["reference"]

@@ -1,4 +1,5 @@
-"""A mapped scene against its reference CHM (or DTM): pixel scores beside the classical DSM-only method,
+"""A mapped scene against its reference CHM (or DTM): pixel scores beside the DSM-only methods (the ground
+filter of lib/gaps/ground_filter.py, and the grey opening as "classical"),
 and the gap statistics ecologists compare (count, λ by Asner and by Hanel, Clark–Evans R; lib.gaps.analysis)
 of the predicted map next to those of the reference map, threshold by threshold.
 
@@ -11,11 +12,12 @@ import torch
 
 from lib.gaps.analysis import summarize_gap_map
 from lib.gaps.baselines import classical_relative_height
+from lib.gaps.ground_filter import filtered_relative_height
 from lib.gaps.masks import IGNORE, gap_labels, gap_masks, threshold_tag
 from lib.train.metrics import ThresholdMetrics
 from lib.geoio.geotiff_read import read_pair, read_raster
 from lib.geoio.geotiff_write import write_raster
-from lib.infer.scene_windows import mask_labels
+from lib.infer.scene_gaps import mask_labels
 
 SCORE_KEYS = ("iou", "f1", "precision", "recall")
 
@@ -57,10 +59,14 @@ def score_scene(out_dir, dsm_path, thresholds_m, min_area_m2: float, max_area_m2
         write_raster(out_dir / f"ref_gaps_{tag}.tif", mask, info, nodata=IGNORE)
     pred = np.stack([read_raster(out_dir / f"gaps_{tag}.tif")[0] == 1 for tag in tags])  # (K, H, W) bool
     pred_stats = [summarize_gap_map(*mask_labels(p, min_area_m2, max_area_m2, info.pixel_area), info) for p in pred]
-    rel = classical_relative_height(torch.from_numpy(dsm)[None, None], classical_window_m, info.pixel_size[0])
-    classical = gap_masks(rel[0, 0].numpy(), thresholds_m, min_area_m2, max_area_m2, info.pixel_area)
+    x = torch.from_numpy(dsm)[None, None]
+    baselines = {}
+    for name, rel in (("classical", classical_relative_height(x, classical_window_m, info.pixel_size[0])),
+                      ("ground_filter", filtered_relative_height(x, info.pixel_size[0]))):
+        masks = gap_masks(rel[0, 0].numpy(), thresholds_m, min_area_m2, max_area_m2, info.pixel_area)
+        baselines[name] = pixel_scores(masks == 1, ref, thresholds_m)
     return {"reference": str(chm_path or dtm_path), "reference_kind": "chm" if chm_path else "dtm",
             "thresholds_m": list(thresholds_m), "valid_pixels": int((ref[0] != IGNORE).sum()),
             "model": pixel_scores(pred, ref, thresholds_m),
-            "classical": pixel_scores(classical == 1, ref, thresholds_m), "classical_window_m": classical_window_m,
+            **baselines, "classical_window_m": classical_window_m,
             "gap_statistics": {tag: {"model": p, "reference": r} for tag, p, r in zip(tags, pred_stats, ref_stats)}}

@@ -1,15 +1,17 @@
 """Whole-scene gap mapping: overlapping windows blended with a smooth weight, streamed strip by strip.
 
-Memory is bounded by the window batch and one window-high strip of rows, not by the scene: the input is
-read as strips of `window_px` rows (the overlap with the next strip is the halo), the accumulator holds
-only the rows in flight, and finished rows go straight to `RasterWriter`s. All K thresholds of a window
-run in one forward pass (the window normalised once, repeated K times). Finished rows are made to nest
-over the thresholds (optional; lib.gaps.nesting), counting the raw maps' violations first. The area filter and
-the gap table need the whole mask (a gap may span many strips), so they run afterwards on the uint8 maps.
-The end-to-end driver (resampling, many scenes) is lib/infer/mapping.py.
+Memory is bounded by the window batch and one window-high strip of rows, not by the scene: each DSM row
+is decoded once into a reused strip of `window_px` rows (the overlap with the next strip is the halo),
+on a GPU the next window batch is read on a background thread while the model runs, the accumulator holds only the
+rows in flight, and finished rows go straight to streamed (Cloud-Optimized) GeoTIFF writers. All K
+thresholds of a window run in one call of predict_thresholds, the only place windows meet the model.
+Finished rows are made to nest over the thresholds (optional; lib.gaps.nesting), counting the raw maps'
+violations first. The area filter, gap table, polygons and quick-look follow in lib/infer/scene_gaps.py;
+the end-to-end driver (resampling, many scenes) is lib/infer/mapping.py.
 """
 import functools
-import itertools
+import queue
+import threading
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +21,10 @@ import torch
 
 from lib.core.errors import ConfigError
 from lib.gaps.nesting import nest_probabilities, nesting_violations
-from lib.gaps.masks import IGNORE, gap_labels, gap_stats, threshold_tag, write_gap_table
-from lib.geoio.png import hillshade_quicklook, write_png
-from lib.geoio.geotiff_read import iter_strips, read_info, read_raster
-from lib.geoio.geotiff_write import RasterWriter, write_raster
+from lib.gaps.masks import IGNORE, threshold_tag
+from lib.geoio.cog import CogWriter
+from lib.geoio.geotiff_read import read_info, read_raster
+from lib.geoio.geotiff_write import RasterWriter
 from lib.data.tiling import tile_origins
 
 BLEND_FLOOR = 1e-3  # weight at a window's outer edge: > 0, so scene borders (one window only) stay defined
@@ -114,16 +116,85 @@ def predict_thresholds(net, dsm: torch.Tensor, thresholds_m: torch.Tensor, tta: 
     return d4_average(fn, dsm) if tta else fn(dsm)
 
 
-def _windows(path, plan: ScenePlan):
-    """(r0, c0, (w, w) float32 window) in row-major order; reads one strip of w rows per window row."""
+def gpu_batch_size(net, window_px: int, thresholds_m, device, requested: int, fraction: float = 0.5,
+                   most: int = 256) -> int:
+    """Windows per forward on a GPU, from its free memory: one window's peak at the K thresholds is measured,
+    and as many as fill `fraction` of what is free are taken (at least `requested`, at most `most`).
+    Unmeasured on real GPUs so far (no GPU in the sessions that wrote it)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return requested
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with torch.inference_mode():
+        x = torch.full((1, 1, window_px, window_px), 300.0, device=device)
+        predict_thresholds(net, x, torch.tensor(list(thresholds_m), device=device))
+    per_window = max(torch.cuda.max_memory_allocated(device) - before, 1)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(most, max(requested, fraction * free // per_window)))
+
+
+def channels_last(net) -> None:
+    """Convert the model's weights to channels-last in place (oneDNN's fast convolution layout on CPU,
+    tensor cores' on GPU; the same values); TorchScript modules are left as they are."""
+    if isinstance(net, torch.nn.Module) and not isinstance(net, torch.jit.ScriptModule):
+        net.to(memory_format=torch.channels_last)
+
+
+def _strips(path, plan: ScenePlan):
+    """(r0, (w, padded width) float32 strip) for each window row, in one reused buffer: the rows two window
+    rows share are moved up, only the new ones are read, so every DSM row is decoded once."""
     w = plan.window_px
+    strip = np.full((w, plan.padded_width), np.nan, np.float32)
+    prev, end = 0, 0                             # scene rows [prev, end) are in the buffer
     for r0 in plan.rows:
-        strip, _ = read_raster(path, window=(r0, 0, min(w, plan.height - r0), plan.width))
-        if strip.shape != (w, plan.padded_width):
-            strip = np.pad(strip, ((0, w - strip.shape[0]), (0, plan.padded_width - plan.width)),
-                           constant_values=np.nan)
-        for c0 in plan.cols:
-            yield r0, c0, strip[:, c0:c0 + w]
+        keep = max(end - r0, 0)
+        strip[:keep] = strip[r0 - prev:r0 - prev + keep]
+        new_end = min(r0 + w, plan.height)
+        if new_end > r0 + keep:
+            strip[keep:new_end - r0, :plan.width] = read_raster(path, window=(r0 + keep, 0, new_end - r0 - keep,
+                                                                              plan.width))[0]
+        strip[new_end - r0:] = np.nan
+        prev, end = r0, new_end
+        yield r0, strip
+
+
+def _batches(path, plan: ScenePlan, batch_size: int, pad_batches: bool, pin: bool):
+    """([(r0, c0), ...], (B, 1, w, w) float32 tensor) in row-major window order; channels-last is the same
+    layout for one channel. pin: page-locked host memory, so the copy to a GPU can overlap compute."""
+    w, origins = plan.window_px, []
+    x = torch.empty((batch_size, 1, w, w), pin_memory=pin)
+    for r0, strip in _strips(path, plan):
+        for c0 in plan.cols:  # copied now: the strip buffer is reused for the next window row
+            x[len(origins), 0] = torch.from_numpy(strip[:, c0:c0 + w])
+            origins.append((r0, c0))
+            if len(origins) == batch_size:
+                yield origins, x
+                origins, x = [], torch.empty((batch_size, 1, w, w), pin_memory=pin)
+    if origins:
+        if pad_batches:
+            x[len(origins):] = torch.nan
+        yield origins, (x if pad_batches else x[:len(origins)])
+
+
+def prefetched(iterable, depth: int = 1):
+    """Iterate `iterable` on a background thread, up to `depth` items ahead: decoding and batching the
+    next windows (numpy and zlib release the GIL) runs beside the forward of the current ones."""
+    items, done = queue.Queue(depth), object()
+
+    def work():
+        try:
+            for item in iterable:
+                items.put(item)
+        except BaseException as exc:  # re-raised on the consumer's thread
+            items.put(exc)
+        items.put(done)
+    threading.Thread(target=work, daemon=True).start()
+    while (item := items.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 class _RowAccumulator:
@@ -167,25 +238,30 @@ def iter_scene(net, path, plan: ScenePlan, thresholds_m, batch_size: int = 8, tt
                device="cpu", pad_batches: bool = False):
     """Yield (row0, probabilities (K, n, width) float32 with NaN at nodata) top to bottom over the scene.
 
+    On a GPU the next window batch is read on a background thread while this one runs through the model.
     pad_batches fills the last batch with NaN windows so every forward has the same shape (torch.compile).
     """
     device = torch.device(device)
-    t = torch.tensor(list(thresholds_m), dtype=torch.float32, device=device)
-    acc = _RowAccumulator(len(t), plan, device)
-    windows = _windows(path, plan)
-    while batch := list(itertools.islice(windows, batch_size)):
-        x = torch.from_numpy(np.stack([win for _, _, win in batch]))[:, None]      # (B, 1, w, w)
-        if pad_batches and len(batch) < batch_size:
-            x = torch.cat([x, x.new_full((batch_size - len(batch), *x.shape[1:]), torch.nan)])
-        x = x.to(device, non_blocking=True)
-        with torch.no_grad():  # not around the yields: the caller's code would run under it
-            probs = predict_thresholds(net, x, t, tta)[:len(batch)]                # (B, K, w, w)
-        valid = torch.isfinite(x[:len(batch), 0])
-        for (r0, c0, _), p, v in zip(batch, probs, valid):
-            if r0 > acc.row0:  # every window of the previous row is in: its top rows are final
-                yield acc.pop_until(r0)
-            acc.add(r0, c0, p, v)
-    yield acc.pop_until(plan.height)
+    channels_last(net)
+    with torch.inference_mode():
+        t = torch.tensor(list(thresholds_m), dtype=torch.float32, device=device)
+        acc = _RowAccumulator(len(t), plan, device)
+    batches = _batches(path, plan, batch_size, pad_batches, pin=device.type == "cuda")
+    # on a GPU the host's decoding overlaps the forward; on CPU the model's threads already use every core
+    for origins, x in prefetched(batches) if device.type == "cuda" else batches:
+        with torch.inference_mode():  # not around the yields: the caller's code would run under it
+            x = x.to(device, non_blocking=True)
+            probs = predict_thresholds(net, x, t, tta)[:len(origins)]               # (B, K, w, w)
+            valid = torch.isfinite(x[:len(origins), 0])
+        for (r0, c0), p, v in zip(origins, probs, valid):
+            with torch.inference_mode():
+                done = acc.pop_until(r0) if r0 > acc.row0 else None  # the previous window row is in
+                acc.add(r0, c0, p, v)
+            if done:
+                yield done
+    with torch.inference_mode():
+        done = acc.pop_until(plan.height)
+    yield done
 
 
 def gap_mask(probs: np.ndarray, prob_threshold: float = 0.5) -> np.ndarray:
@@ -227,21 +303,26 @@ class WrittenScene:
 
 def write_scene(net, dsm_path, out_dir, plan: ScenePlan, thresholds_m, batch_size: int = 8, tta: bool = False,
                 device="cpu", write_prob: bool = False, prob_threshold: float = 0.5, pad_batches: bool = False,
-                progress=None, nested: bool = False, compress: bool = True) -> WrittenScene:
+                progress=None, nested: bool = False, compress: bool = True, raw_dir=None) -> WrittenScene:
     """Stream the scene into gaps_{tag}.tif (uint8, before the area filter) and optional prob_{tag}.tif.
 
+    Maps are Cloud-Optimized GeoTIFFs (lib.geoio.cog); with raw_dir the gap maps go there instead, as plain
+    uncompressed GeoTIFFs for the area filter to read (lib.infer.scene_gaps), and compress=False writes
+    plain uncompressed prob maps too (temporary files).
     nested: probabilities made monotone over the thresholds (lib.gaps.nesting), so the gap map at T lies inside
     the one at every T' > T; the violations of the raw maps are counted either way.
-    progress(rows_done) is called after each finished block of rows; compress=False for temporary maps.
+    progress(rows_done) is called after each finished block of rows.
     """
     info, out_dir = read_info(dsm_path), Path(out_dir)
     tags = [threshold_tag(t) for t in thresholds_m]
-    paths = {tag: out_dir / f"gaps_{tag}.tif" for tag in tags}
+    paths = {tag: Path(raw_dir or out_dir) / f"gaps_{tag}.tif" for tag in tags}
+    final = CogWriter if compress else functools.partial(RasterWriter, compress=False)
+    gap_writer = functools.partial(RasterWriter, compress=False) if raw_dir else final
     nesting = NestingCount(thresholds_m)
     with ExitStack() as stack:
-        gaps = [stack.enter_context(RasterWriter(paths[tag], info, np.uint8, IGNORE, compress)) for tag in tags]
-        probs = [stack.enter_context(RasterWriter(out_dir / f"prob_{tag}.tif", info, np.float32, float("nan"),
-                                                  compress)) for tag in tags] if write_prob else []
+        gaps = [stack.enter_context(gap_writer(paths[tag], info, np.uint8, IGNORE)) for tag in tags]
+        probs = [stack.enter_context(final(out_dir / f"prob_{tag}.tif", info, np.float32, float("nan")))
+                 for tag in tags] if write_prob else []
         for row0, block in iter_scene(net, dsm_path, plan, thresholds_m, batch_size, tta, device, pad_batches):
             nesting.add(block > prob_threshold)                              # (K, n, W); NaN compares False
             if nested:
@@ -253,45 +334,3 @@ def write_scene(net, dsm_path, out_dir, plan: ScenePlan, thresholds_m, batch_siz
             if progress:
                 progress(row0 + block.shape[1])
     return WrittenScene(paths, nesting.report())
-
-
-def read_mask(path, strip_rows: int = 256) -> np.ndarray:
-    """A written gap map back as uint8 (H, W) 0/1/IGNORE, strip by strip (never a float copy of the scene)."""
-    info = read_info(path)
-    mask = np.empty((info.height, info.width), np.uint8)
-    for row0, block in iter_strips(path, strip_rows):                   # float32, IGNORE read as NaN
-        mask[row0:row0 + len(block)] = np.where(np.isnan(block), IGNORE, block)
-    return mask
-
-
-def mask_labels(gap: np.ndarray, min_area_m2: float, max_area_m2: float, pixel_area_m2: float):
-    """(gap ids (H, W) int32, n) of a bool gap map after the training labels' [min, max] area filter.
-
-    Labelled as a 2-byte pseudo-CHM, 0 in gaps, so lib.gaps.masks applies exactly the training labels' rule.
-    """
-    return gap_labels((~gap).astype(np.float16), 0.5, min_area_m2, max_area_m2, pixel_area_m2)
-
-
-def filter_gaps(gaps_path, dsm_path, min_area_m2: float, max_area_m2: float) -> int:
-    """Apply the training labels' [min, max] area filter to a written gap map, in place, and write its
-    CSV (gap id, area m², centroid x/y in the CRS, DSM stats) beside it; returns the number of gaps.
-
-    Needs the whole mask (a gap may span many strips); holds about 10 bytes per pixel at its peak.
-    """
-    gaps_path = Path(gaps_path)
-    info = read_info(gaps_path)
-    labels, n = mask_labels(read_mask(gaps_path) == 1, min_area_m2, max_area_m2, info.pixel_area)
-    dsm, _ = read_raster(dsm_path)
-    stats = {name.replace("chm_", "dsm_"): col for name, col in gap_stats(labels, n, dsm, info).items()}
-    mask = (labels > 0).astype(np.uint8)
-    mask[np.isnan(dsm)] = IGNORE
-    write_raster(gaps_path, mask, info, nodata=IGNORE)
-    write_gap_table(gaps_path.with_suffix(".csv"), stats)
-    return n
-
-
-def write_quicklook(path, dsm_path, gaps_paths) -> None:
-    """PNG hillshade of the DSM with each gap map outlined in its own colour (lib.geoio.png); holds the scene."""
-    dsm, info = read_raster(dsm_path)
-    masks = np.stack([read_mask(p) for p in gaps_paths])                 # (K, H, W) uint8
-    write_png(path, hillshade_quicklook(dsm, masks, info.pixel_size[0]))

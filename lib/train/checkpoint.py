@@ -1,8 +1,12 @@
 """Checkpoints: atomic writes (temp, fsync, rename) and safe loads (`weights_only=True`, never pickle).
 
 A checkpoint holds everything a resumed run needs to continue exactly, plus the resolved config and the
-normalisation so evaluate, predict and export need only the file.
+normalisation so evaluate, predict and export need only the file. It also holds a sha256 of everything
+else in it ("digest"), checked on load: torch's zip reader checks no CRC, so a flipped byte in a tensor
+would otherwise load as different weights. Checkpoints written before the digest load with a warning.
 """
+import hashlib
+import logging
 import os
 import pickle
 import random
@@ -12,11 +16,42 @@ import numpy as np
 import torch
 
 from lib.core.errors import ModelError
+from lib.core.safejson import check_depth
+
+log = logging.getLogger(__name__)
+DIGEST = "digest"
+ENTRY_TYPES = {"model": dict, "config": dict, "normalization": dict, "metrics": dict, "version": dict,
+               "task": dict, "step": int, "epoch": int}   # what readers expect of each entry, when present
+
+
+def payload_digest(ckpt: dict) -> str:
+    """sha256 of every entry but the digest, walked in key order without recursion: tensors by dtype,
+    shape and bytes, everything else by type and repr (which round-trips ints, floats and strings)."""
+    digest = hashlib.sha256()
+    stack = [("", {k: v for k, v in ckpt.items() if k != DIGEST})]
+    while stack:
+        where, node = stack.pop()
+        if isinstance(node, dict):
+            digest.update(f"{where}:dict{len(node)};".encode())
+            stack.extend((f"{where}/{k!r}", node[k]) for k in sorted(node, key=repr, reverse=True))
+        elif isinstance(node, (list, tuple)):
+            digest.update(f"{where}:{type(node).__name__}{len(node)};".encode())
+            stack.extend((f"{where}/{i}", v) for i, v in reversed(list(enumerate(node))))
+        elif torch.is_tensor(node):
+            t = node.detach().cpu().contiguous()
+            digest.update(f"{where}:{t.dtype}{tuple(t.shape)};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+        else:
+            digest.update(f"{where}:{type(node).__name__}={node!r};".encode())
+    return digest.hexdigest()
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    """torch.save to a temp file, fsync, then rename: a crash never leaves a half-written checkpoint."""
+    """torch.save to a temp file, fsync, then rename: a crash never leaves a half-written checkpoint.
+    A checkpoint (a dict with a "model" entry) is saved with its digest."""
     path = Path(path)
+    if isinstance(obj, dict) and "model" in obj:
+        obj = {**obj, DIGEST: payload_digest(obj)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -52,11 +87,22 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load with weights_only=True; truncated or pickle-needing files give a ModelError naming the path."""
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type when it has none (torch's EOFError on 0 bytes)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def load_checkpoint(path: str | Path, map_location="cpu", verified: bool = False) -> dict:
+    """Load with weights_only=True and check it: digest, entry types, finite weights. Anything wrong is a
+    ModelError naming the path. verified: its bytes were already checked (a weights card's sha256), so a
+    checkpoint without a digest loads without a warning."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ModelError(f"cannot load checkpoint {path}: the file is empty (0 bytes)",
+                         hint="it was truncated by a failed copy or download")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:  # weights_only met an object that only pickle could rebuild
@@ -64,18 +110,79 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
                          "refused (checkpoints load with weights_only=True: pickle can run code)",
                          hint="load only checkpoints written by forestgaps") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError... for truncated or foreign files
-        reason = str(exc).splitlines()[0][:200]
-        raise ModelError(f"cannot load checkpoint {path}: {reason}",
+        raise ModelError(f"cannot load checkpoint {path}: {_first_line(exc)}",
                          hint="the file is truncated or not a forestgaps checkpoint") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ModelError(f"{path} is not a forestgaps checkpoint (no 'model'/'config' entries)")
+    check_depth(ckpt, str(path), ModelError)
+    _check_digest(ckpt, path, verified)
+    _check_entries(ckpt, path)
     return ckpt
+
+
+def _check_digest(ckpt: dict, path: Path, verified: bool) -> None:
+    saved = ckpt.get(DIGEST)
+    if saved is None:
+        if not verified:
+            log.warning("WARNING: %s has no digest (written by an older forestgaps): its contents cannot be "
+                        "verified; loading it as is", path)
+        return
+    try:
+        found = payload_digest(ckpt)
+    except Exception as exc:  # a tensor that cannot be viewed as bytes (sparse, quantised): not ours
+        raise ModelError(f"{path}: cannot compute its digest ({_first_line(exc)})") from None
+    if found != saved:
+        raise ModelError(f"{path}: contents do not match the digest recorded when it was saved (sha256 "
+                         f"{found[:12]}..., recorded {str(saved)[:12]}...)",
+                         hint="the file was corrupted after it was written (disk, copy, download); use another copy")
+
+
+def _check_entries(ckpt: dict, path: Path) -> None:
+    """Entry types, and model weights that are tensors (or build records) with finite values."""
+    for key, kind in ENTRY_TYPES.items():
+        value = ckpt.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise ModelError(f"{path}: entry {key!r} is {type(value).__name__}, expected {kind.__name__}")
+    for name, value in ckpt["model"].items():
+        if not isinstance(name, str):
+            raise ModelError(f"{path}: model entry {name!r} is not named by a string")
+        if name.endswith("_extra_state"):  # a module's build record
+            if not isinstance(value, dict):
+                raise ModelError(f"{path}: model entry {name!r} is {type(value).__name__}, expected a dict")
+            continue
+        if not torch.is_tensor(value):
+            raise ModelError(f"{path}: model entry {name!r} is {type(value).__name__}, expected a tensor")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ModelError(f"{path}: model weight {name!r} holds {bad} non-finite value(s) (NaN or inf)",
+                             hint="the run diverged before this checkpoint was saved; use an earlier one")
+
+
+def check_weight_kinds(model: torch.nn.Module, state: dict, path) -> None:
+    """ModelError unless each tensor of `state` is float where the model's is and integer where it is not:
+    load_state_dict would cast an int32 conv weight silently."""
+    own = model.state_dict()
+    for name, value in state.items():
+        if torch.is_tensor(value) and name in own and torch.is_tensor(own[name]) \
+                and value.is_floating_point() != own[name].is_floating_point():
+            raise ModelError(f"{path}: model weight {name!r} is {value.dtype}, the model's is {own[name].dtype}")
+
+
+def load_weights(model: torch.nn.Module, state: dict, path, strict: bool = True) -> None:
+    """model.load_state_dict(state) after check_weight_kinds; ModelError naming the checkpoint otherwise."""
+    check_weight_kinds(model, state, path)
+    try:
+        model.load_state_dict(state, strict=strict)
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        reason = " ".join(str(exc).split()).removeprefix(f"Error(s) in loading state_dict for {type(model).__name__}:")
+        raise ModelError(f"{path}: weights do not fit model {type(model).__name__}: {reason.strip()[:300]}") from None
 
 
 def resume_trainer(trainer, path: str | Path, map_location="cpu") -> None:
     """trainer.load_state_dict(checkpoint); ModelError naming the file and the config keys that differ
     when the checkpoint was saved by another model or config."""
     state = load_checkpoint(path, map_location)
+    check_weight_kinds(trainer.raw_model, state["model"], path)
     try:
         trainer.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as exc:  # torch's size/key mismatches, a foreign dict

@@ -15,7 +15,7 @@ from lib.data.dataset import ShardDataset, build_loader, calibrate_loader
 from lib.train.distributed import cleanup_distributed, init_distributed
 from lib.train.ema import ModelEMA
 from lib.core.env import default_workers, select_device
-from lib.core.errors import ConfigError, ModelError, TrainingError
+from lib.core.errors import ConfigError, DataError, ModelError, TrainingError
 from lib.train.losses import build_loss
 from lib.models import build_model, model_summary
 from lib.data.normalize import relative_height_channels
@@ -58,6 +58,11 @@ def build_data(cfg, manifest_dir: Path, device, arrays=("dsm", "chm", "mask_*"),
     pin = device.type == "cuda"
     train_set = ShardDataset(manifest_dir, "train", seed=cfg.run.seed, shuffle=True, arrays=arrays,
                              meta_keys=meta_keys, buffer_size=cfg.data.shuffle_buffer, cache=cfg.data.cache)
+    if len(train_set) < cfg.train.batch_size:  # drop_last: not one step would run, and nothing would say so
+        raise DataError(f"{manifest_dir}: the train split has {len(train_set)} tile(s) per process, fewer than "
+                        f"one batch (train.batch_size {cfg.train.batch_size}): no training step would run",
+                        hint=f"--train.batch_size={max(1, len(train_set))}, or more tiles (smaller "
+                             "data.tile_px and data.stride_px, more sites)")
     val_set = ShardDataset(manifest_dir, "val", seed=cfg.run.seed, shuffle=False, cache=cfg.data.cache,
                            arrays=arrays, meta_keys=meta_keys, equal_counts=False)
     prefetch = None

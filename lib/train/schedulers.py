@@ -30,7 +30,8 @@ def _decay_span(cfg, total_steps: int) -> int:
     if total_steps <= cfg.warmup_steps:
         raise ConfigError(f"schedule {cfg.name!r} decays over the steps after warmup, but schedule.warmup_steps "
                           f"({cfg.warmup_steps}) is not below the total optimiser steps ({total_steps})",
-                          hint="lower schedule.warmup_steps or train longer")
+                          hint=f"--schedule.warmup_steps={total_steps // 4} (a quarter of this run), or train "
+                               "longer (train.epochs, train.max_steps): a small dataset has few steps per epoch")
     return total_steps - cfg.warmup_steps
 
 

@@ -1,0 +1,90 @@
+"""Raster primitives of the DSM-only methods, in torch on (B, 1, H, W) metres: separable max, NaN-aware
+opening and box mean, and hole filling by a pull-push pyramid. Exact for max/min; sums are float32."""
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+
+def odd(n: int) -> int:
+    return max(1, int(n) | 1)
+
+
+def max_filter(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Square max filter of odd side k, separable (exact for max); x (B,1,H,W) with -inf as 'no value'."""
+    p = k // 2
+    x = F.max_pool2d(F.pad(x, (0, 0, p, p), value=NEG_INF), (k, 1), stride=1)
+    return F.max_pool2d(F.pad(x, (p, p, 0, 0), value=NEG_INF), (1, k), stride=1)
+
+
+def opening(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Grey opening (erosion then dilation) with a k x k square; NaN cells are ignored, and stay NaN only
+    where no valid cell is within reach."""
+    valid = torch.isfinite(z)
+    eroded = -max_filter(torch.where(valid, -z, torch.full_like(z, NEG_INF)), k)
+    opened = max_filter(torch.where(torch.isfinite(eroded), eroded, torch.full_like(z, NEG_INF)), k)
+    return torch.where(torch.isfinite(opened), opened, torch.full_like(z, float("nan")))
+
+
+def mean_filter(x: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """Box mean over valid pixels only (separable sums), x and valid (B,1,H,W)."""
+    p = k // 2
+    num = torch.where(valid, x, torch.zeros_like(x))
+    den = valid.to(x.dtype)
+    for kernel, pad in (((k, 1), (0, 0, p, p)), ((1, k), (p, p, 0, 0))):
+        num = F.avg_pool2d(F.pad(num, pad), kernel, stride=1)
+        den = F.avg_pool2d(F.pad(den, pad), kernel, stride=1)
+    return num / den.clamp_min(1e-12)
+
+
+def _relax(z: torch.Tensor, known: torch.Tensor, values: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Jacobi steps of Laplace's equation on the unknown cells (known cells keep their values)."""
+    for _ in range(iterations):
+        z = torch.where(known, values, F.avg_pool2d(F.pad(z, (1, 1, 1, 1), mode="replicate"), 3, stride=1))
+    return z
+
+
+def fill_holes(z: torch.Tensor, known: torch.Tensor, relax_iterations: int = 4) -> torch.Tensor:
+    """Every cell of z (B,1,H,W) where `known` is False interpolated from the known ones: weighted means
+    pulled up a pyramid of 2x2 blocks, pushed back down bilinearly and relaxed towards a harmonic surface at
+    each level (a smooth membrane over the holes, like linear interpolation in a TIN but gridded).
+    Cells stay NaN only when nothing is known."""
+    if not bool(known.any()):
+        return torch.full_like(z, float("nan"))
+    weight = known.to(z.dtype)
+    total = torch.where(known, z, torch.zeros_like(z))
+    pyramid = []
+    while True:
+        pyramid.append((total, weight))
+        h, w = total.shape[-2:]
+        if (h == 1 and w == 1) or bool((weight > 0).all()):
+            break
+        pad = (0, w % 2, 0, h % 2)
+        total = F.avg_pool2d(F.pad(total, pad), 2) * 4
+        weight = F.avg_pool2d(F.pad(weight, pad), 2) * 4
+    filled = None
+    for total, weight in reversed(pyramid):
+        have = weight > 0
+        means = total / weight.clamp_min(1e-12)
+        if filled is None:
+            filled = torch.where(have, means, means[have].mean())
+            continue
+        guess = F.interpolate(filled, size=total.shape[-2:], mode="bilinear", align_corners=False)
+        filled = _relax(torch.where(have, means, guess), have, means, relax_iterations)
+    return filled
+
+
+def cone_erosion(z: torch.Tensor, slope: torch.Tensor | float, radius_px: int, pixel_size_m: float) -> torch.Tensor:
+    """min over cells q within radius_px of z(q) + slope x distance(p, q): a grey erosion by a cone, the
+    test of Vosselman's slope-based filter. Built from radius_px 3 x 3 steps (distances along chamfer paths:
+    1 and sqrt 2 pixels), so it costs 9 shifts per pixel of radius. NaN cells never lower anything."""
+    big = torch.finfo(z.dtype).max
+    out = torch.where(torch.isfinite(z), z, torch.full_like(z, big))
+    h, w = z.shape[-2:]
+    steps = [(dy, dx, pixel_size_m * (2 ** 0.5 if dy and dx else 1.0))
+             for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    for _ in range(radius_px):
+        padded = F.pad(out, (1, 1, 1, 1), value=big)
+        for dy, dx, d in steps:
+            out = torch.minimum(out, padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] + slope * d)
+    return out

@@ -1,0 +1,130 @@
+"""The area filter, gap table and gap polygons of a mapped scene, streamed in bands of rows.
+
+Why bands: a gap may span many strips, and its area, statistics and outline need all of it. Strips of
+BAND_ROWS rows are read into a buffer; after each one, the gaps that cannot go on below (they do not
+touch its last row) and start before every gap that can are decided: area filter, ids in the scene's scan
+order, their table rows (lib.gaps.masks.gap_stats) and polygons (lib.gaps.polygons.gap_polygons) from the
+buffer, which holds them whole. Rows above the first undecided gap pixel are final and leave for the COG.
+So every output equals the whole-scene computation, and memory is the buffer: about BAND_ROWS plus the
+tallest gap's height in rows of the scene's width, whatever the scene's height (a gap as tall as the
+scene would make it the scene).
+"""
+from pathlib import Path
+
+import numpy as np
+
+from lib.core.atomic import replacing
+from lib.gaps.components import label_components
+from lib.gaps.masks import IGNORE, STAT_COLUMNS, gap_labels, gap_stats, gap_table_rows
+from lib.gaps.polygons import gap_polygons
+from lib.gaps.quicklook import QuickLook
+from lib.geoio.cog import CogWriter
+from lib.geoio.geopackage import GpkgWriter
+from lib.geoio.geotiff_read import iter_strips, read_info
+from lib.geoio.png import write_png
+
+BAND_ROWS = 256
+TABLE_COLUMNS = [name.replace("chm_", "dsm_") for name in STAT_COLUMNS]
+
+
+def mask_labels(gap: np.ndarray, min_area_m2: float, max_area_m2: float, pixel_area_m2: float):
+    """(gap ids (H, W) int32, n) of a bool gap map after the training labels' [min, max] area filter.
+
+    Labelled as a 2-byte pseudo-CHM, 0 in gaps, so lib.gaps.masks applies exactly the training labels' rule.
+    """
+    return gap_labels((~gap).astype(np.float16), 0.5, min_area_m2, max_area_m2, pixel_area_m2)
+
+
+def _decidable(final: np.ndarray, more: bool) -> tuple[np.ndarray, int]:
+    """Labels (n, W) of the undecided gap pixels (final == -1) and how many of them (1..m, scan order) can be
+    decided now: gaps that cannot go on below (not touching the last row, or no rows follow) and whose first
+    pixel comes before that of every gap that can, so the ids stay in the scene's scan order."""
+    labels, n = label_components(final == -1, connectivity=8)
+    touching = np.unique(labels[-1]) if more and n else np.zeros(0, np.int32)
+    touching = touching[touching > 0]
+    return labels, int(touching.min()) - 1 if len(touching) else n   # labels follow their first pixel
+
+
+def filter_bands(mask_path, dsm_path, area_m2, rows: int = BAND_ROWS):
+    """Yield (row0, ids (n, W) int32 of the gaps decided now, numbered 1..k in scan order, k, dsm (n, W), the
+    finished rows from row0 as uint8 1 gap / 0 / IGNORE) per strip; the area filter sees whole gaps only."""
+    info = read_info(mask_path)
+    nodata, dsm = np.zeros((0, info.width), bool), np.zeros((0, info.width), np.float32)
+    final, row0 = np.zeros((0, info.width), np.int8), 0        # -1: gap pixel not decided yet; else 0 / 1
+    for (r, m), (_, d) in zip(iter_strips(mask_path, rows), iter_strips(dsm_path, rows)):
+        nodata, dsm = np.concatenate([nodata, np.isnan(m)]), np.concatenate([dsm, d])
+        final = np.concatenate([final, np.where(m == 1, -1, 0).astype(np.int8)])
+        labels, m_ready = _decidable(final, more=r + len(m) < info.height)
+        size = np.bincount(labels.ravel(), minlength=m_ready + 1)[1:m_ready + 1] * info.pixel_area
+        keep = np.zeros(int(labels.max(initial=0)) + 1, bool)
+        keep[1:m_ready + 1] = (size >= area_m2[0]) & (size <= area_m2[1])
+        ids = np.where(keep, np.cumsum(keep), 0).astype(np.int32)[labels]          # kept gaps 1..k in scan order
+        ready = (labels > 0) & (labels <= m_ready)
+        final[ready] = keep[labels[ready]]
+        undecided = np.flatnonzero((final == -1).any(axis=1))
+        done = int(undecided[0]) if len(undecided) else len(final)
+        out = final[:done].astype(np.uint8)
+        out[nodata[:done]] = IGNORE
+        yield row0, ids, int(keep.sum()), dsm, out
+        nodata, dsm, final, row0 = nodata[done:], dsm[done:], final[done:], row0 + done
+
+
+def filter_gaps(gaps_path, dsm_path, min_area_m2: float, max_area_m2: float, gpkg: GpkgWriter | None = None,
+                layer: str = "gaps", compress: bool = True, raw_path=None) -> int:
+    """The training labels' [min, max] area filter on a gap map (raw_path, or gaps_path itself), written to
+    gaps_path as a COG; its CSV (gap id, area m², centroid x/y in the CRS, DSM stats) beside it, and its
+    polygons as `layer` of `gpkg`. Returns the number of gaps. Streamed by bands (see the module doc)."""
+    gaps_path = Path(gaps_path)
+    source = Path(raw_path) if raw_path else gaps_path
+    info = read_info(source)
+    if raw_path is None:  # rewriting in place: read a copy's bands while the COG is assembled
+        source = gaps_path.with_name(f".{gaps_path.name}.raw")
+        gaps_path.replace(source)
+    try:
+        total = _filter(gaps_path, source, info, dsm_path, (min_area_m2, max_area_m2), gpkg, layer, compress)
+    except BaseException:
+        if raw_path is None:
+            source.replace(gaps_path)  # the map as it was
+        raise
+    if raw_path is None:
+        source.unlink()
+    return total
+
+
+def _filter(gaps_path: Path, source: Path, info, dsm_path, area_m2, gpkg, layer: str, compress: bool) -> int:
+    """filter_gaps' streamed pass: per band, the new gaps' stats rows and polygons, then the finished rows."""
+    total = 0
+    with CogWriter(gaps_path, info, np.uint8, IGNORE, compress) as out, \
+            replacing(gaps_path.with_suffix(".csv")) as tmp, open(tmp, "w", newline="", encoding="utf-8") as csv:
+        csv.write(gap_table_rows({name: [] for name in TABLE_COLUMNS}))
+        for row0, ids, k, dsm, mask in filter_bands(source, dsm_path, area_m2):
+            if k:
+                band = info.window(row0, 0, len(ids), info.width)
+                stats = {name.replace("chm_", "dsm_"): col for name, col in gap_stats(ids, k, dsm, band).items()}
+                stats["gap_id"] = stats["gap_id"] + total
+                csv.write(gap_table_rows(stats, header=False))
+                if gpkg is not None:
+                    polygons = gap_polygons(ids, k, band)
+                    gpkg.append(layer, polygons, polygon_columns(stats, polygons))
+                total += k
+            out.write(row0, mask)
+    return total
+
+
+def polygon_columns(stats: dict, polygons) -> dict:
+    """Attributes of each gap polygon: as gaps.py writes them, DSM statistics instead of CHM ones."""
+    return {"gap_id": stats["gap_id"], "gap_area": polygons.area, "perimeter": polygons.perimeter,
+            "x": polygons.centroid[:, 0], "y": polygons.centroid[:, 1],
+            "label_x": polygons.label_point[:, 0], "label_y": polygons.label_point[:, 1],
+            **{k: v for k, v in stats.items() if k.startswith("dsm_")}}
+
+
+def write_quicklook(path, dsm_path, gaps_paths, thresholds_m, rows: int = 256) -> None:
+    """quicklook.png of the written maps over the DSM's hillshade (lib.gaps.quicklook), streamed by strips."""
+    info = read_info(dsm_path)
+    look = QuickLook(info.height, info.width, thresholds_m, info.pixel_size[0])
+    maps = [iter_strips(p, rows) for p in gaps_paths]
+    for (row0, dsm), *blocks in zip(iter_strips(dsm_path, rows), *maps):
+        masks = np.stack([np.where(np.isnan(b), IGNORE, b).astype(np.uint8) for _, b in blocks])
+        look.add(row0, dsm, masks)
+    write_png(path, look.image())
