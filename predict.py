@@ -141,13 +141,19 @@ def build_settings(args, overrides):
                        " + ".join(file_sha256(p) for p in paths), args.resample, args.filter, args.quicklook)
 
 
-def region_megapixels(paths, rank: int, world: int) -> float:
-    """Megapixels of the scenes this rank maps (for the region's progress; unreadable ones count 0)."""
+def region_megapixels(paths, rank: int, world: int, settings, out) -> float:
+    """Megapixels of the scenes this rank will map (for the region's progress): not those finished before,
+    and unreadable ones count 0."""
+    from pathlib import Path
+
     from lib.core.errors import ForestGapsError
     from lib.geoio.geotiff_read import read_info
+    from lib.infer.mapping import is_finished
 
     total = 0.0
     for path in paths[rank::world]:
+        if is_finished(Path(out) / Path(path).stem, settings):
+            continue
         try:
             info = read_info(path)
         except ForestGapsError:
@@ -196,7 +202,8 @@ def main(argv=None) -> int:
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
     start = time.perf_counter()
     try:
-        status = map_region(settings, paths, args.out, rank, world, progress_printer(region_megapixels(paths, rank, world)),
+        progress = progress_printer(region_megapixels(paths, rank, world, settings, args.out))
+        status = map_region(settings, paths, args.out, rank, world, progress,
                             echo=lambda line: print(prefix + line, flush=True))
     finally:
         cleanup_distributed()

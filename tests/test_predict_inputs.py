@@ -184,3 +184,14 @@ def test_a_legitimate_zero_height_is_kept(tmp_path):
                          *QUIET]) == 0
     assert not np.isnan(read_raster(tmp_path / "o" / "gaps_5m.tif")[0]).any()
     assert json.loads((tmp_path / "o" / "predict.json").read_text())["undeclared_nodata"] == []
+
+
+def test_progress_gives_percentage_rate_and_time_left_per_scene_and_region(capsys):
+    progress = predict.progress_printer(total_mp=3.0)
+    first = progress(100, 10_000)                      # 1 MP of the region's 3
+    first(100)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("scene 100.0 %") and "MP/s" in err and "ETA 0:00:00" in err
+    assert "region  33.3 %" in err and "ETA" in err.split("region")[1]
+    progress(100, 20_000)(100)                         # the second scene ends the region
+    assert "region 100.0 %" in capsys.readouterr().err

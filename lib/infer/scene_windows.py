@@ -251,7 +251,7 @@ def iter_scene(net, path, plan: ScenePlan, thresholds_m, batch_size: int = 8, tt
     for origins, x in prefetched(batches) if device.type == "cuda" else batches:
         with torch.inference_mode():  # not around the yields: the caller's code would run under it
             x = x.to(device, non_blocking=True)
-            probs = predict_thresholds(net, x, t, tta)[:len(origins)]               # (B, K, w, w)
+            probs = predict_thresholds(net, x, t, tta)[:len(origins)].contiguous()  # (B, K, w, w); from NHWC
             valid = torch.isfinite(x[:len(origins), 0])
         for (r0, c0), p, v in zip(origins, probs, valid):
             with torch.inference_mode():
