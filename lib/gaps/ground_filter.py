@@ -65,11 +65,16 @@ def _cone_objects(z: torch.Tensor, slope, radius_m: float, step_m: float, pixel_
     return z - cone_erosion(z, slope, _px(radius_m, pixel_size_m), pixel_size_m) > step_m
 
 
-def terrain_slope(z: torch.Tensor, pixel_size_m: float) -> torch.Tensor:
-    """The terrain's slope (rise/run) under a filled DSM: a tolerant first pass, smoothed."""
-    ground = fill_holes(z, ~_cone_objects(z, PROBE_SLOPE, PROBE_RADIUS_M, 0.5, pixel_size_m))
+def _smooth_slope(ground: torch.Tensor, pixel_size_m: float) -> torch.Tensor:
+    """The slope of a ground surface smoothed over PROBE_RADIUS_M: the terrain's, not its bumps'."""
     smooth = mean_filter(ground, torch.isfinite(ground), odd(_px(PROBE_RADIUS_M, pixel_size_m)))
     return _slope(smooth, pixel_size_m)
+
+
+def terrain_slope(z: torch.Tensor, pixel_size_m: float) -> torch.Tensor:
+    """The terrain's slope (rise/run) under a filled DSM: a tolerant first pass, smoothed."""
+    return _smooth_slope(fill_holes(z, ~_cone_objects(z, PROBE_SLOPE, PROBE_RADIUS_M, 0.5, pixel_size_m)),
+                         pixel_size_m)
 
 
 def _progressive_objects(z: torch.Tensor, f: GroundFilter, slope: torch.Tensor, pixel_size_m: float):
@@ -100,13 +105,10 @@ def ground_surface(dsm: torch.Tensor, pixel_size_m: float = 1.0, f: GroundFilter
     first = fill_holes(dsm, valid & ~objects)
     near = f.elevation_threshold_m + f.elevation_scaler * _slope(first, pixel_size_m) * pixel_size_m
     cells = valid & (dsm - first <= near)
-    if f.lowest_floor:                             # the terrain's slope once more, now under the first ground
-        k = odd(_px(PROBE_RADIUS_M, pixel_size_m))
-        terrain = _slope(mean_filter(first, torch.isfinite(first), k), pixel_size_m)
-        lowest = cone_erosion(torch.where(cells, dsm, torch.full_like(dsm, float("nan"))), terrain,
-                              _px(f.radius_m, pixel_size_m), pixel_size_m)
-        reached = lowest < torch.finfo(lowest.dtype).max
-        ground = fill_holes(torch.where(reached, lowest, torch.zeros_like(lowest)), reached)
+    if f.lowest_floor:                             # carried at the slope of the first ground, not the probe's
+        lowest = cone_erosion(torch.where(cells, dsm, torch.full_like(dsm, float("nan"))),
+                              _smooth_slope(first, pixel_size_m), _px(f.radius_m, pixel_size_m), pixel_size_m)
+        ground = fill_holes(lowest, torch.isfinite(lowest))
     else:
         ground = fill_holes(dsm, cells)
     return torch.where(valid, ground, torch.full_like(dsm, float("nan")))

@@ -77,7 +77,8 @@ def fill_holes(z: torch.Tensor, known: torch.Tensor, relax_iterations: int = 4) 
 def cone_erosion(z: torch.Tensor, slope: torch.Tensor | float, radius_px: int, pixel_size_m: float) -> torch.Tensor:
     """min over cells q within radius_px of z(q) + slope x distance(p, q): a grey erosion by a cone, the
     test of Vosselman's slope-based filter. Built from radius_px 3 x 3 steps (distances along chamfer paths:
-    1 and sqrt 2 pixels), so it costs 9 shifts per pixel of radius. NaN cells never lower anything."""
+    1 and sqrt 2 pixels), so it costs 9 shifts per pixel of radius. NaN cells never lower anything; cells
+    no finite cell reaches are NaN."""
     big = torch.finfo(z.dtype).max
     out = torch.where(torch.isfinite(z), z, torch.full_like(z, big))
     h, w = z.shape[-2:]
@@ -87,4 +88,4 @@ def cone_erosion(z: torch.Tensor, slope: torch.Tensor | float, radius_px: int, p
         padded = F.pad(out, (1, 1, 1, 1), value=big)
         for dy, dx, d in steps:
             out = torch.minimum(out, padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] + slope * d)
-    return out
+    return torch.where(out < big, out, torch.full_like(out, float("nan")))
