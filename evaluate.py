@@ -56,7 +56,8 @@ def main(argv=None) -> int:
         cfg.eval.tta = True
     manifest = read_manifest(cfg.data.root)
     thresholds = manifest.get("thresholds_m", cfg.data.thresholds_m)
-    dataset = ShardDataset(cfg.data.root, split, shuffle=False, equal_counts=False, meta_keys=("site",))
+    arrays = ("dsm", "chm", "mask_*", "ground") if getattr(loaded.net, "needs_ground", False) else ("dsm", "chm", "mask_*")
+    dataset = ShardDataset(cfg.data.root, split, shuffle=False, equal_counts=False, arrays=arrays, meta_keys=("site",))
     if not len(dataset):
         from lib.core.errors import DataError
         counts = {name: entry.get("samples") for name, entry in manifest.get("splits", {}).items()}

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 from lib.core.errors import ConfigError
 
-INPUT_FEATURE = re.compile(r"dsm|relative_height_(\d+(?:\.\d+)?)m")  # group 1: the window side W, metres
+INPUT_FEATURE = re.compile(r"dsm|filtered_height|relative_height_(\d+(?:\.\d+)?)m")  # group 1: window side W, m
 
 
 def valid_input_feature(name) -> bool:
-    """'dsm', or 'relative_height_<W>m' with W > 0 metres."""
+    """'dsm', 'filtered_height' (DSM minus the scene's ground filter), or 'relative_height_<W>m', W > 0 metres."""
     match = INPUT_FEATURE.fullmatch(str(name))
     return bool(match) and (match.group(1) is None or float(match.group(1)) > 0)
 
@@ -64,7 +64,10 @@ class DataConfig:
     shuffle_buffer: int = opt(256, "samples in the shuffle buffer", min=1)
     calibrate: bool = opt(False, "try worker counts / prefetch factors at start and keep the fastest")
     input_features: list[str] = opt(["dsm"], "model input channels, computed on the fly from each DSM tile: "
-                                    "dsm, relative_height_<W>m (DSM minus its grey opening over W metres)")
+                                    "dsm, relative_height_<W>m (DSM minus its grey opening over W metres); and "
+                                    "filtered_height, the DSM minus the ground filter (lib/gaps/ground_filter.py) "
+                                    "run over the whole site or scene, stored with each tile by prepare_data "
+                                    "(context beyond the tile)")
     hybrid_chms: list[str] = opt([], "real CHM GeoTIFFs laid onto synthetic terrain as extra sites "
                                  "(real canopy, exact labels), mixed with the synthetic sites")
     hybrid_per_chm: int = opt(4, "hybrid sites per CHM, each on its own terrain and orientation", min=0)
@@ -72,8 +75,8 @@ class DataConfig:
     def __post_init__(self):
         bad = [f for f in self.input_features if not valid_input_feature(f)]
         if bad or not self.input_features or len(set(self.input_features)) != len(self.input_features):
-            raise ConfigError(f"data.input_features must be distinct names 'dsm' or 'relative_height_<W>m' "
-                              f"(W > 0 metres), found {self.input_features}")
+            raise ConfigError(f"data.input_features must be distinct names 'dsm', 'filtered_height' or "
+                              f"'relative_height_<W>m' (W > 0 metres), found {self.input_features}")
         if any(b <= a for a, b in zip(self.thresholds_m, self.thresholds_m[1:])):
             raise ConfigError(f"data.thresholds_m must be strictly increasing, found {self.thresholds_m}")
         if not self.thresholds_m:
@@ -120,6 +123,10 @@ class ModelConfig:
                            "method itself (widest relative-height window, h <= T), learnt from a per-tile target "
                            "(is the classical decision right more often than the model's on this tile) from "
                            "tile statistics of the inputs; predictions mix the two probabilities by its weight")
+    height_head: bool = opt(False, "with classical_prior: the network gives a canopy height (the classical "
+                            "relative height plus its correction) and a spread, and p(gap at T) = "
+                            "sigmoid((T - height) / spread): every threshold from one forward pass, nested by "
+                            "construction; the network never sees T (lib/models/height_head.py)")
     attention_gates: bool = opt(False, "additive attention gates on the U-Net skips (U-Net family)")
     spectral_norm: bool = opt(False, "spectral normalisation of every conv and linear weight except FiLM's")
     blocks_per_stage: int = opt(2, "cnn_dilated: conv-norm-act blocks per stage", min=1)

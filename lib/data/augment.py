@@ -107,7 +107,8 @@ def random_rects(gen: torch.Generator, bsz: int, n: int, h: int, w: int, max_fra
 class BatchAugment(torch.nn.Module):
     """Per-sample random augmentations of a batch dict, reproducible from `seed` and the state dict.
 
-    Segmentation/regression: "dsm" (B, 1, H, W) float metres with NaN = nodata, optional "chm" of the
+    Segmentation/regression: "dsm" (B, 1, H, W) float metres with NaN = nodata (B, 2, H, W with the scene's
+    ground as channel 1: flipped, warped, holed and offset with the DSM), optional "chm" of the
     same shape, optional "masks" (B, K, H, W) uint8 0/1/255. Classification: "image" (B, C, H, W) float
     and "label" (B,), geometric ops and per-band jitter only. Other keys pass through unchanged.
     """
@@ -156,7 +157,8 @@ class BatchAugment(torch.nn.Module):
         t = {k: batch[k] for k in keys if k in batch}
         for key, x in t.items():
             want = torch.uint8 if key == "masks" else ref.dtype
-            channels = x.shape[1] if key in ("masks", "image") else 1
+            # the DSM may carry the scene's ground filter as channel 1 (input feature filtered_height)
+            channels = x.shape[1] if key in ("masks", "image") or key == "dsm" and x.shape[1] <= 2 else 1
             if x.dtype != want or tuple(x.shape) != (ref.shape[0], channels, *ref.shape[2:]):
                 raise DataError(f"augment: batch[{key!r}] is {x.dtype} of shape {tuple(x.shape)}, expected "
                                 f"{want} of shape (B={ref.shape[0]}, {channels}, {ref.shape[2]}, {ref.shape[3]})")
@@ -231,7 +233,8 @@ class BatchAugment(torch.nn.Module):
         mean = (total / count.clamp(min=1)).view(-1, 1, 1, 1)
         rect = (rows[:, :, None] * cols[:, None, :] > 0) & chosen[:, None, None]
         rect = rect.unsqueeze(1)                                           # (B, 1, H, W)
-        out = dict(t, dsm=torch.where(rect & valid.unsqueeze(1), mean, dsm))
+        flat = torch.where(rect & valid.unsqueeze(1), mean, dsm[:, :1])  # a scene-ground channel stays as it is
+        out = dict(t, dsm=torch.cat([flat, dsm[:, 1:]], 1))
         if "chm" in t:
             out["chm"] = t["chm"].masked_fill(rect, math.nan)
         if "masks" in t:

@@ -11,6 +11,8 @@ import numpy as np
 
 from lib.core.errors import DataError
 from lib.gaps.masks import IGNORE, gap_masks, threshold_tag
+from lib.data.normalize import FILTERED
+from lib.data.scene_ground import site_ground
 from lib.data.shards import MANIFEST, ShardWriter, mask_member, write_manifest
 from lib.data.tiling import SPLITS, assign_sites, fit_block_split, tile_origins, valid_fractions
 
@@ -130,6 +132,7 @@ class _Build:
         kept, masks, blocks = _site_tiles(site, self.data, self.rule, self.site_splits.get(site.name),
                                             self.seed + n)
         px = self.data.tile_px
+        ground = site_ground(site.dsm, self.data.pixel_size_m) if FILTERED in self.data.input_features else None
         for (r, c), split in kept:
             window = (slice(r, r + px), slice(c, c + px))
             tile_masks = masks[(slice(None),) + window]
@@ -140,6 +143,8 @@ class _Build:
                                "thresholds_m": list(self.data.thresholds_m),
                                "min_area_m2": self.data.min_area_m2, "max_area_m2": self.data.max_area_m2,
                                **site.provenance}}
+            if ground is not None:
+                sample["ground.npy"] = np.ascontiguousarray(ground[window])
             for member, mask in zip(self.members, tile_masks):
                 sample[member] = np.ascontiguousarray(mask)
             writers[split].write(sample)

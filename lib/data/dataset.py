@@ -21,7 +21,7 @@ from lib.core.errors import ConfigError, ShardError
 from lib.data.sample_check import SampleSpec
 from lib.data.shards import iter_shard, mask_member, read_manifest, verify_shard
 
-FLOAT32_ARRAYS = ("dsm", "chm")  # cast to float32 on read; other arrays keep their stored dtype
+FLOAT32_ARRAYS = ("dsm", "chm", "ground")  # cast to float32 on read; other arrays keep their stored dtype
 
 
 def rank_range(total: int, rank: int, world: int, equal_counts: bool = True) -> tuple[int, int]:
@@ -194,6 +194,8 @@ class ShardDataset(IterableDataset):
             if self.cache:
                 a = a.copy()
             out[name] = torch.from_numpy(a[None] if a.ndim == 2 else a)  # (1, H, W)
+        if "ground" in out:  # the scene-level ground filter travels as the DSM's channel 1 (lib.data.normalize)
+            out["dsm"] = torch.cat([out["dsm"], out.pop("ground")])               # (2, H, W)
         if self.mask_members:
             masks = np.stack([raw[m] for m in self.mask_members])  # (K, H, W), a fresh array
             out["masks"] = torch.from_numpy(masks.astype(np.uint8, copy=False))

@@ -8,6 +8,8 @@ Optional extra input channels ("features") are the classical relative height (DS
 opening, lib/baselines) at given windows, in the same units. They are computed on whatever the model
 is given: a training tile, or one prediction window. The opening near a tile edge sees only the tile,
 so prediction must use windows of the training tile size (predict's default) to see what training saw.
+The one exception, filtered_height, is the DSM minus the ground filter run over the whole site or scene
+(lib.data.scene_ground): its ground arrives as the input's second channel, computed before tiling.
 """
 import math
 from collections.abc import Iterable
@@ -24,22 +26,31 @@ HIST_BIN_M = 0.01  # percentiles are exact to half a bin
 PERCENTILES = (1, 5, 50, 95, 99)
 
 
+FILTERED = "filtered_height"  # the feature read off the scene-level ground (the input's channel 1)
+
+
 def parse_features(features) -> list[tuple[str, float]]:
-    """["dsm", "relative_height_51m"] -> [("dsm", 0.0), ("relative_height", 51.0)]; unknown names fail."""
+    """["dsm", "relative_height_51m", "filtered_height"] -> [("dsm", 0.0), ("relative_height", 51.0),
+    ("filtered_height", inf)]; unknown names fail. The filter's window is the whole scene: infinite."""
     features = [str(f) for f in features]
     bad = [f for f in features if not valid_input_feature(f)]
     if bad or not features or len(set(features)) != len(features):
-        raise DataError(f"input features {features}: expected distinct names 'dsm' or 'relative_height_<W>m' "
-                        f"with W > 0 metres (e.g. relative_height_51m)")
-    windows = [INPUT_FEATURE.fullmatch(f).group(1) for f in features]
-    return [("dsm", 0.0) if w is None else ("relative_height", float(w)) for w in windows]
+        raise DataError(f"input features {features}: expected distinct names 'dsm', 'filtered_height' or "
+                        f"'relative_height_<W>m' with W > 0 metres (e.g. relative_height_51m)")
+    parsed = []
+    for f in features:
+        window = INPUT_FEATURE.fullmatch(f).group(1)
+        parsed.append((f, math.inf) if f == FILTERED else ("dsm", 0.0) if window is None
+                      else ("relative_height", float(window)))
+    return parsed
 
 
 def relative_height_channels(features) -> list[int]:
-    """Indices of the relative_height_<W>m features in the normalised input (model.classical_prior),
-    narrowest window first: the prior's gate takes the last one as the classical method's ground."""
+    """Indices of the relative-height features (relative_height_<W>m and filtered_height) in the normalised
+    input (model.classical_prior), narrowest window first: the prior's gate takes the last one as the
+    classical method's ground."""
     parsed = parse_features(features)
-    return sorted((i for i, (kind, _) in enumerate(parsed) if kind == "relative_height"), key=lambda i: parsed[i][1])
+    return sorted((i for i, (kind, _) in enumerate(parsed) if kind != "dsm"), key=lambda i: parsed[i][1])
 
 
 def tile_reference(dsm: torch.Tensor, q: float) -> torch.Tensor:
@@ -96,14 +107,27 @@ class Normalizer(torch.nn.Module):
         """Channels of forward's output: one per feature, plus the validity channel."""
         return len(self.features) + int(self.validity)
 
+    @property
+    def needs_ground(self) -> bool:
+        """True when the input must carry the scene-level ground filter as channel 1 (feature filtered_height)."""
+        return any(kind == FILTERED for kind, _ in self.parsed)
+
     def forward(self, dsm: torch.Tensor) -> torch.Tensor:
-        """dsm (B, 1, H, W) metres, NaN nodata -> (B, out_channels, H, W) float32."""
-        dsm = dsm.float()
+        """dsm (B, 1, H, W) metres, NaN nodata -> (B, out_channels, H, W) float32. With filtered_height the
+        input is (B, 2, H, W): the DSM, then the ground filter's ground over the whole scene (lib.data.scene_ground)."""
+        if not torch.jit.is_tracing() and dsm.shape[1] != 1 + self.needs_ground:  # a trace fixes the shape anyway
+            raise DataError(f"the normaliser of features {self.features} takes {1 + self.needs_ground} input "
+                            f"channel(s) (the DSM{', then the scene ground' if self.needs_ground else ''}), "
+                            f"found shape {tuple(dsm.shape)}")
+        ground = dsm[:, 1:].float() if self.needs_ground else None
+        dsm = dsm[:, :1].float()
         valid = torch.isfinite(dsm)
         channels = []
         for kind, window_m in self.parsed:
             if kind == "dsm":
                 rel = dsm - tile_reference(dsm, self.ref_quantile)
+            elif kind == FILTERED:
+                rel = dsm - ground
             else:  # cost: two separable max filters and one box mean of window_m / pixel_size_m pixels
                 rel = classical_relative_height(dsm, window_m, self.pixel_size_m)
             channels.append(torch.where(valid, rel / self.scale, torch.zeros_like(rel)))

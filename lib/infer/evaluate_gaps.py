@@ -155,7 +155,7 @@ class Evaluator:
         preds = {"model": probs, "all_canopy": torch.zeros_like(probs),
                  "random": (torch.rand(masks.shape, generator=self.generator)
                             < self.rates.view(1, -1, 1, 1)).float(),
-                 "classical": classical_gaps(dsm, self.thresholds_m, window_m, self.pixel_size_m).float().cpu()}
+                 "classical": classical_gaps(dsm[:, :1], self.thresholds_m, window_m, self.pixel_size_m).float().cpu()}
         masks_np = masks.numpy()
         sizes = [GapSizes(masks_np[:, k], self.ecfg.size_bounds_m2, self.pixel_size_m ** 2)
                  for k in range(masks.shape[1])]

@@ -48,6 +48,11 @@ class InferenceModel(torch.nn.Module):
         self.normalizer, self.model = normalizer, model
         self.regression = task == "regression"
 
+    @property
+    def needs_ground(self) -> bool:
+        """The input must carry the scene's ground filter as channel 1 (feature filtered_height)."""
+        return self.normalizer.needs_ground
+
     def forward(self, dsm: torch.Tensor, thresholds_m: torch.Tensor) -> torch.Tensor:
         x = self.normalizer(dsm)
         if self.regression:
@@ -71,9 +76,8 @@ class InferenceModel(torch.nn.Module):
             return torch.sigmoid(thresholds_m.view(1, k, 1, 1) - self._heights(self.normalizer(dsm)))
         x = self.normalizer(dsm)                                              # (B, C, H, W)
         t = self.normalizer.normalise_threshold(thresholds_m)                # (K,)
-        every = getattr(self.model, "forward_thresholds", None)
-        if every is not None:  # a model with a head for every threshold: (B, C, H, W), (K,) -> (B, K, H, W) logits
-            return torch.sigmoid(every(x, t).float())
+        if getattr(self.model, "threshold_free", False):  # a height head: (B, C, H, W), (K,) -> (B, K, H, W) logits
+            return torch.sigmoid(self.model.forward_thresholds(x, t).float())
         x = x.repeat_interleave(k, dim=0)                                     # (B*K, C, H, W), row = b*K + k
         return torch.sigmoid(self.model(x, t.repeat(b)).float()).view(b, k, *dsm.shape[-2:])
 
@@ -96,6 +100,10 @@ class EnsembleModel(torch.nn.Module):
 
     def forward_thresholds(self, dsm: torch.Tensor, thresholds_m: torch.Tensor) -> torch.Tensor:
         return torch.stack([m.forward_thresholds(dsm, thresholds_m) for m in self.members]).mean(0)
+
+    @property
+    def needs_ground(self) -> bool:
+        return any(m.needs_ground for m in self.members)
 
     def compile(self, *args, **kwargs) -> None:
         for member in self.members:

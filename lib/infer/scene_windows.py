@@ -11,6 +11,7 @@ the end-to-end driver (resampling, many scenes) is lib/infer/mapping.py.
 """
 import functools
 import queue
+import tempfile
 import threading
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from lib.gaps.masks import IGNORE, threshold_tag
 from lib.geoio.cog import CogWriter
 from lib.geoio.geotiff_read import read_info, read_raster
 from lib.geoio.geotiff_write import RasterWriter
+from lib.data.scene_ground import write_scene_ground
 from lib.data.tiling import tile_origins
 
 BLEND_FLOOR = 1e-3  # weight at a window's outer edge: > 0, so scene borders (one window only) stay defined
@@ -128,7 +130,8 @@ def gpu_batch_size(net, window_px: int, thresholds_m, device, requested: int, fr
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     with torch.inference_mode():
-        x = torch.full((1, 1, window_px, window_px), 300.0, device=device)
+        channels = 1 + bool(getattr(net, "needs_ground", False))
+        x = torch.full((1, channels, window_px, window_px), 300.0, device=device)
         predict_thresholds(net, x, torch.tensor(list(thresholds_m), device=device))
     per_window = max(torch.cuda.max_memory_allocated(device) - before, 1)
     free, _ = torch.cuda.mem_get_info(device)
@@ -142,36 +145,39 @@ def channels_last(net) -> None:
         net.to(memory_format=torch.channels_last)
 
 
-def _strips(path, plan: ScenePlan):
-    """(r0, (w, padded width) float32 strip) for each window row, in one reused buffer: the rows two window
-    rows share are moved up, only the new ones are read, so every DSM row is decoded once."""
+def _strips(paths, plan: ScenePlan):
+    """(r0, (C, w, padded width) float32 strip) for each window row, one channel per raster in paths, in one
+    reused buffer: the rows two window rows share are moved up, only the new ones are read, so every row is
+    decoded once."""
     w = plan.window_px
-    strip = np.full((w, plan.padded_width), np.nan, np.float32)
+    strip = np.full((len(paths), w, plan.padded_width), np.nan, np.float32)
     prev, end = 0, 0                             # scene rows [prev, end) are in the buffer
     for r0 in plan.rows:
         keep = max(end - r0, 0)
-        strip[:keep] = strip[r0 - prev:r0 - prev + keep]
+        strip[:, :keep] = strip[:, r0 - prev:r0 - prev + keep]
         new_end = min(r0 + w, plan.height)
         if new_end > r0 + keep:
-            strip[keep:new_end - r0, :plan.width] = read_raster(path, window=(r0 + keep, 0, new_end - r0 - keep,
-                                                                              plan.width))[0]
-        strip[new_end - r0:] = np.nan
+            for channel, path in enumerate(paths):
+                strip[channel, keep:new_end - r0, :plan.width] = read_raster(
+                    path, window=(r0 + keep, 0, new_end - r0 - keep, plan.width))[0]
+        strip[:, new_end - r0:] = np.nan
         prev, end = r0, new_end
         yield r0, strip
 
 
-def _batches(path, plan: ScenePlan, batch_size: int, pad_batches: bool, pin: bool):
-    """([(r0, c0), ...], (B, 1, w, w) float32 tensor) in row-major window order; channels-last is the same
-    layout for one channel. pin: page-locked host memory, so the copy to a GPU can overlap compute."""
-    w, origins = plan.window_px, []
-    x = torch.empty((batch_size, 1, w, w), pin_memory=pin)
-    for r0, strip in _strips(path, plan):
+def _batches(paths, plan: ScenePlan, batch_size: int, pad_batches: bool, pin: bool):
+    """([(r0, c0), ...], (B, C, w, w) float32 tensor) in row-major window order, C = len(paths) (the DSM, then
+    the scene's ground for a model that reads it). pin: page-locked host memory, so the copy to a GPU can
+    overlap compute."""
+    w, origins, c = plan.window_px, [], len(paths)
+    x = torch.empty((batch_size, c, w, w), pin_memory=pin)
+    for r0, strip in _strips(paths, plan):
         for c0 in plan.cols:  # copied now: the strip buffer is reused for the next window row
-            x[len(origins), 0] = torch.from_numpy(strip[:, c0:c0 + w])
+            x[len(origins)] = torch.from_numpy(strip[:, :, c0:c0 + w])
             origins.append((r0, c0))
             if len(origins) == batch_size:
                 yield origins, x
-                origins, x = [], torch.empty((batch_size, 1, w, w), pin_memory=pin)
+                origins, x = [], torch.empty((batch_size, c, w, w), pin_memory=pin)
     if origins:
         if pad_batches:
             x[len(origins):] = torch.nan
@@ -240,13 +246,25 @@ def iter_scene(net, path, plan: ScenePlan, thresholds_m, batch_size: int = 8, tt
 
     On a GPU the next window batch is read on a background thread while this one runs through the model.
     pad_batches fills the last batch with NaN windows so every forward has the same shape (torch.compile).
+    A model that reads the scene's ground (feature filtered_height) gets it from the ground filter run over
+    the whole scene first (lib.data.scene_ground, into a temporary file removed afterwards).
     """
+    if getattr(net, "needs_ground", False):
+        with tempfile.TemporaryDirectory(prefix="forestgaps_ground_") as work:
+            write_scene_ground(path, Path(work) / "ground.tif")
+            yield from _iter_windows(net, [path, Path(work) / "ground.tif"], plan, thresholds_m, batch_size, tta,
+                                     device, pad_batches)
+        return
+    yield from _iter_windows(net, [path], plan, thresholds_m, batch_size, tta, device, pad_batches)
+
+
+def _iter_windows(net, paths, plan: ScenePlan, thresholds_m, batch_size: int, tta: bool, device, pad_batches: bool):
     device = torch.device(device)
     channels_last(net)
     with torch.inference_mode():
         t = torch.tensor(list(thresholds_m), dtype=torch.float32, device=device)
         acc = _RowAccumulator(len(t), plan, device)
-    batches = _batches(path, plan, batch_size, pad_batches, pin=device.type == "cuda")
+    batches = _batches(paths, plan, batch_size, pad_batches, pin=device.type == "cuda")
     # on a GPU the host's decoding overlaps the forward; on CPU the model's threads already use every core
     for origins, x in prefetched(batches) if device.type == "cuda" else batches:
         with torch.inference_mode():  # not around the yields: the caller's code would run under it

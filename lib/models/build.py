@@ -5,6 +5,7 @@ import difflib
 from lib.core.errors import ModelError
 from lib.models.blocks import FiLM, apply_spectral_norm, resolve_norm
 from lib.models.classify import EncoderClassifier
+from lib.models.height_head import HeightHead
 from lib.models.prior import ClassicalPrior
 from lib.models.registry import MODELS, ForestModel, ModelSpec
 
@@ -53,7 +54,8 @@ def _extra_options(cfg, spec: ModelSpec) -> dict:
 
 def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: str,
                prior_channels=(), prior_options: dict | None = None) -> ForestModel:
-    """prior_options: ClassicalPrior's keywords (trust_map, trust_scope, bias, initial_trust, gate_inputs)."""
+    """prior_options: ClassicalPrior's keywords (trust_map, trust_scope, bias, initial_trust, gate_inputs), or
+    {"height_head": True} for a HeightHead."""
     spec = _spec(cfg.name)
     if task not in TASKS:
         raise ModelError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
@@ -64,7 +66,7 @@ def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: 
     _check_fields(cfg, spec)
     options = _extra_options(cfg, spec)
     prior_channels = _prior_channels(cfg, task, in_channels, prior_channels)
-    prior = ClassicalPrior(prior_channels, **(prior_options or {})) if prior_channels else None
+    prior = _prior(prior_channels, dict(prior_options or {}))
     if task != "classification":
         model = spec.build(cfg, in_channels, prior.network_channels if prior else 1, norm, **options)
     elif spec.classifier_only:
@@ -79,18 +81,27 @@ def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: 
                 block.mlp[0].weight.requires_grad_(False)
     model.frozen_by_design = [name for name, p in model.named_parameters() if not p.requires_grad]
     zero_layers = ()
-    if prior is not None and prior.trust_map:
+    if isinstance(prior, HeightHead) or prior is not None and prior.trust_map:
         prior.start_from_rule(getattr(model, "head", None))
         zero_layers = (model.head,)
     if cfg.spectral_norm:
         apply_spectral_norm(model, skip=zero_layers)
     model.build_kwargs = {"name": cfg.name, "task": task, "in_channels": in_channels,
                           "num_classes": num_classes if task == "classification" else None, "norm": norm,
-                          "prior_channels": prior_channels, "prior_trust_map": bool(prior and prior.trust_map),
-                          "prior_trust_scope": prior.trust_scope if prior else "pixel",
+                          "prior_channels": prior_channels,
+                          "prior_trust_map": bool(getattr(prior, "trust_map", False)),
+                          "prior_trust_scope": getattr(prior, "trust_scope", "pixel"),
                           "prior_bias": bool(prior is None or prior.bias is not None),
+                          "height_head": isinstance(prior, HeightHead),
                           "prior_gate_inputs": (prior_options or {}).get("gate_inputs", 0) if prior else 0}
     return model
+
+
+def _prior(channels, options: dict):
+    """The model's prior module: None, a HeightHead or a ClassicalPrior."""
+    if not channels:
+        return None
+    return HeightHead(channels) if options.pop("height_head", False) else ClassicalPrior(channels, **options)
 
 
 def _prior_channels(cfg, task: str, in_channels: int, channels) -> list[int]:
@@ -128,6 +139,13 @@ def build_model(cfg, task: str = "segmentation", in_channels: int = 1, num_class
         raise ModelError("model.prior_gate chooses between the model and the classical method, but "
                          "model.classical_prior is off", hint="set --model.classical_prior=true, or "
                          "--model.prior_gate=false")
+    if cfg.height_head and (not cfg.classical_prior or cfg.prior_trust_map or cfg.prior_gate or not cfg.prior_bias):
+        raise ModelError("model.height_head reads the height off the classical prior's channels: it needs "
+                         "model.classical_prior=true and takes none of prior_trust_map, prior_gate, prior_bias=false",
+                         hint="set --model.classical_prior=true --model.prior_trust_map=false --model.prior_gate=false")
+    if cfg.height_head:
+        return _construct(cfg, task, in_channels, num_classes, resolve_norm(cfg.norm, batch_size), prior_channels,
+                          {"height_head": True})
     return _construct(cfg, task, in_channels, num_classes, resolve_norm(cfg.norm, batch_size), prior_channels,
                       {"trust_map": cfg.prior_trust_map, "trust_scope": cfg.prior_trust_scope, "bias": cfg.prior_bias,
                        "initial_trust": cfg.prior_initial_trust, "gate_inputs": in_channels if cfg.prior_gate else 0})
@@ -143,6 +161,7 @@ def rebuild_model(cfg, state_dict: dict) -> ForestModel:
         raise ModelError(f"checkpoint holds model {record['name']!r} but model.name is {cfg.name!r}")
     model = _construct(cfg, record["task"], record["in_channels"], record["num_classes"], record["norm"],
                        record.get("prior_channels", ()),
+                       {"height_head": True} if record.get("height_head") else
                        {"trust_map": record.get("prior_trust_map", False),
                         "trust_scope": record.get("prior_trust_scope", "pixel"), "bias": record.get("prior_bias", True),
                         "gate_inputs": record.get("prior_gate_inputs", 0)})

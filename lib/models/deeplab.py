@@ -52,16 +52,15 @@ class DeepLabV3Plus(ForestModel):
         self.head = nn.Conv2d(widths[self.low], out_channels, 1)
         self.stride = 2 ** depth
 
-    def forward(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-        # x (B, C, H, W), thresholds (B,) normalised -> (B, out_channels, H, W) logits
+    def network(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        # x (B, C, H, W), thresholds (B,) normalised -> (B, out_channels, H, W)
         self.check_input(x)
         feats = self.encoder(x, thresholds)
         y = self.film(self.aspp(self.dropout(feats[-1])), thresholds)  # (B, aspp, H / 2**depth, ...)
         skip = feats[self.low]  # (B, widths[low], H / 2**low, ...)
         y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
         y = self.dropout(self.fuse(torch.cat([y, self.reduce(skip)], dim=1), thresholds))
-        logits = F.interpolate(self.head(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return self.add_prior(logits, x, thresholds)
+        return F.interpolate(self.head(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 @register("deeplabv3plus", uses=("drop_path",), extra={"aspp_rates": [2, 4, 6], "film_hidden": 32})

@@ -23,9 +23,28 @@ class ForestModel(nn.Module):
         self.build_kwargs: dict = {}
         self.prior: nn.Module | None = None  # lib.models.prior.ClassicalPrior, set by build_model
 
-    def add_prior(self, logits: torch.Tensor, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-        """The network's logits combined with the classical prior's, when the model was built with one."""
-        return logits if self.prior is None else self.prior(x, thresholds, logits)
+    def network(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        """The architecture's own output (B, out_channels, H, W) before any prior; each dense model defines it."""
+        raise NotImplementedError
+
+    @property
+    def threshold_free(self) -> bool:
+        """True when the output at any threshold comes from one network pass (lib/models/height_head.py)."""
+        return bool(getattr(self.prior, "threshold_free", False))
+
+    def forward(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W), thresholds (B,) normalised -> (B, 1, H, W) logits (out_channels without a prior)."""
+        if self.prior is None:
+            return self.network(x, thresholds)
+        body_thresholds = thresholds.new_zeros(x.shape[0]) if self.threshold_free else thresholds
+        return self.prior(x, thresholds, self.network(x, body_thresholds))
+
+    def forward_thresholds(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W), thresholds (K,) normalised -> (B, K, H, W) logits from one network pass."""
+        if not self.threshold_free:
+            raise ModelError("forward_thresholds needs a model whose output does not depend on the threshold "
+                             "(model.height_head); a threshold-conditioned model runs once per threshold")
+        return self.prior.every_threshold(x, thresholds, self.network(x, x.new_zeros(x.shape[0])))
 
     def encoder_parameters(self):
         """Parameters of the encoder (to freeze, or to give a lower LR, in transfer learning)."""

@@ -93,12 +93,12 @@ class UNet(ForestModel):
         self.head = nn.Conv2d(widths[0], out_channels, 1)
         self.stride = 2 ** cfg.depth
 
-    def forward(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-        # x (B, C, H, W), thresholds (B,) normalised -> (B, out_channels, H, W) logits
+    def network(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        # x (B, C, H, W), thresholds (B,) normalised -> (B, out_channels, H, W)
         self.check_input(x)
         feats = self.encoder(x, thresholds)
         feats[-1] = self.dropout(feats[-1])  # the bottleneck
-        return self.add_prior(self.head(self.decoder(feats, thresholds)), x, thresholds)
+        return self.head(self.decoder(feats, thresholds))
 
 
 @register("unet", uses=("attention_gates",))

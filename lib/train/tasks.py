@@ -222,6 +222,13 @@ class ClassificationTask(Task):
 
 def build_task(cfg, normalizer, manifest: dict, rank: int = 0):
     """The task object for cfg.data.task, using the dataset's thresholds, class balance or class names."""
+    task = _build_task(cfg, normalizer, manifest, rank)
+    if getattr(normalizer, "needs_ground", False):  # filtered_height: the site's ground, stored by prepare_data
+        task.arrays = (*task.arrays, "ground")
+    return task
+
+
+def _build_task(cfg, normalizer, manifest: dict, rank: int):
     name = cfg.data.task
     thresholds = manifest.get("thresholds_m", cfg.data.thresholds_m)
     if name == "regression":

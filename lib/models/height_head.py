@@ -1,0 +1,72 @@
+"""Every threshold from one forward pass (model.height_head): the network maps heights, not one decision.
+
+A threshold-conditioned model (FiLM) must run again for each threshold asked for. This head instead reads
+a canopy height and its uncertainty off the network once, and gives the gap probability at any T:
+
+    p(gap at T) = sigmoid((T - height) / spread),   height = classical relative height + bias + correction,
+
+where the classical relative height is a learnt convex mix of the relative-height input channels (the
+classical rule: a gap where it is at most T), the correction and the spread's log-factor are the network's
+two output channels, and spread > 0. The probability rises with T, so the masks nest by construction; the
+body never sees T, so K thresholds cost one forward (ForestModel.forward_thresholds).
+
+The network's output layer starts at zero, so training starts at the rule (spread 1/16 of the
+normalisation scale, about 1 logit per metre) and a correction grows only where the data asks for it:
+only that last layer is zero, and its weights get gradients from the first step, unlike a FiLM scale at 0.
+"""
+import math
+
+import torch
+from torch import nn
+
+from lib.core.errors import ModelError
+
+INITIAL_SPREAD = 1.0 / 16.0  # normalised units: the classical prior's initial gain of 16 logits per unit
+SPREAD_RANGE = 4.0           # the network scales the spread by at most e^4 either way (bounded: no overflow)
+
+
+class HeightHead(nn.Module):
+    """(T - height) / spread from the relative-height channels of x and the network's two output channels."""
+
+    network_channels = 2   # correction, then the spread's log-factor
+    threshold_free = True  # the body is run with T = 0: its output does not depend on the threshold
+    gate = None            # the trainer's gate loss does not apply
+    record_parts = False
+
+    def __init__(self, channels):
+        super().__init__()
+        channels = [int(c) for c in channels]
+        if not channels or min(channels) < 0:
+            raise ModelError(f"the height head needs the indices of relative-height input channels, found {channels}",
+                             hint="add a relative_height_<W>m entry to data.input_features")
+        self.register_buffer("channels", torch.tensor(channels, dtype=torch.long), persistent=False)
+        self.mix = nn.Parameter(torch.zeros(len(channels))) if len(channels) > 1 else None
+        self.bias = nn.Parameter(torch.zeros(()))
+        self.log_spread = nn.Parameter(torch.tensor(math.log(INITIAL_SPREAD)))
+
+    def start_from_rule(self, head: nn.Module) -> None:
+        """Zero the network's output layer (a conv with bias): the first output is the classical rule."""
+        if not isinstance(head, nn.Conv2d) or head.out_channels != self.network_channels or head.bias is None:
+            raise ModelError(f"the height head needs the model's output layer `head` to be a Conv2d with "
+                             f"{self.network_channels} outputs and a bias, found {head!r}")
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+
+    def height_spread(self, x: torch.Tensor, network: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Height and spread (each B, 1, H, W; normalised units) from x (B, C, H, W) and network (B, 2, H, W)."""
+        height = x.index_select(1, self.channels)                                    # (B, n, H, W)
+        if self.mix is not None:
+            height = (height * self.mix.to(x.dtype).softmax(0).view(1, -1, 1, 1)).sum(1, keepdim=True)
+        height = height + self.bias.to(x.dtype) + network[:, :1]
+        log_factor = SPREAD_RANGE * torch.tanh(network[:, 1:2] / SPREAD_RANGE)
+        return height, (self.log_spread.to(x.dtype) + log_factor).exp()
+
+    def forward(self, x: torch.Tensor, thresholds: torch.Tensor, network: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, H, W) at one threshold per sample, thresholds (B,) normalised."""
+        height, spread = self.height_spread(x, network)
+        return (thresholds.to(x.dtype).view(-1, 1, 1, 1) - height) / spread
+
+    def every_threshold(self, x: torch.Tensor, thresholds: torch.Tensor, network: torch.Tensor) -> torch.Tensor:
+        """Logits (B, K, H, W) at every one of thresholds (K,) normalised, from one network output."""
+        height, spread = self.height_spread(x, network)
+        return (thresholds.to(x.dtype).view(1, -1, 1, 1) - height) / spread
