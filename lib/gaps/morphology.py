@@ -82,10 +82,15 @@ def cone_erosion(z: torch.Tensor, slope: torch.Tensor | float, radius_px: int, p
     big = torch.finfo(z.dtype).max
     out = torch.where(torch.isfinite(z), z, torch.full_like(z, big))
     h, w = z.shape[-2:]
-    steps = [(dy, dx, pixel_size_m * (2 ** 0.5 if dy and dx else 1.0))
+    rise = {d: torch.as_tensor(slope * d, dtype=z.dtype, device=z.device).expand_as(z)  # computed once
+            for d in (pixel_size_m, pixel_size_m * 2 ** 0.5)}
+    steps = [(dy, dx, rise[pixel_size_m * 2 ** 0.5 if dy and dx else pixel_size_m])
              for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
-    for _ in range(radius_px):
-        padded = F.pad(out, (1, 1, 1, 1), value=big)
-        for dy, dx, d in steps:
-            out = torch.minimum(out, padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] + slope * d)
+    padded, candidate = torch.empty_like(F.pad(out, (1, 1, 1, 1))), torch.empty_like(out)
+    for _ in range(radius_px):  # in place: 9 shifts per pixel of radius is the filter's whole cost
+        padded.fill_(big)
+        padded[..., 1:-1, 1:-1] = out
+        for dy, dx, up in steps:
+            torch.add(padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w], up, out=candidate)
+            torch.minimum(out, candidate, out=out)
     return torch.where(out < big, out, torch.full_like(out, float("nan")))
