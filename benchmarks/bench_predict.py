@@ -1,6 +1,7 @@
 """predict.py end to end, this tree against a pinned copy of today's main (commit 6e6e615), side by side.
 
-    python benchmarks/bench_predict.py                        # shipped model, NZ DSM mirrored to 1078 x 898
+    python benchmarks/bench_predict.py                        # each tree's shipped model, NZ DSM mirrored to 1078 x 898
+    python benchmarks/bench_predict.py --checkpoint weights/gaps_dsm_v5.pt   # one model through both paths
     python benchmarks/bench_predict.py --repeats 3 --thresholds 2 5 10 15
     python benchmarks/bench_predict.py --rss-size 10000       # + peak RSS of a 10,000 x 10,000 px scene
 
@@ -92,16 +93,21 @@ def compare(args, folder: Path) -> None:
     best = {}
     for _ in range(args.repeats):
         for name, tree in trees.items():
+            checkpoint = args.checkpoint if name == "new" else args.main_checkpoint or args.checkpoint
             argv = ["--dsm", str(dsm), "--out", str(folder / name), "--thresholds", *map(str, args.thresholds),
-                    *(["--checkpoint", args.checkpoint] if args.checkpoint else [])]
+                    *(["--checkpoint", str(Path(checkpoint).resolve())] if checkpoint else [])]
             result = run(tree, argv)
             old = best.setdefault(name, result)
             old.update(seconds=min(old["seconds"], result["seconds"]),
                        peak_rss_mb=max(old["peak_rss_mb"], result["peak_rss_mb"]))
     info = read_info(dsm)
     mp = info.height * info.width / 1e6
-    print(f"# {info.width} x {info.height} px ({mp:.3f} MP), thresholds {args.thresholds}, model "
-          f"{args.checkpoint or 'weights/gaps_dsm_v5.pt'}; best of {args.repeats}; main = {PINNED}")
+    models = {"new": args.checkpoint or "the shipped model", "main": args.main_checkpoint or args.checkpoint
+              or "weights/gaps_dsm_v5.pt (shipped then)"}
+    print(f"# {info.width} x {info.height} px ({mp:.3f} MP), thresholds {args.thresholds}; best of {args.repeats}; "
+          f"main = {PINNED}; models: new {models['new']}, main {models['main']}")
+    if models["new"] != models["main"]:
+        print("# two different models: the IoU rows compare their maps, not one model through two paths")
     print(f"{'case':34} {'new':>10} {'main':>10} {'ratio':>7}")
     new, main = mp / best["new"]["seconds"], mp / best["main"]["seconds"]
     print(f"{'MP/s, predict.py end to end':34} {new:10.4f} {main:10.4f} {new / main:7.2f}")
@@ -145,7 +151,10 @@ class StandIn(torch.nn.Module):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="default: the shipped weights/gaps_dsm_v5.pt")
+    parser.add_argument("--checkpoint", help="model of this tree (default: its shipped model) and, without "
+                        "--main-checkpoint, of the pinned main too")
+    parser.add_argument("--main-checkpoint", help="model of the pinned main (default: --checkpoint, else the "
+                        "model it shipped, weights/gaps_dsm_v5.pt)")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[2.0, 5.0, 10.0, 15.0])
     parser.add_argument("--height", type=int, default=898)
     parser.add_argument("--width", type=int, default=1078)

@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dsm_only_scenes import AMAZON  # noqa: E402 - after the path set-up
 
 FILTER_GRID = [dict(radius_m=r, slope=s, lowest_floor=low) for r in (20.0, 40.0, 80.0) for s in (0.02, 0.1, 0.3)
                for low in (False, True)]
@@ -140,6 +141,29 @@ def print_tables(scenes, methods, thresholds_m) -> None:
                 print(f"  {m:18s} {fmt(r[key][j])}{mark}")
 
 
+def print_summary(scenes, methods, validation: np.ndarray, thresholds_m) -> None:
+    """Means over the validation scenes (all; and those whose canopy no model trained on), and where a model
+    ran, its margin per scene over the strongest peer or opening at its best setting for that scene."""
+    unseen = validation & np.array([not name.startswith(AMAZON) for name, *_ in scenes])
+    fmt = lambda row: " ".join(f"{v:6.3f}" for v in row)   # noqa: E731
+    print(f"\n== mean IoU at {' / '.join(f'{t:g}' for t in thresholds_m)} m (best single setting), validation "
+          f"scenes: all {int(validation.sum())} | {int(unseen.sum())} whose canopy is not in the training data")
+    for m, r in methods.items():
+        table = r["best_single"]
+        print(f"  {m:18s} {fmt(np.nanmean(table[validation], 0))} ({np.nanmean(table[validation]):.3f}) | "
+              f"{fmt(np.nanmean(table[unseen], 0))} ({np.nanmean(table[unseen]):.3f})")
+    if "model" not in methods:
+        return
+    peers = [m for m in methods if m not in ("model", "filter", "filter (defaults)")]
+    strongest = np.nanmax(np.stack([methods[m]["best_per_scene"] for m in peers]), 0)        # (scenes, K)
+    margin = methods["model"]["best_per_scene"] - strongest
+    print("\n== model minus the strongest of the peers and the opening, each at its best setting per scene")
+    for j, (name, *_) in enumerate(scenes):
+        print(f"  {name:34s} {fmt(margin[j])}")
+    won = (margin[validation] >= 0.01) | (methods["model"]["best_per_scene"][validation] >= 0.99)
+    print(f"  validation scene-thresholds won by >= 0.01 (or IoU >= 0.99): {int(won.sum())} of {won.size}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import dsm_only_scenes
@@ -153,6 +177,7 @@ def main(argv=None) -> int:
     print(f"{len(val)} validation and {len(dev)} development scene(s); thresholds {args.thresholds}", flush=True)
     methods, absent = score_methods(scenes, validation, args)
     print_tables(scenes, methods, args.thresholds)
+    print_summary(scenes, methods, validation, args.thresholds)
     if args.json:
         from lib.core.atomic import write_json
         write_json(args.json, {"scenes": [s[:2] + (s[4],) for s in scenes], "thresholds_m": args.thresholds,

@@ -202,3 +202,17 @@ def test_generate_stand_tile_is_the_dsm_of_its_params_and_rejects_unknown_types(
     assert np.array_equal(tile, generate_site(4, stand_tile_params(4, 1, 48)).dsm, equal_nan=True)
     with pytest.raises(ConfigError, match="closed_canopy"):
         generate_stand_tile(0, "meadow", 32)
+
+
+def test_photogrammetric_occlusion_bridges_narrow_gaps_and_keeps_wide_floors():
+    """30 m canopy with a 6 m and a 60 m wide gap, views 20 degrees off nadir: the ground is hidden within
+    30 x tan(20) = 10.9 m of the crowns, so the narrow floor is gone and the wide one keeps its middle."""
+    from lib.data.synthetic import occluded
+    veg = np.full((40, 200), 30.0, np.float32)
+    veg[:, 20:26] = 0.0
+    veg[:, 100:160] = 0.0
+    seen = occluded(veg, 20.0, 1.0)
+    assert seen[:, 20:26].min() > 15.0                         # bridged
+    assert np.all(seen[:, 111:149] == 0.0)                     # the floor beyond 10.9 m of the crowns
+    assert np.isclose(seen[20, 103], 30 - 4 / np.tan(np.radians(20)), atol=0.01)  # the sight line 4 m in
+    assert np.all(seen >= veg) and np.array_equal(occluded(veg, 0.0, 1.0), veg)

@@ -8,9 +8,11 @@ flight-line steps -> nodata holes. Everything is reproducible from (seed, params
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
 from lib.data.synth_canopy import FORESTS, make_trees, open_gaps, render_crowns, render_gaps, sample_gaps, stand_trees
 from lib.core.errors import ConfigError, DataError
+from lib.gaps.morphology import cone_erosion
 from lib.data.synth_terrain import fractal_noise, gaussian_blur, make_terrain, max_filter3, upsample
 
 STAND_TYPES = ("closed_canopy", "gappy", "young_regrowth", "plantation_rows", "bare")   # ids 0..4
@@ -45,6 +47,8 @@ class SiteParams:
     noise_m: float = 0.1                 # vertical noise std on the canopy, metres
     pit_fraction: float = 0.01           # share of canopy pixels with a LiDAR pit (lidar only)
     smoothing_m: float = 1.5             # blur std of the photogrammetric surface, metres
+    view_angle_deg: float = 0.0          # photogrammetry: off-nadir angle of the views; crowns hide the gap
+                                         # floor within height x tan(angle) of them (0: no occlusion)
     strip_width_m: float = 300.0         # flight-line strip width, metres
     strip_offset_m: float = 0.05         # std of the elevation step between strips, metres
     nodata_fraction: float = 0.01        # share of pixels set to NaN (holes, dropouts), 0-0.5
@@ -57,6 +61,7 @@ class SiteParams:
         _require(self, "max_slope_deg", 0 < self.max_slope_deg <= 70, "in (0, 70]")
         _require(self, "gap_size_exponent", 1.05 <= self.gap_size_exponent <= 4, "in [1.05, 4]")
         _require(self, "nodata_fraction", 0 <= self.nodata_fraction <= 0.5, "in [0, 0.5]")
+        _require(self, "view_angle_deg", 0 <= self.view_angle_deg < 60, "in [0, 60)")
         for name in ("hillside", "ridges", "gullies", "terraces", "gap_fraction", "pit_fraction"):
             _require(self, name, 0 <= getattr(self, name) <= 1, "in [0, 1]")
         for name in ("relief_m", "regrowth_max_m", "canopy_roughness_m", "noise_m", "smoothing_m",
@@ -174,10 +179,26 @@ def _lidar(rng: np.random.Generator, veg: np.ndarray, p: SiteParams) -> np.ndarr
     return veg + sd * rng.standard_normal(veg.shape, dtype=np.float32)
 
 
+def occluded(veg: np.ndarray, view_angle_deg: float, pixel_size_m: float) -> np.ndarray:
+    """The surface image matching reconstructs when views come in at up to view_angle_deg off nadir: a gap
+    floor within h x tan(angle) of an h m crown is hidden, the surface sloping down from the crown's edge
+    (a grey dilation by a cone of slope 1 / tan(angle)), so narrow gaps are bridged and wide ones shrink."""
+    if view_angle_deg <= 0:
+        return veg
+    slope = 1.0 / np.tan(np.radians(view_angle_deg))
+    reach_px = int(np.ceil(float(np.nanmax(veg, initial=0.0)) / slope / pixel_size_m))
+    if reach_px < 1:
+        return veg
+    lowered = cone_erosion(torch.from_numpy(-np.ascontiguousarray(veg, np.float32))[None, None], slope,
+                           reach_px, pixel_size_m)
+    return -lowered[0, 0].numpy()
+
+
 def _photogrammetry(rng: np.random.Generator, veg: np.ndarray, p: SiteParams) -> np.ndarray:
-    """Image matching sees no pits and little of narrow gaps: a dilated, blurred surface with wavy noise."""
+    """Image matching sees no pits and little of narrow gaps: an occluded, dilated, blurred surface with
+    wavy noise."""
     sigma_px = p.smoothing_m / p.pixel_size_m
-    surface = gaussian_blur(max_filter3(veg), sigma_px)
+    surface = gaussian_blur(max_filter3(occluded(veg, p.view_angle_deg, p.pixel_size_m)), sigma_px)
     coarse = tuple((n - 1) // 2 + 2 for n in veg.shape)
     wavy = upsample(fractal_noise(rng, coarse, 3.0, corr_px=max(1.0, 3.0 / p.pixel_size_m)), 2, veg.shape)
     return surface + p.noise_m * wavy
@@ -266,7 +287,8 @@ def random_site_params(rng: np.random.Generator, size_px: int, pixel_size_m: flo
         noise_m=rng.uniform(0.03, 0.25) if lidar else rng.uniform(0.1, 0.4),
         pit_fraction=log_uniform(0.001, 0.03) if lidar else 0.0, smoothing_m=rng.uniform(0.5, 2.5),
         strip_width_m=rng.uniform(150, 600), strip_offset_m=rng.uniform(0, 0.15),
-        nodata_fraction=log_uniform(1e-4, 0.05) if rng.random() < 0.6 else 0.0)
+        nodata_fraction=log_uniform(1e-4, 0.05) if rng.random() < 0.6 else 0.0,
+        view_angle_deg=0.0 if lidar else rng.uniform(5.0, 25.0))   # drawn last: earlier draws unchanged
 
 
 def hybrid_site(chm: np.ndarray, seed: int, params: SiteParams | None = None, **overrides) -> Site:
