@@ -39,6 +39,8 @@ def parse_args(argv):
     parser.add_argument("--scenes", choices=("validation", "development", "all"), default="all")
     parser.add_argument("--model", action=argparse.BooleanOptionalAction, default=True, help="score the model")
     parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True, help="run the peers")
+    parser.add_argument("--classical", action=argparse.BooleanOptionalAction, default=True,
+                        help="the opening and the filter's settings grid (the filter's defaults always run)")
     parser.add_argument("--allow-missing-peers", action="store_true", help="exit 0 even when a peer is absent")
     parser.add_argument("--json", help="also write every figure here")
     return parser.parse_args(argv)
@@ -108,10 +110,11 @@ def score_methods(scenes, validation, args) -> tuple[dict, list[str]]:
     import ground_peers
     opening, ground_filter = _ground_functions()
     t = args.thresholds
-    methods = {"opening": summarize(grid_scores(scenes, t, opening, [dict(window_m=w) for w in OPENING_WINDOWS_M]),
-                                    validation),
-               "filter (defaults)": summarize(grid_scores(scenes, t, ground_filter, [{}]), validation),
-               "filter": summarize(grid_scores(scenes, t, ground_filter, FILTER_GRID), validation)}
+    methods = {"filter (defaults)": summarize(grid_scores(scenes, t, ground_filter, [{}]), validation)}
+    if args.classical:
+        methods["opening"] = summarize(grid_scores(scenes, t, opening, [dict(window_m=w) for w in OPENING_WINDOWS_M]),
+                                       validation)
+        methods["filter"] = summarize(grid_scores(scenes, t, ground_filter, FILTER_GRID), validation)
     absent = ground_peers.missing() if args.peers else []
     for name, fn in ground_peers.PEERS.items() if args.peers else ():
         if any(a.startswith(name) for a in absent):
@@ -135,7 +138,8 @@ def print_tables(scenes, methods, thresholds_m) -> None:
         for j, (name, regime, dsm, _, px) in enumerate(scenes):
             print(f"{name}  [{regime}; {dsm.shape[0]}x{dsm.shape[1]} px at {px:g} m]")
             peers = [m for m in methods if m not in ("model", "opening", "filter", "filter (defaults)")]
-            strongest = max(peers + ["opening"], key=lambda m: np.nanmean(methods[m][key][j]), default=None)
+            strongest = max([m for m in peers + ["opening"] if m in methods],
+                            key=lambda m: np.nanmean(methods[m][key][j]), default=None)
             for m, r in methods.items():
                 mark = "  <- strongest peer/opening" if m == strongest else ""
                 print(f"  {m:18s} {fmt(r[key][j])}{mark}")
@@ -152,9 +156,9 @@ def print_summary(scenes, methods, validation: np.ndarray, thresholds_m) -> None
         table = r["best_single"]
         print(f"  {m:18s} {fmt(np.nanmean(table[validation], 0))} ({np.nanmean(table[validation]):.3f}) | "
               f"{fmt(np.nanmean(table[unseen], 0))} ({np.nanmean(table[unseen]):.3f})")
-    if "model" not in methods:
-        return
     peers = [m for m in methods if m not in ("model", "filter", "filter (defaults)")]
+    if "model" not in methods or not peers:
+        return
     strongest = np.nanmax(np.stack([methods[m]["best_per_scene"] for m in peers]), 0)        # (scenes, K)
     margin = methods["model"]["best_per_scene"] - strongest
     print("\n== model minus the strongest of the peers and the opening, each at its best setting per scene")

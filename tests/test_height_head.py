@@ -14,7 +14,7 @@ from lib.data.scene_ground import site_ground, write_scene_ground
 from lib.data.synthetic import SiteParams, generate_site
 from lib.geoio.geotiff_read import read_raster
 from lib.models import build_model, rebuild_model
-from lib.models.height_head import INITIAL_SPREAD
+from lib.models.height_head import INITIAL_SPREAD, WIDEST_START
 
 FEATURES = ["dsm", "relative_height_21m", "filtered_height"]
 
@@ -29,7 +29,8 @@ def test_the_height_head_starts_at_the_classical_rule_and_nests():
     model.eval()
     x = torch.randn(2, 3, 32, 32)
     t = torch.tensor([0.2, -0.1])
-    rule = (t.view(-1, 1, 1, 1) - (x[:, 1:2] + x[:, 2:3]) / 2) / INITIAL_SPREAD  # uniform mix, no bias, no correction
+    w = math.exp(WIDEST_START) / (math.exp(WIDEST_START) + 1)                  # the mix starts on the filter
+    rule = (t.view(-1, 1, 1, 1) - (1 - w) * x[:, 1:2] - w * x[:, 2:3]) / INITIAL_SPREAD  # no bias, no correction
     assert torch.allclose(model(x, t), rule, atol=1e-4)
     every = model.forward_thresholds(x, torch.linspace(-1, 1, 7))
     assert (every.diff(dim=1) > 0).all()

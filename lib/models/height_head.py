@@ -6,7 +6,7 @@ a canopy height and its uncertainty off the network once, and gives the gap prob
     p(gap at T) = sigmoid((T - height) / spread),   height = classical relative height + bias + correction,
 
 where the classical relative height is a learnt convex mix of the relative-height input channels (the
-classical rule: a gap where it is at most T), the correction and the spread's log-factor are the network's
+classical rule: a gap where it is at most T; the mix starts on the widest one, the scene's ground filter), the correction and the spread's log-factor are the network's
 two output channels, and spread > 0. The probability rises with T, so the masks nest by construction; the
 body never sees T, so K thresholds cost one forward (ForestModel.forward_thresholds).
 
@@ -22,6 +22,7 @@ from torch import nn
 from lib.core.errors import ModelError
 
 INITIAL_SPREAD = 1.0 / 16.0  # normalised units: the classical prior's initial gain of 16 logits per unit
+WIDEST_START = 4.0           # the mix's first logit on the widest-context channel: weight e^4 / (e^4 + n - 1)
 SPREAD_RANGE = 4.0           # the network scales the spread by at most e^4 either way (bounded: no overflow)
 
 
@@ -40,7 +41,11 @@ class HeightHead(nn.Module):
             raise ModelError(f"the height head needs the indices of relative-height input channels, found {channels}",
                              hint="add a relative_height_<W>m entry to data.input_features")
         self.register_buffer("channels", torch.tensor(channels, dtype=torch.long), persistent=False)
-        self.mix = nn.Parameter(torch.zeros(len(channels))) if len(channels) > 1 else None
+        # the mix starts on the last channel, the widest context (the ground filter's when the input has it):
+        # training starts at the best classical method the inputs hold, not at an average of weaker ones
+        start = torch.zeros(len(channels))
+        start[-1] = WIDEST_START
+        self.mix = nn.Parameter(start) if len(channels) > 1 else None
         self.bias = nn.Parameter(torch.zeros(()))
         self.log_spread = nn.Parameter(torch.tensor(math.log(INITIAL_SPREAD)))
 
