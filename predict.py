@@ -1,6 +1,6 @@
 """Map canopy gaps on whole GeoTIFF scenes with a trained model (the shipped one when --checkpoint is left out).
 
-    python predict.py --dsm scene_DSM.tif --thresholds 2 5 10 15 --out out            # weights/gaps_dsm_v6.pt
+    python predict.py --dsm scene_DSM.tif --thresholds 2 5 10 15 --out out            # weights/gaps_dsm_v5.pt
     python predict.py --checkpoint runs/a/last.ckpt runs/b/last.ckpt --dsm scene_DSM.tif --out out   # their mean
     python predict.py --checkpoint runs/exp1/best.ckpt --dsm site_DSM.tif --chm site_CHM.tif --write-prob --out out
     torchrun --nproc_per_node=4 predict.py --checkpoint model.ts --dsm-list tiles.txt --out region   # resumable
@@ -31,7 +31,7 @@ def parse_args(argv):
     parser.add_argument("--checkpoint", nargs="+", help="checkpoint (.ckpt/.pt) or exported model (.ts/.pt2); "
                                                         "several checkpoints: the mean of their probabilities "
                                                         "(an ensemble, e.g. seeds of one recipe); default: the "
-                                                        "shipped weights/gaps_dsm_v6.pt (sha256 checked)")
+                                                        "shipped weights/gaps_dsm_v5.pt (sha256 checked)")
     scenes = parser.add_mutually_exclusive_group(required=True)
     scenes.add_argument("--dsm", help="DSM GeoTIFF of the scene (metres; nodata passes through), or a folder of them")
     scenes.add_argument("--dsm-list", help="text file of DSM paths, one per line (relative to the file's folder)")

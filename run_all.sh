@@ -54,7 +54,7 @@ step predict_synthetic $PY predict.py --checkpoint "$CKPT" --dsm "$OUT/scene/syn
 if [ -f "$REAL/wellington_DSM.tif" ]; then
     step predict_wellington $PY predict.py --checkpoint "$CKPT" --dsm "$REAL/wellington_DSM.tif" \
                         --chm "$REAL/wellington_CHM.tif" --out "$OUT/predict_wellington"
-    # the same scene with the shipped pretrained model (no --checkpoint: weights/gaps_dsm_v6.pt)
+    # the same scene with the shipped pretrained model (no --checkpoint: weights/gaps_dsm_v5.pt)
     step predict_shipped $PY predict.py --dsm "$REAL/wellington_DSM.tif" --thresholds 2 5 10 15 \
                         --chm "$REAL/wellington_CHM.tif" --out "$OUT/predict_shipped"
 else

@@ -30,7 +30,7 @@ SMALL = {  # script stem -> arguments for a quick run; scripts not listed run wi
     "bench_lzw": ["--size-mb", "0.25", "--repeats", "1"],
     "bench_predict": ["--height", "300", "--width", "400", "--repeats", "1"],
     "bench_prepare": ["--size", "2048", "--repeats", "1"],
-    "bench_quality": ["--checkpoint", "weights/gaps_dsm_v6.pt"],
+    "bench_quality": ["--checkpoint", "weights/gaps_dsm_v5.pt"],
     "bench_shards": ["--tiles", "64", "--repeats", "1"],
     "bench_synthetic": ["--sizes", "256", "512", "--repeats", "1", "--crown-size", "256"],
     "bench_train_step": ["--cases", "eager,channels_last", "--reps", "1"],

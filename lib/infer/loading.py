@@ -2,10 +2,10 @@
 raw band values): the one loading path shared by evaluate, predict and export, so deployment cannot
 drift from training.
 
-Shipped weights (`weights/gaps_dsm_v6.pt`, used when no checkpoint is named) are checked against the
+Shipped weights (`weights/gaps_dsm_v5.pt`, used when no checkpoint is named) are checked against the
 sha256 of their card before loading. A weights card is `<stem>.json` beside the file:
 
-    {"file": "gaps_dsm_v6.pt", "sha256": "<64 hex digits>", "bytes": 1234567, "pixel_size_m": 1.0,
+    {"file": "gaps_dsm_v5.pt", "sha256": "<64 hex digits>", "bytes": 1234567, "pixel_size_m": 1.0,
      "threshold_range_m": [1.0, 30.0], "command": "python train.py --config configs/pretrain.json", ...}
 
 ("file" and "sha256" are required, the rest is provenance), or, for the shipped file only,

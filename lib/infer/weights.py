@@ -1,8 +1,8 @@
 """Shipped pretrained weights: a slim checkpoint (fp16 model, config, normalisation, metrics) whose sha256
 is recorded in the model card beside it and checked before every load.
 
-    slim = ship_checkpoint("runs/pretrain/best.ckpt", "weights/gaps_dsm_v6.pt")   # -> {"sha256", "bytes"}
-    path = verified_weights()              # weights/gaps_dsm_v6.pt, after checking weights/MODEL_CARD.md
+    slim = ship_checkpoint("runs/pretrain/best.ckpt", "weights/gaps_dsm_v5.pt")   # -> {"sha256", "bytes"}
+    path = verified_weights()              # weights/gaps_dsm_v5.pt, after checking weights/MODEL_CARD.md
 """
 import hashlib
 import re
@@ -14,7 +14,7 @@ from lib.train.checkpoint import atomic_torch_save, load_checkpoint
 from lib.core.errors import ModelError
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
-DEFAULT_WEIGHTS = WEIGHTS_DIR / "gaps_dsm_v6.pt"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "gaps_dsm_v5.pt"
 CARD_NAME = "MODEL_CARD.md"
 SLIM_KEYS = ("config", "normalization", "metrics", "version", "step")   # what load_model reads besides "model"
 CARD_HASH = re.compile(r"sha256\W*([0-9a-f]{64})\b", re.IGNORECASE)
