@@ -124,3 +124,18 @@ def test_shards_carry_the_site_ground_as_the_dsm_second_channel(tmp_path):
     assert sample["dsm"].shape == (2, 64, 64)
     assert np.array_equal(sample["dsm"][1].numpy(), ground, equal_nan=True)
     assert math.isfinite(float(sample["dsm"][1].nanmean()))
+
+
+def test_the_one_pass_weights_load_checked_by_their_card_and_map_every_threshold_at_once():
+    from pathlib import Path
+    from lib.infer.loading import check_weights_card, load_model
+    path = Path(__file__).resolve().parents[1] / "weights" / "gaps_dsm_v6.pt"
+    if not path.exists():
+        pytest.skip("no weights/gaps_dsm_v6.pt in this checkout")
+    assert check_weights_card(path)                          # sha256 against weights/gaps_dsm_v6.json
+    loaded = load_model(path)
+    assert loaded.net.needs_ground and loaded.net.model.threshold_free
+    dsm = 300 + 20 * torch.rand(1, 1, 128, 128)
+    with torch.no_grad():
+        probs = loaded.net.forward_thresholds(torch.cat([dsm, dsm - 10], 1), torch.tensor([2.0, 5.0, 10.0, 15.0]))
+    assert probs.shape == (1, 4, 128, 128) and (probs.diff(dim=1) >= 0).all()
