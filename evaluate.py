@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         cfg.eval.tta = True
     manifest = read_manifest(cfg.data.root)
     thresholds = manifest.get("thresholds_m", cfg.data.thresholds_m)
-    arrays = ("dsm", "chm", "mask_*", "ground") if getattr(loaded.net, "needs_ground", False) else ("dsm", "chm", "mask_*")
+    arrays = ("dsm", "chm", "mask_*") + (("ground",) if getattr(loaded.net, "needs_ground", False) else ())
     dataset = ShardDataset(cfg.data.root, split, shuffle=False, equal_counts=False, arrays=arrays, meta_keys=("site",))
     if not len(dataset):
         from lib.core.errors import DataError

@@ -92,7 +92,8 @@ def summarize(table: np.ndarray, validation: np.ndarray) -> dict:
 def _ground_functions():
     import torch
     from lib.gaps.baselines import ground_estimate
-    from lib.gaps.ground_filter import GroundFilter, ground_surface
+    from lib.data.scene_ground import site_ground
+    from lib.gaps.ground_filter import GroundFilter
 
     def as_tensor(dsm):
         return torch.from_numpy(np.ascontiguousarray(dsm, np.float32))[None, None]
@@ -101,7 +102,7 @@ def _ground_functions():
         return ground_estimate(as_tensor(dsm), int(round(window_m / px)))[0, 0].numpy()
 
     def ground_filter(dsm, px, **setting):
-        return ground_surface(as_tensor(dsm), px, GroundFilter(**setting))[0, 0].numpy()
+        return site_ground(dsm, px, GroundFilter(**setting))
     return opening, ground_filter
 
 

@@ -86,7 +86,7 @@ def cone_erosion(z: torch.Tensor, slope: torch.Tensor | float, radius_px: int, p
             for d in (pixel_size_m, pixel_size_m * 2 ** 0.5)}
     steps = [(dy, dx, rise[pixel_size_m * 2 ** 0.5 if dy and dx else pixel_size_m])
              for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
-    padded, candidate = torch.empty_like(F.pad(out, (1, 1, 1, 1))), torch.empty_like(out)
+    padded, candidate = out.new_empty((*out.shape[:-2], h + 2, w + 2)), torch.empty_like(out)
     for _ in range(radius_px):  # in place: 9 shifts per pixel of radius is the filter's whole cost
         padded.fill_(big)
         padded[..., 1:-1, 1:-1] = out

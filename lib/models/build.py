@@ -143,12 +143,10 @@ def build_model(cfg, task: str = "segmentation", in_channels: int = 1, num_class
         raise ModelError("model.height_head reads the height off the classical prior's channels: it needs "
                          "model.classical_prior=true and takes none of prior_trust_map, prior_gate, prior_bias=false",
                          hint="set --model.classical_prior=true --model.prior_trust_map=false --model.prior_gate=false")
-    if cfg.height_head:
-        return _construct(cfg, task, in_channels, num_classes, resolve_norm(cfg.norm, batch_size), prior_channels,
-                          {"height_head": True})
-    return _construct(cfg, task, in_channels, num_classes, resolve_norm(cfg.norm, batch_size), prior_channels,
-                      {"trust_map": cfg.prior_trust_map, "trust_scope": cfg.prior_trust_scope, "bias": cfg.prior_bias,
-                       "initial_trust": cfg.prior_initial_trust, "gate_inputs": in_channels if cfg.prior_gate else 0})
+    options = {"height_head": True} if cfg.height_head else {
+        "trust_map": cfg.prior_trust_map, "trust_scope": cfg.prior_trust_scope, "bias": cfg.prior_bias,
+        "initial_trust": cfg.prior_initial_trust, "gate_inputs": in_channels if cfg.prior_gate else 0}
+    return _construct(cfg, task, in_channels, num_classes, resolve_norm(cfg.norm, batch_size), prior_channels, options)
 
 
 def rebuild_model(cfg, state_dict: dict) -> ForestModel:

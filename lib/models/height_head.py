@@ -6,8 +6,8 @@ a canopy height and its uncertainty off the network once, and gives the gap prob
     p(gap at T) = sigmoid((T - height) / spread),   height = classical relative height + bias + correction,
 
 where the classical relative height is a learnt convex mix of the relative-height input channels (the
-classical rule: a gap where it is at most T; the mix starts on the widest one, the scene's ground filter), the correction and the spread's log-factor are the network's
-two output channels, and spread > 0. The probability rises with T, so the masks nest by construction; the
+classical rule: a gap where it is at most T; the mix starts on the widest one, the scene's ground filter),
+the correction and the spread's log-factor are the network's two output channels, and spread > 0. The probability rises with T, so the masks nest by construction; the
 body never sees T, so K thresholds cost one forward (ForestModel.forward_thresholds).
 
 The network's output layer starts at zero, so training starts at the rule (spread 1/16 of the
