@@ -36,6 +36,23 @@ def test_the_height_head_starts_at_the_classical_rule_and_nests():
     assert (every.diff(dim=1) > 0).all()
 
 
+def test_a_pixel_mix_starts_at_the_global_mix_and_then_picks_a_channel_per_pixel():
+    _, plain = _model()
+    _, pixel = _model(height_head_pixel_mix=True)
+    assert pixel.head.out_channels == 2 + 2 and plain.head.out_channels == 2
+    pixel.load_state_dict({k: v for k, v in plain.state_dict().items() if not k.startswith("head.")}, strict=False)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0.2, -0.1])
+    assert torch.allclose(pixel.eval()(x, t), plain.eval()(x, t), atol=1e-5)     # zero offsets: the same mix
+    network = torch.zeros(2, 4, 32, 32)
+    network[:, 2, :, :16] = 50.0                                                  # left half: the 21 m opening
+    height, _ = pixel.prior.height_spread(x, network)
+    assert torch.allclose(height[:, 0, :, :16], x[:, 1, :, :16], atol=1e-4)
+    assert not torch.allclose(height[:, 0, :, 16:], x[:, 1, :, 16:], atol=1e-2)
+    again = rebuild_model(ModelConfig(name="unet_cbam", base_channels=4, depth=2, classical_prior=True,
+                                      height_head=True), pixel.state_dict())       # the record says pixel mix
+    assert again.prior.pixel_mix and torch.equal(again.eval()(x, t), pixel(x, t))
+
+
 def test_the_body_never_sees_the_threshold():
     _, model = _model()
     torch.nn.init.normal_(model.head.weight, std=0.5)
@@ -60,6 +77,12 @@ def test_the_height_head_refuses_options_it_cannot_honour(bad):
     with pytest.raises(ModelError, match="height_head"):
         _model(**bad) if "classical_prior" not in bad else build_model(
             ModelConfig(name="unet_cbam", base_channels=4, depth=2, height_head=True, **bad), in_channels=3)
+
+
+def test_a_pixel_mix_without_the_height_head_is_refused():
+    with pytest.raises(ModelError, match="height_head_pixel_mix"):
+        build_model(ModelConfig(name="unet_cbam", base_channels=4, depth=2, classical_prior=True,
+                                height_head_pixel_mix=True), in_channels=3, prior_channels=[1, 2])
 
 
 def test_filtered_height_is_the_dsm_minus_the_ground_channel():

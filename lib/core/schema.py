@@ -127,6 +127,9 @@ class ModelConfig:
                             "relative height plus its correction) and a spread, and p(gap at T) = "
                             "sigmoid((T - height) / spread): every threshold from one forward pass, nested by "
                             "construction; the network never sees T (lib/models/height_head.py)")
+    height_head_pixel_mix: bool = opt(False, "with height_head: the network also chooses the mix of the "
+                                      "relative-height channels per pixel (e.g. the opening on flat ground, the "
+                                      "filter on slopes); false: one learnt mix for every pixel")
     attention_gates: bool = opt(False, "additive attention gates on the U-Net skips (U-Net family)")
     spectral_norm: bool = opt(False, "spectral normalisation of every conv and linear weight except FiLM's")
     blocks_per_stage: int = opt(2, "cnn_dilated: conv-norm-act blocks per stage", min=1)

@@ -55,7 +55,7 @@ def _extra_options(cfg, spec: ModelSpec) -> dict:
 def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: str,
                prior_channels=(), prior_options: dict | None = None) -> ForestModel:
     """prior_options: ClassicalPrior's keywords (trust_map, trust_scope, bias, initial_trust, gate_inputs), or
-    {"height_head": True} for a HeightHead."""
+    {"height_head": True, "pixel_mix": bool} for a HeightHead."""
     spec = _spec(cfg.name)
     if task not in TASKS:
         raise ModelError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
@@ -93,6 +93,7 @@ def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: 
                           "prior_trust_scope": getattr(prior, "trust_scope", "pixel"),
                           "prior_bias": bool(prior is None or prior.bias is not None),
                           "height_head": isinstance(prior, HeightHead),
+                          "height_head_pixel_mix": bool(getattr(prior, "pixel_mix", False)),
                           "prior_gate_inputs": (prior_options or {}).get("gate_inputs", 0) if prior else 0}
     return model
 
@@ -101,7 +102,9 @@ def _prior(channels, options: dict):
     """The model's prior module: None, a HeightHead or a ClassicalPrior."""
     if not channels:
         return None
-    return HeightHead(channels) if options.pop("height_head", False) else ClassicalPrior(channels, **options)
+    if options.pop("height_head", False):
+        return HeightHead(channels, **options)
+    return ClassicalPrior(channels, **options)
 
 
 def _prior_channels(cfg, task: str, in_channels: int, channels) -> list[int]:
@@ -143,7 +146,10 @@ def build_model(cfg, task: str = "segmentation", in_channels: int = 1, num_class
         raise ModelError("model.height_head reads the height off the classical prior's channels: it needs "
                          "model.classical_prior=true and takes none of prior_trust_map, prior_gate, prior_bias=false",
                          hint="set --model.classical_prior=true --model.prior_trust_map=false --model.prior_gate=false")
-    options = {"height_head": True} if cfg.height_head else {
+    if cfg.height_head_pixel_mix and not cfg.height_head:
+        raise ModelError("model.height_head_pixel_mix chooses the height head's mix per pixel, but "
+                         "model.height_head is off", hint="set --model.height_head=true, or --model.height_head_pixel_mix=false")
+    options = {"height_head": True, "pixel_mix": cfg.height_head_pixel_mix} if cfg.height_head else {
         "trust_map": cfg.prior_trust_map, "trust_scope": cfg.prior_trust_scope, "bias": cfg.prior_bias,
         "initial_trust": cfg.prior_initial_trust, "gate_inputs": in_channels if cfg.prior_gate else 0}
     return _construct(cfg, task, in_channels, num_classes, resolve_norm(cfg.norm, batch_size), prior_channels, options)
@@ -159,7 +165,8 @@ def rebuild_model(cfg, state_dict: dict) -> ForestModel:
         raise ModelError(f"checkpoint holds model {record['name']!r} but model.name is {cfg.name!r}")
     model = _construct(cfg, record["task"], record["in_channels"], record["num_classes"], record["norm"],
                        record.get("prior_channels", ()),
-                       {"height_head": True} if record.get("height_head") else
+                       {"height_head": True, "pixel_mix": record.get("height_head_pixel_mix", False)}
+                       if record.get("height_head") else
                        {"trust_map": record.get("prior_trust_map", False),
                         "trust_scope": record.get("prior_trust_scope", "pixel"), "bias": record.get("prior_bias", True),
                         "gate_inputs": record.get("prior_gate_inputs", 0)})

@@ -7,8 +7,12 @@ a canopy height and its uncertainty off the network once, and gives the gap prob
 
 where the classical relative height is a learnt convex mix of the relative-height input channels (the
 classical rule: a gap where it is at most T; the mix starts on the widest one, the scene's ground filter),
-the correction and the spread's log-factor are the network's two output channels, and spread > 0. The probability rises with T, so the masks nest by construction; the
-body never sees T, so K thresholds cost one forward (ForestModel.forward_thresholds).
+the correction and the spread's log-factor are the network's first two output channels, and spread > 0.
+With `pixel_mix` the network also gives one mix offset per channel: the mix is chosen per pixel, so a
+model can take the opening where the terrain is flat and the filter where it is steep (each estimate wins
+in its own regime), instead of one compromise for every scene. The probability rises with T, so the masks
+nest by construction; the body never sees T, so K thresholds cost one forward
+(ForestModel.forward_thresholds).
 
 The network's output layer starts at zero, so training starts at the rule (spread 1/16 of the
 normalisation scale, about 1 logit per metre) and a correction grows only where the data asks for it:
@@ -27,14 +31,13 @@ SPREAD_RANGE = 4.0           # the network scales the spread by at most e^4 eith
 
 
 class HeightHead(nn.Module):
-    """(T - height) / spread from the relative-height channels of x and the network's two output channels."""
+    """(T - height) / spread from the relative-height channels of x and the network's output channels."""
 
-    network_channels = 2   # correction, then the spread's log-factor
     threshold_free = True  # the body is run with T = 0: its output does not depend on the threshold
     gate = None            # the trainer's gate loss does not apply
     record_parts = False
 
-    def __init__(self, channels):
+    def __init__(self, channels, pixel_mix: bool = False):
         super().__init__()
         channels = [int(c) for c in channels]
         if not channels or min(channels) < 0:
@@ -46,6 +49,9 @@ class HeightHead(nn.Module):
         start = torch.zeros(len(channels))
         start[-1] = WIDEST_START
         self.mix = nn.Parameter(start) if len(channels) > 1 else None
+        self.pixel_mix = bool(pixel_mix) and self.mix is not None
+        # correction, the spread's log-factor, then with pixel_mix one mix offset per channel
+        self.network_channels = 2 + (len(channels) if self.pixel_mix else 0)
         self.bias = nn.Parameter(torch.zeros(()))
         self.log_spread = nn.Parameter(torch.tensor(math.log(INITIAL_SPREAD)))
 
@@ -58,10 +64,14 @@ class HeightHead(nn.Module):
         nn.init.zeros_(head.bias)
 
     def height_spread(self, x: torch.Tensor, network: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Height and spread (each B, 1, H, W; normalised units) from x (B, C, H, W) and network (B, 2, H, W)."""
+        """Height and spread (each B, 1, H, W; normalised units) from x (B, C, H, W) and network
+        (B, network_channels, H, W)."""
         height = x.index_select(1, self.channels)                                    # (B, n, H, W)
         if self.mix is not None:
-            height = (height * self.mix.to(x.dtype).softmax(0).view(1, -1, 1, 1)).sum(1, keepdim=True)
+            mix = self.mix.to(x.dtype).view(1, -1, 1, 1)
+            if self.pixel_mix:
+                mix = mix + network[:, 2:]
+            height = (height * mix.softmax(1)).sum(1, keepdim=True)
         height = height + self.bias.to(x.dtype) + network[:, :1]
         log_factor = SPREAD_RANGE * torch.tanh(network[:, 1:2] / SPREAD_RANGE)
         return height, (self.log_spread.to(x.dtype) + log_factor).exp()
