@@ -35,14 +35,14 @@ def mask_labels(gap: np.ndarray, min_area_m2: float, max_area_m2: float, pixel_a
     return gap_labels((~gap).astype(np.float16), 0.5, min_area_m2, max_area_m2, pixel_area_m2)
 
 
-def _decidable(final: np.ndarray, more: bool) -> tuple[np.ndarray, int]:
-    """Labels (n, W) of the undecided gap pixels (final == -1) and how many of them (1..m, scan order) can be
-    decided now: gaps that cannot go on below (not touching the last row, or no rows follow) and whose first
-    pixel comes before that of every gap that can, so the ids stay in the scene's scan order."""
+def _decidable(final: np.ndarray, more: bool) -> tuple[np.ndarray, int, int]:
+    """Labels (n, W) of the undecided gap pixels (final == -1), their count, and how many of them (1..m, scan
+    order) can be decided now: gaps that cannot go on below (not touching the last row, or no rows follow) and
+    whose first pixel comes before that of every gap that can, so the ids stay in the scene's scan order."""
     labels, n = label_components(final == -1, connectivity=8)
     touching = np.unique(labels[-1]) if more and n else np.zeros(0, np.int32)
     touching = touching[touching > 0]
-    return labels, int(touching.min()) - 1 if len(touching) else n   # labels follow their first pixel
+    return labels, n, int(touching.min()) - 1 if len(touching) else n   # labels follow their first pixel
 
 
 def filter_bands(mask_path, dsm_path, area_m2, rows: int = BAND_ROWS):
@@ -53,12 +53,15 @@ def filter_bands(mask_path, dsm_path, area_m2, rows: int = BAND_ROWS):
     final, row0 = np.zeros((0, info.width), np.int8), 0        # -1: gap pixel not decided yet; else 0 / 1
     for (r, m), (_, d) in zip(iter_strips(mask_path, rows), iter_strips(dsm_path, rows)):
         nodata, dsm = np.concatenate([nodata, np.isnan(m)]), np.concatenate([dsm, d])
-        final = np.concatenate([final, np.where(m == 1, -1, 0).astype(np.int8)])
-        labels, m_ready = _decidable(final, more=r + len(m) < info.height)
-        size = np.bincount(labels.ravel(), minlength=m_ready + 1)[1:m_ready + 1] * info.pixel_area
-        keep = np.zeros(int(labels.max(initial=0)) + 1, bool)
-        keep[1:m_ready + 1] = (size >= area_m2[0]) & (size <= area_m2[1])
-        ids = np.where(keep, np.cumsum(keep), 0).astype(np.int32)[labels]          # kept gaps 1..k in scan order
+        final = np.concatenate([final, -(m == 1).view(np.int8)])
+        labels, n, m_ready = _decidable(final, more=r + len(m) < info.height)
+        keep = np.zeros(n + 1, bool)                                                # keep[0]: background
+        keep[1:m_ready + 1] = True
+        most_m2 = np.count_nonzero(labels) * info.pixel_area                        # a gap: 1 pixel to all of them
+        if not (area_m2[0] <= info.pixel_area and most_m2 <= area_m2[1]):          # sizes only if a bound can fail
+            size = np.bincount(labels.ravel(), minlength=m_ready + 1)[1:m_ready + 1] * info.pixel_area
+            keep[1:m_ready + 1] = (size >= area_m2[0]) & (size <= area_m2[1])
+        ids = np.where(keep, np.cumsum(keep, dtype=np.int32), 0)[labels]            # kept gaps 1..k in scan order
         ready = (labels > 0) & (labels <= m_ready)
         final[ready] = keep[labels[ready]]
         undecided = np.flatnonzero((final == -1).any(axis=1))
