@@ -1,5 +1,5 @@
 """Raster primitives of the DSM-only methods, in torch on (B, 1, H, W) metres: separable max, NaN-aware
-opening and box mean, and hole filling by a pull-push pyramid. Exact for max/min; sums are float32."""
+opening and box mean, and hole filling by a pull-push pyramid. Exact for max/min; box sums run in float64."""
 import torch
 import torch.nn.functional as F
 
@@ -41,15 +41,23 @@ def opening(z: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(torch.isfinite(opened), opened, torch.full_like(z, float("nan")))
 
 
+def _box_sum(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Sum over a window of odd side k centred on each cell along dim (-2 or -1), zeros beyond the edges:
+    a difference of float64 running sums, so the cost does not grow with k and the float32 result is exact
+    to rounding (summing k float32 terms is not)."""
+    n, p = x.shape[dim], k // 2
+    sums = F.pad(x, (p, p, 0, 0) if dim == -1 else (0, 0, p, p)).double().cumsum(dim)
+    sums = F.pad(sums, (1, 0, 0, 0) if dim == -1 else (0, 0, 1, 0))
+    return sums.narrow(dim, k, n) - sums.narrow(dim, 0, n)
+
+
 def mean_filter(x: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
     """Box mean over valid pixels only (separable sums), x and valid (B,1,H,W)."""
-    p = k // 2
     num = torch.where(valid, x, torch.zeros_like(x))
     den = valid.to(x.dtype)
-    for kernel, pad in (((k, 1), (0, 0, p, p)), ((1, k), (p, p, 0, 0))):
-        num = F.avg_pool2d(F.pad(num, pad), kernel, stride=1)
-        den = F.avg_pool2d(F.pad(den, pad), kernel, stride=1)
-    return num / den.clamp_min(1e-12)
+    for dim in (-2, -1):
+        num, den = _box_sum(num, k, dim), _box_sum(den, k, dim)
+    return (num / den.clamp_min(0.5)).to(x.dtype)
 
 
 def _relax(z: torch.Tensor, known: torch.Tensor, values: torch.Tensor, iterations: int) -> torch.Tensor:
