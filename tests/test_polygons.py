@@ -12,8 +12,8 @@ from lib.gaps.components import label_components
 from lib.core.errors import DataError
 from lib.gaps.masks import gap_labels, gap_stats
 from lib.geoio.geojson import write_geojson
-from lib.geoio.geopackage import APPLICATION_ID, geometry_blob, parse_blob, read_gpkg, write_gpkg
-from lib.gaps.polygons import gap_polygons
+from lib.geoio.geopackage import APPLICATION_ID, geometry_blobs, parse_blob, read_gpkg, write_gpkg
+from lib.gaps.polygons import GapPolygons, gap_polygons
 from lib.geoio.georef import GeoInfo
 from lib.geoio.geotiff_read import read_raster
 
@@ -186,15 +186,24 @@ def test_gpkg_round_trip(tmp_path):
     np.testing.assert_allclose(extent, [*polygons.coords.min(0), *polygons.coords.max(0)])
 
 
-def test_geometry_blob_header_and_envelope():
-    parts = [[np.array([[0.0, 0], [2, 0], [2, 3], [0, 3], [0, 0]])],
-             [np.array([[5.0, 5], [6, 5], [6, 6], [5, 5]])]]
-    blob = geometry_blob(parts, 32721)
-    assert blob[:4] == b"GP\x00\x03"                          # version 0, little-endian, xy envelope
-    assert int.from_bytes(blob[4:8], "little", signed=True) == 32721
-    np.testing.assert_array_equal(np.frombuffer(blob[8:40], "<f8"), [0, 6, 0, 6])   # minx maxx miny maxy
-    for got, want in zip(parse_blob(blob), parts):
-        np.testing.assert_array_equal(got[0], want[0])
+def test_geometry_blobs_headers_envelopes_and_an_empty_gap():
+    shell, triangle = np.array([[0.0, 0], [2, 0], [2, 3], [0, 3]]), np.array([[5.0, 5], [6, 5], [6, 6]])
+    polygons = GapPolygons(area=np.zeros(3), perimeter=np.zeros(3), centroid=np.zeros((3, 2)),
+                           label_point=np.zeros((3, 2)), coords=np.vstack([shell, triangle, triangle + 1]),
+                           ring_start=np.array([0, 4, 7, 10]), ring_gap=np.array([1, 1, 3]),
+                           ring_part=np.array([1, 2, 3]))      # gap 1: two parts; gap 2: no pixels
+    blobs = geometry_blobs(polygons, 32721)
+    assert [blob[:4] for blob in blobs] == [b"GP\x00\x03", b"GP\x00\x13", b"GP\x00\x03"]  # bit 4: empty
+    assert all(int.from_bytes(blob[4:8], "little", signed=True) == 32721 for blob in blobs)
+    np.testing.assert_array_equal(np.frombuffer(blobs[0][8:40], "<f8"), [0, 6, 0, 6])   # minx maxx miny maxy
+    assert np.isnan(np.frombuffer(blobs[1][8:40], "<f8")).all() and parse_blob(blobs[1]) == []
+    np.testing.assert_array_equal(np.frombuffer(blobs[2][8:40], "<f8"), [6, 7, 6, 7])
+    for g, blob in enumerate(blobs, 1):
+        got, want = parse_blob(blob), polygons.parts(g)
+        assert [len(rings) for rings in got] == [len(rings) for rings in want]
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a[0], b[0])              # closed rings, first vertex repeated
+    assert len(b"".join(blobs)) == 3 * 49 + 2 * 9 + 4 * 2 + 16 * (5 + 4) + 9 + 4 + 16 * 4
 
 
 def test_geojson_round_trip(tmp_path):

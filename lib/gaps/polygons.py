@@ -51,13 +51,23 @@ class GapPolygons:
 
     def features(self, columns: dict[str, np.ndarray]):
         """Yield (parts, properties) per gap; properties hold plain Python values, NaN as None."""
-        names = list(columns)
-        values = [np.asarray(columns[name]).tolist() for name in names]
-        if any(len(v) != len(self) for v in values):
+        values = self.attribute_lists(columns)
+        for i, row in enumerate(zip(*values.values())):
+            yield self.parts(i + 1), dict(zip(values, row))
+
+    def attribute_lists(self, columns: dict[str, np.ndarray]) -> dict[str, list]:
+        """Each column as a list of plain Python values, NaN as None (SQL NULL, JSON null), checked to hold
+        one value per gap; column-wise, so that writers need no Python work per feature and value."""
+        values = {}
+        for name, column in columns.items():
+            column = np.asarray(column)
+            values[name] = column.tolist()
+            if column.dtype.kind == "O" or (column.dtype.kind in "fc" and np.isnan(column).any()):
+                values[name] = [None if v != v else v for v in values[name]]
+        if any(len(v) != len(self) for v in values.values()):
             raise DataError(f"attribute columns need {len(self)} values each, got "
-                            f"{ {name: len(v) for name, v in zip(names, values)} }")
-        for i, row in enumerate(zip(*values)):
-            yield self.parts(i + 1), {k: (None if v != v else v) for k, v in zip(names, row)}
+                            f"{ {name: len(v) for name, v in values.items()} }")
+        return values
 
 
 def gap_polygons(labels: np.ndarray, n: int, info) -> GapPolygons:

@@ -82,9 +82,9 @@ class GpkgWriter:
             self._create(table, columns)
         marks = ", ".join("?" * (len(columns) + 1))
         names = ", ".join(f'"{name}"' for name in ["geom", *columns])
+        values = polygons.attribute_lists(columns)
         self.db.executemany(f'INSERT INTO "{table}" ({names}) VALUES ({marks})',
-                            ([geometry_blob(parts, self.srs_id), *props.values()]
-                             for parts, props in polygons.features(columns)))
+                            zip(geometry_blobs(polygons, self.srs_id), *values.values()))
         xy = polygons.coords
         if len(xy):
             box = (xy[:, 0].min(), xy[:, 1].min(), xy[:, 0].max(), xy[:, 1].max())
@@ -128,16 +128,55 @@ class GpkgWriter:
             self.abort(exc)
 
 
-def geometry_blob(parts: list[list[np.ndarray]], srs_id: int) -> bytes:
-    """GPKG geometry: "GP", version 0, flags (little-endian, xy envelope), srs id, envelope, WKB."""
-    xy = np.concatenate([ring for rings in parts for ring in rings]) if parts else np.zeros((0, 2))
-    envelope = (xy[:, 0].min(), xy[:, 0].max(), xy[:, 1].min(), xy[:, 1].max()) if len(xy) else (np.nan,) * 4
-    flags = 0b0000_0011 if len(xy) else 0b0001_0011             # bit 4: empty geometry
-    wkb = [struct.pack("<BII", 1, _WKB_MULTIPOLYGON, len(parts))]
-    for rings in parts:
-        wkb.append(struct.pack("<BII", 1, _WKB_POLYGON, len(rings)))
-        wkb += [struct.pack("<I", len(ring)) + np.ascontiguousarray(ring, "<f8").tobytes() for ring in rings]
-    return b"GP" + struct.pack("<BBi4d", 0, flags, srs_id, *envelope) + b"".join(wkb)
+_HEADER = np.dtype([("magic", "S2"), ("version", "u1"), ("flags", "u1"), ("srs_id", "<i4"), ("envelope", "<f8", 4),
+                    ("order", "u1"), ("type", "<u4"), ("count", "<u4")])      # GP header + WKB MultiPolygon head
+_POLYGON = np.dtype([("order", "u1"), ("type", "<u4"), ("count", "<u4")])      # packed: 9 bytes
+
+
+def geometry_blobs(polygons, srs_id: int) -> list[bytes]:
+    """GPKG geometry of each gap of GapPolygons: "GP", version 0, flags (little-endian, xy envelope; bit 4:
+    empty), srs id, envelope (min x, max x, min y, max y), WKB MultiPolygon of its parts, rings closed.
+
+    Built in bulk, as thousands of features per band would cost Python work each: one byte buffer in which
+    the fixed-size headers go to their offsets and the vertices, in order, fill the bytes between them.
+    """
+    n, start, gap, part = len(polygons), polygons.ring_start, polygons.ring_gap, polygons.ring_part
+    new_part = np.r_[True, (gap[1:] != gap[:-1]) | (part[1:] != part[:-1])][:len(gap)]
+    part_of_ring = np.cumsum(new_part) - 1                                 # (R,)
+    part_gap = gap[new_part]                                                # (P,) gap id of each part
+    ring_n = (np.diff(start) + 1).astype("<u4")                             # (R,) vertices of each closed ring
+    ring_bytes = 4 + 16 * ring_n.astype(np.int64)                           # count + vertices
+    part_bytes = _POLYGON.itemsize + np.bincount(part_of_ring, ring_bytes, len(part_gap)).astype(np.int64)
+    # everything before an item is whole: the headers of its gap and those before, and the earlier parts
+    gap_at = np.r_[0, np.cumsum(_HEADER.itemsize + np.bincount(part_gap - 1, part_bytes, n).astype(np.int64))]
+    part_at = _HEADER.itemsize * part_gap + np.cumsum(part_bytes) - part_bytes
+    ring_at = (_HEADER.itemsize * gap + _POLYGON.itemsize * (part_of_ring + 1) + np.cumsum(ring_bytes)
+               - ring_bytes)
+
+    head = np.zeros(n, _HEADER)
+    head["magic"], head["srs_id"], head["order"], head["type"] = b"GP", srs_id, 1, _WKB_MULTIPOLYGON
+    head["count"] = np.bincount(part_gap - 1, minlength=n)
+    first = start[np.searchsorted(gap, np.arange(1, n + 1))]               # (n,) each gap's first vertex
+    full = first < start[np.searchsorted(gap, np.arange(1, n + 1), "right")]
+    head["flags"] = np.where(full, 0b0000_0011, 0b0001_0011)
+    head["envelope"] = np.nan
+    if full.any():
+        x, y, at = polygons.coords[:, 0], polygons.coords[:, 1], first[full]
+        head["envelope"][full] = np.stack([np.minimum.reduceat(x, at), np.maximum.reduceat(x, at),
+                                           np.minimum.reduceat(y, at), np.maximum.reduceat(y, at)], 1)
+    polygon = np.zeros(len(part_gap), _POLYGON)
+    polygon["order"], polygon["type"] = 1, _WKB_POLYGON
+    polygon["count"] = np.bincount(part_of_ring, minlength=len(part_gap))
+
+    buf = np.empty(gap_at[-1], np.uint8)
+    is_head = np.zeros(len(buf), bool)
+    for at, items in ((gap_at[:-1], head), (part_at, polygon), (ring_at, ring_n)):
+        index = (at[:, None] + np.arange(items.itemsize)).ravel()
+        buf[index], is_head[index] = items.view(np.uint8), True
+    closed = np.insert(np.arange(start[-1]), start[1:], start[:-1])        # each ring's vertices, then its first
+    buf[~is_head] = np.ascontiguousarray(polygons.coords[closed], "<f8").view(np.uint8).ravel()
+    data = buf.tobytes()
+    return [data[a:b] for a, b in zip(gap_at[:-1].tolist(), gap_at[1:].tolist())]
 
 
 def read_gpkg(path, table: str | None = None) -> tuple[int, list[dict]]:
