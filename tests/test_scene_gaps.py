@@ -9,7 +9,7 @@ import pytest
 
 from lib.gaps.masks import IGNORE, gap_stats
 from lib.geoio.geopackage import GpkgWriter, read_gpkg
-from lib.geoio.geotiff_read import read_raster
+from lib.geoio.geotiff_read import iter_strips, read_raster
 from lib.geoio.geotiff_write import write_raster
 from lib.infer.scene_gaps import filter_bands, filter_gaps, mask_labels
 from tests.test_cog import cog_layout
@@ -34,7 +34,8 @@ def test_bands_decide_whole_gaps_in_scan_order(tmp_path):
     raw, _, info = scene(tmp_path, 300, 60)
     whole, n = mask_labels(raw == 1, 2.0, 30.0, info.pixel_area)
     ids, masks, total = np.zeros_like(whole), [], 0
-    for row0, band_ids, k, dsm, mask in filter_bands(tmp_path / "raw.tif", tmp_path / "dsm.tif", (2.0, 30.0), 8):
+    bands = filter_bands(tmp_path / "raw.tif", iter_strips(tmp_path / "dsm.tif", 8), (2.0, 30.0), 8)
+    for row0, band_ids, k, dsm, mask in bands:
         assert len(dsm) == len(band_ids) and (k == 0 or band_ids.max() == k)
         ids[row0:row0 + len(band_ids)] += np.where(band_ids > 0, band_ids + total, 0)
         total += k

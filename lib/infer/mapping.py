@@ -35,7 +35,7 @@ from lib.geoio.geotiff_write import RasterWriter
 from lib.geoio.resample import dsm_methods, needs_resampling, resample_raster, resampled_grid
 from lib.geoio.cog import to_cog
 from lib.geoio.geopackage import GpkgWriter
-from lib.infer.scene_gaps import filter_gaps, write_quicklook
+from lib.infer.scene_gaps import filter_maps, write_quicklook
 from lib.infer.scene_windows import WrittenScene, gpu_batch_size, plan_scene, write_scene
 from lib.infer.scene_scores import score_scene
 
@@ -215,17 +215,17 @@ def _map_scene(s: MapSettings, dsm_path: Path, info, out_dir: Path, chm_path, dt
 
 
 def _filter(s: MapSettings, written, dsm_path: Path, info, out_dir: Path, echo) -> dict:
-    """Area filter of each raw map into out_dir's gaps_{tag}.tif (COG) and .csv, polygons into gaps.gpkg."""
-    counts = {}
+    """Area filter of each raw map into out_dir's gaps_{tag}.tif (COG) and .csv, polygons into gaps.gpkg;
+    all maps in one pass over the DSM."""
     crs_name = (info.geo_ascii or "").split("|")[0] or None         # GeoTIFF citation: "name|datum|"
+    maps = [(out_dir / f"gaps_{tag}.tif", raw, f"gaps_{tag}") for tag, raw in written.paths.items()]
     with GpkgWriter(out_dir / "gaps.gpkg", info.epsg, crs_name) as gpkg:
-        for tag, raw in written.paths.items():
-            gpkg.layer(f"gaps_{tag}")
-            path = out_dir / f"gaps_{tag}.tif"
-            counts[tag] = filter_gaps(path, dsm_path, s.cfg.data.min_area_m2, s.cfg.data.max_area_m2, gpkg,
-                                      f"gaps_{tag}", raw_path=raw)
-            echo(f"{tag:>6}: {counts[tag]:6d} gaps  -> {path}, {path.with_suffix('.csv').name}, gaps.gpkg "
-                 f"layer gaps_{tag}")
+        for _, _, layer in maps:
+            gpkg.layer(layer)
+        counts = dict(zip(written.paths, filter_maps(maps, dsm_path, s.cfg.data.min_area_m2, s.cfg.data.max_area_m2,
+                                                     gpkg)))
+    for tag, (path, _, layer) in zip(counts, maps):
+        echo(f"{tag:>6}: {counts[tag]:6d} gaps  -> {path}, {path.with_suffix('.csv').name}, gaps.gpkg layer {layer}")
     return counts
 
 

@@ -9,6 +9,8 @@ So every output equals the whole-scene computation, and memory is the buffer: ab
 tallest gap's height in rows of the scene's width, whatever the scene's height (a gap as tall as the
 scene would make it the scene).
 """
+import contextlib
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +47,14 @@ def _decidable(final: np.ndarray, more: bool) -> tuple[np.ndarray, int, int]:
     return labels, n, int(touching.min()) - 1 if len(touching) else n   # labels follow their first pixel
 
 
-def filter_bands(mask_path, dsm_path, area_m2, rows: int = BAND_ROWS):
+def filter_bands(mask_path, dsm_strips, area_m2, rows: int = BAND_ROWS):
     """Yield (row0, ids (n, W) int32 of the gaps decided now, numbered 1..k in scan order, k, dsm (n, W), the
-    finished rows from row0 as uint8 1 gap / 0 / IGNORE) per strip; the area filter sees whole gaps only."""
+    finished rows from row0 as uint8 1 gap / 0 / IGNORE) per strip; the area filter sees whole gaps only.
+    dsm_strips: the DSM's (row0, strip) by `rows` rows (iter_strips), one pulled per strip read and yield."""
     info = read_info(mask_path)
     nodata, dsm = np.zeros((0, info.width), bool), np.zeros((0, info.width), np.float32)
     final, row0 = np.zeros((0, info.width), np.int8), 0        # -1: gap pixel not decided yet; else 0 / 1
-    for (r, m), (_, d) in zip(iter_strips(mask_path, rows), iter_strips(dsm_path, rows)):
+    for (r, m), (_, d) in zip(iter_strips(mask_path, rows), dsm_strips):
         nodata, dsm = np.concatenate([nodata, np.isnan(m)]), np.concatenate([dsm, d])
         final = np.concatenate([final, -(m == 1).view(np.int8)])
         labels, n, m_ready = _decidable(final, more=r + len(m) < info.height)
@@ -77,41 +80,69 @@ def filter_gaps(gaps_path, dsm_path, min_area_m2: float, max_area_m2: float, gpk
     """The training labels' [min, max] area filter on a gap map (raw_path, or gaps_path itself), written to
     gaps_path as a COG; its CSV (gap id, area m², centroid x/y in the CRS, DSM stats) beside it, and its
     polygons as `layer` of `gpkg`. Returns the number of gaps. Streamed by bands (see the module doc)."""
-    gaps_path = Path(gaps_path)
-    source = Path(raw_path) if raw_path else gaps_path
-    info = read_info(source)
-    if raw_path is None:  # rewriting in place: read a copy's bands while the COG is assembled
-        source = gaps_path.with_name(f".{gaps_path.name}.raw")
-        gaps_path.replace(source)
+    return filter_maps([(gaps_path, raw_path, layer)], dsm_path, min_area_m2, max_area_m2, gpkg, compress)[0]
+
+
+def filter_maps(maps, dsm_path, min_area_m2: float, max_area_m2: float, gpkg: GpkgWriter | None = None,
+                compress: bool = True) -> list[int]:
+    """filter_gaps on several maps of the DSM's grid, maps = [(gaps_path, raw_path or None, layer)], in one
+    pass that decodes the DSM once for all of them; the number of gaps of each."""
+    targets, sources = [Path(gaps_path) for gaps_path, _, _ in maps], []
     try:
-        total = _filter(gaps_path, source, info, dsm_path, (min_area_m2, max_area_m2), gpkg, layer, compress)
+        for target, (_, raw_path, _) in zip(targets, maps):
+            if raw_path is None:  # rewriting in place: read a copy's bands while the COG is assembled
+                target.replace(target.with_name(f".{target.name}.raw"))
+                sources.append(target.with_name(f".{target.name}.raw"))
+            else:
+                sources.append(Path(raw_path))
+        totals = _filter(targets, sources, [layer for _, _, layer in maps], dsm_path, (min_area_m2, max_area_m2),
+                         gpkg, compress)
     except BaseException:
-        if raw_path is None:
-            source.replace(gaps_path)  # the map as it was
+        for target, source, (_, raw_path, _) in zip(targets, sources, maps):
+            if raw_path is None:
+                source.replace(target)  # the map as it was
         raise
-    if raw_path is None:
-        source.unlink()
-    return total
+    for source, (_, raw_path, _) in zip(sources, maps):
+        if raw_path is None:
+            source.unlink()
+    return totals
 
 
-def _filter(gaps_path: Path, source: Path, info, dsm_path, area_m2, gpkg, layer: str, compress: bool) -> int:
-    """filter_gaps' streamed pass: per band, the new gaps' stats rows and polygons, then the finished rows."""
-    total = 0
-    with CogWriter(gaps_path, info, np.uint8, IGNORE, compress) as out, \
-            replacing(gaps_path.with_suffix(".csv")) as tmp, open(tmp, "w", newline="", encoding="utf-8") as csv:
-        csv.write(gap_table_rows({name: [] for name in TABLE_COLUMNS}))
-        for row0, ids, k, dsm, mask in filter_bands(source, dsm_path, area_m2):
-            if k:
-                band = info.window(row0, 0, len(ids), info.width)
-                stats = {name.replace("chm_", "dsm_"): col for name, col in gap_stats(ids, k, dsm, band).items()}
-                stats["gap_id"] = stats["gap_id"] + total
-                csv.write(gap_table_rows(stats, header=False))
-                if gpkg is not None:
-                    polygons = gap_polygons(ids, k, band)
-                    gpkg.append(layer, polygons, polygon_columns(stats, polygons))
-                total += k
-            out.write(row0, mask)
-    return total
+def _filter(targets, sources, layers, dsm_path, area_m2, gpkg, compress: bool) -> list[int]:
+    """filter_maps' streamed pass: the maps' bands of each DSM strip in turn, so the strip is decoded once and
+    held once (tee keeps it until every map's bands have read it); memory: one band buffer per map."""
+    with contextlib.ExitStack() as stack:
+        outputs = [_MapOutputs(stack, target, read_info(source), gpkg, layer, compress)
+                   for target, source, layer in zip(targets, sources, layers)]
+        strips = itertools.tee(iter_strips(dsm_path, BAND_ROWS), len(sources))
+        for steps in zip(*[filter_bands(source, dsm, area_m2) for source, dsm in zip(sources, strips)]):
+            for output, step in zip(outputs, steps):
+                output.add(*step)
+        return [output.total for output in outputs]
+
+
+class _MapOutputs:
+    """One map's outputs fed band by band: its COG, CSV and GeoPackage layer; total: the gaps so far."""
+
+    def __init__(self, stack: contextlib.ExitStack, gaps_path: Path, info, gpkg, layer: str, compress: bool):
+        self.cog = stack.enter_context(CogWriter(gaps_path, info, np.uint8, IGNORE, compress))
+        tmp = stack.enter_context(replacing(gaps_path.with_suffix(".csv")))
+        self.csv = stack.enter_context(open(tmp, "w", newline="", encoding="utf-8"))
+        self.csv.write(gap_table_rows({name: [] for name in TABLE_COLUMNS}))
+        self.info, self.gpkg, self.layer, self.total = info, gpkg, layer, 0
+
+    def add(self, row0: int, ids: np.ndarray, k: int, dsm: np.ndarray, mask: np.ndarray) -> None:
+        """One band of filter_bands: the new gaps' stats rows and polygons, then the finished rows."""
+        if k:
+            band = self.info.window(row0, 0, len(ids), self.info.width)
+            stats = {name.replace("chm_", "dsm_"): col for name, col in gap_stats(ids, k, dsm, band).items()}
+            stats["gap_id"] = stats["gap_id"] + self.total
+            self.csv.write(gap_table_rows(stats, header=False))
+            if self.gpkg is not None:
+                polygons = gap_polygons(ids, k, band)
+                self.gpkg.append(self.layer, polygons, polygon_columns(stats, polygons))
+            self.total += k
+        self.cog.write(row0, mask)
 
 
 def polygon_columns(stats: dict, polygons) -> dict:
