@@ -10,7 +10,6 @@ tallest gap's height in rows of the scene's width, whatever the scene's height (
 scene would make it the scene).
 """
 import contextlib
-import itertools
 from pathlib import Path
 
 import numpy as np
@@ -109,15 +108,18 @@ def filter_maps(maps, dsm_path, min_area_m2: float, max_area_m2: float, gpkg: Gp
 
 
 def _filter(targets, sources, layers, dsm_path, area_m2, gpkg, compress: bool) -> list[int]:
-    """filter_maps' streamed pass: the maps' bands of each DSM strip in turn, so the strip is decoded once and
-    held once (tee keeps it until every map's bands have read it); memory: one band buffer per map."""
+    """filter_maps' streamed pass: each DSM strip, read once, goes to every map's bands in turn; memory: one
+    band buffer per map (itertools.tee would hold the strips in blocks of 57, a 10,000 px scene's whole DSM)."""
     with contextlib.ExitStack() as stack:
         outputs = [_MapOutputs(stack, target, read_info(source), gpkg, layer, compress)
                    for target, source, layer in zip(targets, sources, layers)]
-        strips = itertools.tee(iter_strips(dsm_path, BAND_ROWS), len(sources))
-        for steps in zip(*[filter_bands(source, dsm, area_m2) for source, dsm in zip(sources, strips)]):
-            for output, step in zip(outputs, steps):
-                output.add(*step)
+        strip = [None]
+        current = iter(lambda: strip[0], None)            # each pull: the DSM strip being filtered
+        bands = [filter_bands(source, current, area_m2) for source in sources]
+        for row0_dsm in iter_strips(dsm_path, BAND_ROWS):
+            strip[0] = row0_dsm
+            for output, band in zip(outputs, bands):
+                output.add(*next(band))
         return [output.total for output in outputs]
 
 
