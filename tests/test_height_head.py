@@ -13,7 +13,7 @@ from lib.data.normalize import Normalizer, relative_height_channels
 from lib.data.scene_ground import site_ground, write_scene_ground
 from lib.data.synthetic import SiteParams, generate_site
 from lib.geoio.geotiff_read import read_raster
-from lib.models import build_model, rebuild_model
+from lib.models import build_model, prior as lib_prior, rebuild_model
 from lib.models.height_head import INITIAL_SPREAD, WIDEST_START
 
 FEATURES = ["dsm", "relative_height_21m", "filtered_height"]
@@ -53,6 +53,27 @@ def test_a_pixel_mix_starts_at_the_global_mix_and_then_picks_a_channel_per_pixel
     assert again.prior.pixel_mix and torch.equal(again.eval()(x, t), pixel(x, t))
 
 
+def test_a_gated_height_head_trains_the_model_and_maps_the_mixture_in_one_pass():
+    cfg, model = _model(prior_gate=True, prior_gate_channel=0)                  # the gate hands tiles to the 21 m opening
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0.2, -0.1])
+    model.train()
+    logits = model(x, t)
+    gate, classical, recorded = model.prior.pop_gate()
+    assert gate.shape == (2, 1, 1, 1) and torch.equal(recorded, logits.detach())
+    assert torch.allclose(classical, lib_prior.CLASSICAL_GAIN * (t.view(-1, 1, 1, 1) - x[:, 1:2]))
+    model.eval()
+    with torch.no_grad():
+        model.prior.gate[2].bias.fill_(0.0)                                       # weight 0.5 on each
+        every = model.forward_thresholds(x, torch.linspace(-1, 1, 9))
+        one = model(x, torch.full((2,), every.new_tensor(0.5).item()))
+        at_half = model.forward_thresholds(x, torch.tensor([0.5]))
+    assert (every.diff(dim=1) >= -1e-4).all()                                     # still nested
+    assert torch.allclose(one, at_half, atol=1e-5)
+    again = rebuild_model(cfg, model.state_dict()).eval()
+    assert again.prior.gate_channel == 1 and torch.equal(again(x, t), model(x, t))
+
+
 def test_the_body_never_sees_the_threshold():
     _, model = _model()
     torch.nn.init.normal_(model.head.weight, std=0.5)
@@ -72,7 +93,7 @@ def test_a_height_head_checkpoint_rebuilds_the_same_model():
     assert torch.equal(model.eval()(x, t), again(x, t))
 
 
-@pytest.mark.parametrize("bad", [dict(classical_prior=False), dict(prior_gate=True), dict(prior_trust_map=True)])
+@pytest.mark.parametrize("bad", [dict(classical_prior=False), dict(prior_trust_map=True), dict(prior_bias=False)])
 def test_the_height_head_refuses_options_it_cannot_honour(bad):
     with pytest.raises(ModelError, match="height_head"):
         _model(**bad) if "classical_prior" not in bad else build_model(

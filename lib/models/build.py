@@ -55,7 +55,7 @@ def _extra_options(cfg, spec: ModelSpec) -> dict:
 def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: str,
                prior_channels=(), prior_options: dict | None = None) -> ForestModel:
     """prior_options: ClassicalPrior's keywords (trust_map, trust_scope, bias, initial_trust, gate_inputs), or
-    {"height_head": True, "pixel_mix": bool} for a HeightHead."""
+    {"height_head": True, "pixel_mix", "gate_inputs", "gate_channel"} for a HeightHead."""
     spec = _spec(cfg.name)
     if task not in TASKS:
         raise ModelError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
@@ -94,8 +94,18 @@ def _construct(cfg, task: str, in_channels: int, num_classes: int | None, norm: 
                           "prior_bias": bool(prior is None or prior.bias is not None),
                           "height_head": isinstance(prior, HeightHead),
                           "height_head_pixel_mix": bool(getattr(prior, "pixel_mix", False)),
-                          "prior_gate_inputs": (prior_options or {}).get("gate_inputs", 0) if prior else 0}
+                          "prior_gate_inputs": (prior_options or {}).get("gate_inputs", 0) if prior else 0,
+                          "prior_gate_channel": (prior_options or {}).get("gate_channel", -1)}
     return model
+
+
+def _recorded_prior_options(record: dict) -> dict:
+    """The prior's keywords from a checkpoint's build record (older records lack the newer keys)."""
+    gate = {"gate_inputs": record.get("prior_gate_inputs", 0), "gate_channel": record.get("prior_gate_channel", -1)}
+    if record.get("height_head"):
+        return {"height_head": True, "pixel_mix": record.get("height_head_pixel_mix", False), **gate}
+    return {"trust_map": record.get("prior_trust_map", False), "trust_scope": record.get("prior_trust_scope", "pixel"),
+            "bias": record.get("prior_bias", True), **gate}
 
 
 def _prior(channels, options: dict):
@@ -142,16 +152,17 @@ def build_model(cfg, task: str = "segmentation", in_channels: int = 1, num_class
         raise ModelError("model.prior_gate chooses between the model and the classical method, but "
                          "model.classical_prior is off", hint="set --model.classical_prior=true, or "
                          "--model.prior_gate=false")
-    if cfg.height_head and (not cfg.classical_prior or cfg.prior_trust_map or cfg.prior_gate or not cfg.prior_bias):
+    if cfg.height_head and (not cfg.classical_prior or cfg.prior_trust_map or not cfg.prior_bias):
         raise ModelError("model.height_head reads the height off the classical prior's channels: it needs "
-                         "model.classical_prior=true and takes none of prior_trust_map, prior_gate, prior_bias=false",
-                         hint="set --model.classical_prior=true --model.prior_trust_map=false --model.prior_gate=false")
+                         "model.classical_prior=true and takes neither prior_trust_map nor prior_bias=false",
+                         hint="set --model.classical_prior=true --model.prior_trust_map=false --model.prior_bias=true")
     if cfg.height_head_pixel_mix and not cfg.height_head:
         raise ModelError("model.height_head_pixel_mix chooses the height head's mix per pixel, but "
                          "model.height_head is off", hint="set --model.height_head=true, or --model.height_head_pixel_mix=false")
-    options = {"height_head": True, "pixel_mix": cfg.height_head_pixel_mix} if cfg.height_head else {
+    gate = {"gate_inputs": in_channels if cfg.prior_gate else 0, "gate_channel": cfg.prior_gate_channel}
+    options = {"height_head": True, "pixel_mix": cfg.height_head_pixel_mix, **gate} if cfg.height_head else {
         "trust_map": cfg.prior_trust_map, "trust_scope": cfg.prior_trust_scope, "bias": cfg.prior_bias,
-        "initial_trust": cfg.prior_initial_trust, "gate_inputs": in_channels if cfg.prior_gate else 0}
+        "initial_trust": cfg.prior_initial_trust, **gate}
     return _construct(cfg, task, in_channels, num_classes, resolve_norm(cfg.norm, batch_size), prior_channels, options)
 
 
@@ -165,10 +176,6 @@ def rebuild_model(cfg, state_dict: dict) -> ForestModel:
         raise ModelError(f"checkpoint holds model {record['name']!r} but model.name is {cfg.name!r}")
     model = _construct(cfg, record["task"], record["in_channels"], record["num_classes"], record["norm"],
                        record.get("prior_channels", ()),
-                       {"height_head": True, "pixel_mix": record.get("height_head_pixel_mix", False)}
-                       if record.get("height_head") else
-                       {"trust_map": record.get("prior_trust_map", False),
-                        "trust_scope": record.get("prior_trust_scope", "pixel"), "bias": record.get("prior_bias", True),
-                        "gate_inputs": record.get("prior_gate_inputs", 0)})
+                       _recorded_prior_options(record))
     model.load_state_dict(state_dict)
     return model

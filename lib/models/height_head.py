@@ -14,6 +14,12 @@ in its own regime), instead of one compromise for every scene. The probability r
 nest by construction; the body never sees T, so K thresholds cost one forward
 (ForestModel.forward_thresholds).
 
+With a gate (gate_inputs > 0, as lib/models/prior.py's, but without T, so still one pass) the model can
+hand a whole tile to the classical method's sharp rule on one channel (gate_channel: on flat closed
+canopy the wide opening finds the ground through LiDAR pits, where the filter sits a few decimetres
+high); the gate learns from its own per-tile target, and eval forwards return the mixture, which rises
+with T like both of its parts, so the masks still nest.
+
 The network's output layer starts at zero, so training starts at the rule (spread 1/16 of the
 normalisation scale, about 1 logit per metre) and a correction grows only where the data asks for it:
 only that last layer is zero, and its weights get gradients from the first step, unlike a FiLM scale at 0.
@@ -24,6 +30,7 @@ import torch
 from torch import nn
 
 from lib.core.errors import ModelError
+from lib.models.prior import classical_logits, gate_channel_index, gate_mixture, pop_gate, tile_gate, tile_statistics
 
 INITIAL_SPREAD = 1.0 / 16.0  # normalised units: the classical prior's initial gain of 16 logits per unit
 WIDEST_START = 4.0           # the mix's first logit on the widest-context channel: weight e^4 / (e^4 + n - 1)
@@ -34,10 +41,9 @@ class HeightHead(nn.Module):
     """(T - height) / spread from the relative-height channels of x and the network's output channels."""
 
     threshold_free = True  # the body is run with T = 0: its output does not depend on the threshold
-    gate = None            # the trainer's gate loss does not apply
     record_parts = False
 
-    def __init__(self, channels, pixel_mix: bool = False):
+    def __init__(self, channels, pixel_mix: bool = False, gate_inputs: int = 0, gate_channel: int = -1):
         super().__init__()
         channels = [int(c) for c in channels]
         if not channels or min(channels) < 0:
@@ -54,6 +60,9 @@ class HeightHead(nn.Module):
         self.network_channels = 2 + (len(channels) if self.pixel_mix else 0)
         self.bias = nn.Parameter(torch.zeros(()))
         self.log_spread = nn.Parameter(torch.tensor(math.log(INITIAL_SPREAD)))
+        self.gate = tile_gate(2 * int(gate_inputs)) if gate_inputs else None       # tile statistics only
+        self.gate_channel = gate_channel_index(channels, gate_channel)
+        self.recorded_gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def start_from_rule(self, head: nn.Module) -> None:
         """Zero the network's output layer (a conv with bias): the first output is the classical rule."""
@@ -78,10 +87,25 @@ class HeightHead(nn.Module):
 
     def forward(self, x: torch.Tensor, thresholds: torch.Tensor, network: torch.Tensor) -> torch.Tensor:
         """Logits (B, 1, H, W) at one threshold per sample, thresholds (B,) normalised."""
-        height, spread = self.height_spread(x, network)
-        return (thresholds.to(x.dtype).view(-1, 1, 1, 1) - height) / spread
+        return self._logits(x, thresholds.to(x.dtype).view(-1, 1, 1, 1), network)
 
     def every_threshold(self, x: torch.Tensor, thresholds: torch.Tensor, network: torch.Tensor) -> torch.Tensor:
         """Logits (B, K, H, W) at every one of thresholds (K,) normalised, from one network output."""
+        return self._logits(x, thresholds.to(x.dtype).view(1, -1, 1, 1), network)
+
+    def _logits(self, x: torch.Tensor, t: torch.Tensor, network: torch.Tensor) -> torch.Tensor:
+        """t (B or 1, K, 1, 1); with a gate: the model's logits in training (recorded for its loss), the
+        mixture's in eval."""
         height, spread = self.height_spread(x, network)
-        return (thresholds.to(x.dtype).view(1, -1, 1, 1) - height) / spread
+        out = (t - height) / spread
+        if self.gate is None:
+            return out
+        gate = self.gate(tile_statistics(x)).view(-1, 1, 1, 1)
+        classical = classical_logits(x, self.gate_channel, t)
+        if self.training:
+            self.recorded_gate = gate, classical, out.detach()
+            return out
+        return gate_mixture(gate, classical, out)
+
+    def pop_gate(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return pop_gate(self)

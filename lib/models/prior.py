@@ -58,7 +58,7 @@ class ClassicalPrior(nn.Module):
     """
 
     def __init__(self, channels, trust_map: bool = False, trust_scope: str = "pixel", bias: bool = True,
-                 initial_trust: float = 0.0, gate_inputs: int = 0):
+                 initial_trust: float = 0.0, gate_inputs: int = 0, gate_channel: int = -1):
         super().__init__()
         if trust_scope not in ("pixel", "tile"):
             raise ModelError(f"classical prior trust scope must be 'pixel' or 'tile', found {trust_scope!r}")
@@ -77,11 +77,8 @@ class ClassicalPrior(nn.Module):
         self.mix = nn.Parameter(torch.zeros(len(channels))) if len(channels) > 1 else None
         self.log_gain = nn.Parameter(torch.tensor(math.log(INITIAL_GAIN)))
         self.bias = nn.Parameter(torch.zeros(())) if bias else None  # None: the boundary stays at h = T
-        self.gate = None
-        if gate_inputs:  # tile statistics (mean and std of each input channel, then T) -> the gate's logit
-            self.gate = nn.Sequential(nn.Linear(2 * int(gate_inputs) + 1, 32), nn.ReLU(), nn.Linear(32, 1))
-            nn.init.zeros_(self.gate[2].weight)
-            nn.init.constant_(self.gate[2].bias, GATE_START)
+        self.gate = tile_gate(2 * int(gate_inputs) + 1) if gate_inputs else None  # tile statistics, then T
+        self.gate_channel = gate_channel_index(channels, gate_channel)
         self.recorded_gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.record_parts = False  # set by the trainer for loss.prior_correction_weight / prior_rule_weight
         self.recorded_parts: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -133,14 +130,6 @@ class ClassicalPrior(nn.Module):
             raise ModelError("no parts recorded: set record_parts and run a forward in training mode")
         return parts
 
-    def pop_gate(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The gate's logit (B, 1, 1, 1), the classical and the model's logits (B, 1, H, W, the model's
-        detached) of the last training forward, once (for gate_loss)."""
-        recorded, self.recorded_gate = self.recorded_gate, None
-        if recorded is None:
-            raise ModelError("no gate recorded: the prior needs a gate and a forward in training mode")
-        return recorded
-
     def forward(self, x: torch.Tensor, thresholds: torch.Tensor, network: torch.Tensor) -> torch.Tensor:
         """The model's logits (B, 1, H, W): the network's correction (its first channel) plus the rule; with
         a gate, in eval, the logit of the gate's mixture of that model and the classical method."""
@@ -152,14 +141,58 @@ class ClassicalPrior(nn.Module):
         if self.gate is None:
             return out
         t = thresholds.to(x.dtype).view(-1, 1)
-        gate = self.gate(torch.cat([x.mean((2, 3)), x.std((2, 3)), t], 1).detach()).view(-1, 1, 1, 1)
-        classical = CLASSICAL_GAIN * (t.view(-1, 1, 1, 1) - x.index_select(1, self.channels[-1:]))
+        gate = self.gate(torch.cat([tile_statistics(x), t], 1)).view(-1, 1, 1, 1)
+        classical = classical_logits(x, self.gate_channel, t.view(-1, 1, 1, 1))
         if self.training:
             self.recorded_gate = gate, classical, out.detach()
             return out
-        weight = torch.sigmoid(gate)
-        mixture = weight * torch.sigmoid(classical) + (1 - weight) * torch.sigmoid(out)
-        return torch.logit(mixture.clamp(1e-6, 1 - 1e-6))
+        return gate_mixture(gate, classical, out)
+
+    def pop_gate(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return pop_gate(self)
+
+
+def tile_gate(inputs: int) -> nn.Sequential:
+    """The gate's MLP: tile statistics -> the logit of the classical method's weight, GATE_START at init."""
+    gate = nn.Sequential(nn.Linear(inputs, 32), nn.ReLU(), nn.Linear(32, 1))
+    nn.init.zeros_(gate[2].weight)
+    nn.init.constant_(gate[2].bias, GATE_START)
+    return gate
+
+
+def gate_channel_index(channels, position: int) -> int:
+    """The input channel of the gate's classical rule: relative-height channel number `position`."""
+    if not -len(channels) <= position < len(channels):
+        raise ModelError(f"model.prior_gate_channel {position} is not one of the {len(channels)} relative-height "
+                         f"channels (0..{len(channels) - 1}, or -1 for the last)")
+    return int(channels[position])
+
+
+def tile_statistics(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2C): mean and spread of each input channel over the tile, detached (the gate's own target
+    trains it, not the task's loss)."""
+    return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1).detach()
+
+
+def classical_logits(x: torch.Tensor, channel: int, thresholds: torch.Tensor) -> torch.Tensor:
+    """The classical method's sharp decision h <= T on one channel: (B, K, H, W) for thresholds (B or 1, K, 1, 1)."""
+    return CLASSICAL_GAIN * (thresholds - x[:, channel:channel + 1])
+
+
+def gate_mixture(gate: torch.Tensor, classical: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """Logits of sigmoid(gate) x the classical probability + the rest x the model's (eval forwards)."""
+    weight = torch.sigmoid(gate)
+    mixture = weight * torch.sigmoid(classical) + (1 - weight) * torch.sigmoid(model)
+    return torch.logit(mixture.clamp(1e-6, 1 - 1e-6))
+
+
+def pop_gate(prior) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gate's logit (B, 1, 1, 1), the classical and the model's logits (B, 1, H, W, the model's
+    detached) of the last training forward, once (for gate_loss)."""
+    recorded, prior.recorded_gate = prior.recorded_gate, None
+    if recorded is None:
+        raise ModelError("no gate recorded: the prior needs a gate and a forward in training mode")
+    return recorded
 
 
 def gate_loss(gate: torch.Tensor, classical: torch.Tensor, model: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
