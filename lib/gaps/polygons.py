@@ -22,6 +22,7 @@ E, N, W, S = 0, 1, 2, 3
 _START = np.array([[1, 0], [1, 1], [0, 1], [0, 0]])   # (row, col) of an edge's start vertex, from its pixel
 _END = np.array([[1, 1], [0, 1], [0, 0], [1, 0]])     # ... of its end vertex
 _OWNER = np.array([[-1, 0], [-1, -1], [0, -1], [0, 0]])  # pixel owning the edge leaving a vertex in dir d
+_ACROSS = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]])  # the neighbour across a pixel's side of each dir
 
 
 @dataclass
@@ -81,50 +82,51 @@ def gap_polygons(labels: np.ndarray, n: int, info) -> GapPolygons:
                         f"dtype {labels.dtype}")
     if labels.size and (labels.min() < 0 or labels.max() > n):
         raise DataError(f"gap labels must lie in 0..{n}, found {labels.min()}..{labels.max()}")
-    parts, _ = label_components(labels > 0, connectivity=4)
-    pixel, direction = _edges(labels)                        # (M,) owner pixel (flat), (M,) E/N/W/S
-    nxt = _successors(labels, parts, pixel, direction)
+    height, width = labels.shape
+    padded = np.zeros((height + 2, width + 2), labels.dtype)   # a border of 0: neighbours need no bounds check
+    padded[1:-1, 1:-1] = labels
+    parts, _ = label_components(padded > 0, connectivity=4)
+    pixel, direction, slot, edge = _edges(padded)            # (M,) owner pixel (flat in padded), (M,) E/N/W/S
+    nxt = _successors(padded, parts, pixel, direction, slot, edge)
     ring, rank = _cycles(nxt)                               # (M,) ring = its smallest edge, rank in ring
-    width = labels.shape[1]
-    row, col = np.divmod(pixel, width)
-    start = np.stack([row, col], 1) + _START[direction]     # (M, 2) (row, col) of vertices
-    end = np.stack([row, col], 1) + _END[direction]
-    gap = labels.ravel()[pixel].astype(np.int64)
+    row, col = np.divmod(pixel, width + 2)
+    corner = np.stack([row - 1, col - 1], 1)                 # (M, 2) (row, col) of the pixel in labels
+    start, end = corner + _START[direction], corner + _END[direction]   # (M, 2) (row, col) of vertices
+    gap = padded.ravel()[pixel].astype(np.int64)
     part = parts.ravel()[pixel].astype(np.int64)
     return _assemble(n, info, ring, rank, start, end, direction, gap, part, nxt)
 
 
-def _edges(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Boundary edges in (pixel, direction) order: sides whose neighbour holds another id."""
-    inside = labels > 0
-    side = np.repeat(inside[:, :, None], 4, axis=2)          # (H, W, 4) bool, ~labels' size x 4 bytes
-    side[:-1, :, E] &= labels[:-1] != labels[1:]            # bottom side, neighbour below
-    side[:, :-1, N] &= labels[:, :-1] != labels[:, 1:]      # right side, neighbour to the right
-    side[1:, :, W] &= labels[1:] != labels[:-1]             # top side, neighbour above
-    side[:, 1:, S] &= labels[:, 1:] != labels[:, :-1]       # left side, neighbour to the left
+def _edges(padded: np.ndarray):
+    """Boundary edges of a 0-bordered id grid in (pixel, direction) order: sides whose neighbour holds another
+    id; and their index by (pixel, direction) as edge[slot[pixel], direction], -1 where there is none. Only
+    gap pixels are visited (a few % of a scene): slot is -1 outside them, which picks edge's last row, all -1."""
+    flat = padded.ravel()
+    gap_px = (flat != 0).nonzero()[0]                                       # (G,)
+    own = flat[gap_px]
+    side = np.empty((len(gap_px), 4), bool)                                 # (G, 4)
+    for d, step in enumerate(_ACROSS @ [padded.shape[1], 1]):
+        np.not_equal(flat[gap_px + step], own, out=side[:, d])
     key = np.flatnonzero(side)
-    return key // 4, key % 4
+    edge = np.full((len(gap_px) + 1, 4), -1, np.int64)
+    edge[:-1][side] = np.arange(len(key))
+    slot = np.full(flat.size, -1, np.int32 if flat.size < 2**31 else np.int64)
+    slot[gap_px] = np.arange(len(gap_px))
+    return gap_px[key // 4], key % 4, slot, edge
 
 
-def _successors(labels, parts, pixel, direction) -> np.ndarray:
-    """Index of the edge that follows each edge in its ring, shape (M,)."""
-    height, width = labels.shape
-    key = pixel * 4 + direction                              # sorted: _edges is in key order
-    row, col = np.divmod(pixel, width)
-    vertex = np.stack([row, col], 1) + _END[direction]      # (M, 2) end vertex
-    flat_labels, flat_parts = labels.ravel(), parts.ravel()
+def _successors(padded, parts, pixel, direction, slot, edge) -> np.ndarray:
+    """Index of the edge that follows each edge in its ring, shape (M,); pixels flat in the 0-bordered grid."""
+    flat, flat_parts = padded.ravel(), parts.ravel()
+    own = flat[pixel]
+    turns = np.arange(4)
+    # flat step from an edge's pixel to the pixel owning the edge that leaves its end vertex, by (direction, turn)
+    step = (_END[:, None] + _OWNER[(turns[:, None] + turns) % 4]) @ [padded.shape[1], 1]
 
     def candidate(turn):
         """Edge leaving the end vertex after `turn` with the same id, or -1."""
-        d = (direction + turn) % 4
-        owner = vertex + _OWNER[d]
-        ok = (owner[:, 0] >= 0) & (owner[:, 0] < height) & (owner[:, 1] >= 0) & (owner[:, 1] < width)
-        owner_flat = np.where(ok, owner[:, 0] * width + owner[:, 1], 0)
-        ok &= flat_labels[owner_flat] == flat_labels[pixel]
-        want = owner_flat * 4 + d
-        at = np.minimum(np.searchsorted(key, want), len(key) - 1)
-        ok &= key[at] == want
-        return np.where(ok, at, -1), owner_flat
+        owner = pixel + step[direction, turn]
+        return np.where(flat[owner] == own, edge[slot[owner], (direction + turn) % 4], -1), owner
 
     left, _ = candidate(1)
     straight, _ = candidate(0)
@@ -166,7 +168,9 @@ def _assemble(n, info, ring, rank, start, end, direction, gap, part, nxt) -> Gap
     (sx, sy), (ox, oy) = info.pixel_size, info.origin
     x0, y0, x1, y1 = start[:, 1], -start[:, 0], end[:, 1], -end[:, 0]   # pixel units, y up
     cross = (x0 * y1 - x1 * y0).astype(np.float64)
-    ring_ids, ring_of = np.unique(ring, return_inverse=True)            # rings in order of first edge
+    first_edge = ring == np.arange(len(ring))                          # a ring is named by its smallest edge
+    ring_ids = np.flatnonzero(first_edge)                               # rings in order of first edge
+    ring_of = (np.cumsum(first_edge) - 1)[ring]
     n_rings = len(ring_ids)
     twice_area = np.bincount(ring_of, cross, n_rings)                  # signed, > 0 for shells
     cx = np.bincount(ring_of, (x0 + x1) * cross, n_rings) / (3 * twice_area)
@@ -192,9 +196,12 @@ def _assemble(n, info, ring, rank, start, end, direction, gap, part, nxt) -> Gap
     ring_key = np.lexsort((~shell, r_part, r_gap))
     ring_pos = np.empty(n_rings, np.int64)
     ring_pos[ring_key] = np.arange(n_rings)
-    keep = np.flatnonzero(turns)
-    keep = keep[np.lexsort((rank[keep], ring_pos[ring_of[keep]]))]
-    counts = np.bincount(ring_pos[ring_of[keep]], minlength=n_rings)
+    size = np.bincount(ring_of, minlength=n_rings)[ring_key]                # edges per ring, in output order
+    place = (np.cumsum(size) - size)[ring_pos[ring_of]] + rank              # (M,) a permutation: no sort needed
+    order = np.empty_like(place)
+    order[place] = np.arange(len(place))
+    keep = order[turns[order]]
+    counts = np.bincount(ring_of[turns], minlength=n_rings)[ring_key]
 
     def to_map(xy_px):
         return np.stack([ox + xy_px[..., 0] * sx, oy + xy_px[..., 1] * sy], -1)
