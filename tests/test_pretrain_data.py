@@ -133,3 +133,14 @@ def test_random_sites_include_steep_mountain_sides():
     steep = [p for p in drawn if p.relief_m > 256 * np.tan(np.radians(20))]
     assert 0.3 < len(steep) / len(drawn) < 0.6 and max(p.max_slope_deg for p in drawn) > 50
     assert all(p.max_slope_deg <= 60 for p in drawn)
+
+
+def test_a_closed_fraction_turns_drawn_sites_into_closed_stands_and_leaves_the_others_unchanged():
+    from lib.data.site_sources import synthetic_site
+    plain = [synthetic_site(i, 64, 1.0, seed=3) for i in range(6)]
+    mixed = [synthetic_site(i, 64, 1.0, seed=3, closed_fraction=0.5) for i in range(6)]
+    changed = [not np.array_equal(a.dsm, b.dsm, equal_nan=True) for a, b in zip(plain, mixed)]
+    assert any(changed) and not all(changed)                       # some sites drawn, others byte-identical
+    closed = synthetic_site(0, 96, 1.0, seed=3, closed_fraction=1.0)
+    gap_share = float((closed.chm <= 2.0).mean())
+    assert gap_share < 0.1, f"a closed stand with 0.5-5 % gaps has {gap_share:.2f} of its area at or below 2 m"

@@ -42,6 +42,8 @@ class DataConfig:
     synthetic_sites: int = opt(12, "number of synthetic sites when no real site is listed; for task "
                                "classification without class_folder, synthetic tiles per stand type", min=0)
     synthetic_size_px: int = opt(1024, "side of each synthetic site in pixels", min=64, max=16384)
+    synthetic_closed_fraction: float = opt(0.0, "share of synthetic sites made one closed stand with 0.5-5 % "
+                                           "gaps (its own draw; the other sites are unchanged)", min=0.0, max=1.0)
     sites: list[dict] = opt([], "real sites: [{name, dsm, chm | dtm}] paths to GeoTIFFs")
     raster_folder: str = opt("", "folder of <site>_DSM.tif with <site>_CHM.tif or <site>_DTM.tif")
     class_folder: str = opt("", "classification: folder of class subfolders of tiles")

@@ -37,11 +37,12 @@ def safe_site_name(name: str) -> str:
     return clean
 
 
-def synthetic_sources(count: int, size_px: int, pixel_size_m: float, seed: int) -> list[SiteSource]:
+def synthetic_sources(count: int, size_px: int, pixel_size_m: float, seed: int,
+                      closed_fraction: float = 0.0) -> list[SiteSource]:
     """`count` varied synthetic sites, each reproducible from (seed, index)."""
     def loader(index: int) -> Callable[[], SiteData]:
         def load() -> SiteData:
-            site = synthetic_site(index, size_px, pixel_size_m, seed)
+            site = synthetic_site(index, size_px, pixel_size_m, seed, closed_fraction)
             site.provenance.pop("dtm")
             return site
         return load
@@ -81,12 +82,16 @@ def _hybrid_loader(path: str, stem: str, index: int, pixel_size_m: float, seed: 
     return load
 
 
-def synthetic_site(index: int, size_px: int, pixel_size_m: float, seed: int) -> SiteData:
-    """One varied synthetic site, reproducible from (seed, index), on a local metric grid."""
+def synthetic_site(index: int, size_px: int, pixel_size_m: float, seed: int, closed_fraction: float = 0.0) -> SiteData:
+    """One varied synthetic site, reproducible from (seed, index), on a local metric grid; with probability
+    closed_fraction (its own draw: the other sites are unchanged) one closed stand with 0.5-5 % gaps."""
     from lib.geoio.georef import GeoInfo
-    from lib.data.synthetic import generate_site, random_site_params
+    from lib.data.synthetic import closed_canopy, generate_site, random_site_params
     site_seed = seed * 100_003 + index
     params = random_site_params(np.random.default_rng(site_seed), size_px, pixel_size_m)
+    closed = np.random.default_rng([site_seed, 1])
+    if closed.random() < closed_fraction:
+        params = closed_canopy(params, closed)
     site = generate_site(site_seed, params)
     info = GeoInfo(height=size_px, width=size_px, pixel_size=(pixel_size_m, pixel_size_m),
                    origin=(0.0, float(size_px * pixel_size_m)))
@@ -174,7 +179,7 @@ def sources_from_config(data_cfg, seed: int) -> list[SiteSource]:
         sources += folder_sources(data_cfg.raster_folder)
     if not sources:
         sources = synthetic_sources(data_cfg.synthetic_sites, data_cfg.synthetic_size_px,
-                                    data_cfg.pixel_size_m, seed)
+                                    data_cfg.pixel_size_m, seed, data_cfg.synthetic_closed_fraction)
     sources += hybrid_sources(data_cfg.hybrid_chms, data_cfg.hybrid_per_chm, data_cfg.pixel_size_m, seed)
     names = [s.name for s in sources]
     if len(set(names)) != len(names):

@@ -291,6 +291,13 @@ def random_site_params(rng: np.random.Generator, size_px: int, pixel_size_m: flo
         view_angle_deg=0.0 if lidar else rng.uniform(5.0, 25.0))   # drawn last: earlier draws unchanged
 
 
+def closed_canopy(params: SiteParams, rng: np.random.Generator) -> SiteParams:
+    """params made one closed stand with few gaps (0.5-5 % of the area, log-uniform): most real forest
+    scenes, and rarer among random_site_params' draws (benchmarks/synthetic_realism.py)."""
+    gaps = float(np.exp(rng.uniform(np.log(0.005), np.log(0.05))))
+    return replace(params, stand_weights=(1.0, 0.0, 0.0, 0.0, 0.0), gap_fraction=gaps)
+
+
 def hybrid_site(chm: np.ndarray, seed: int, params: SiteParams | None = None, **overrides) -> Site:
     """A real (H, W) CHM laid onto synthetic terrain: real canopy texture with exact labels.
 
