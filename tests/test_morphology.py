@@ -4,8 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import numpy as np
-
 from lib.gaps.morphology import NEG_INF, max_filter, mean_filter
 
 

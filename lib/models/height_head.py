@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lib.core.errors import ModelError
-from lib.models.prior import classical_logits, gate_channel_index, gate_mixture, pop_gate, tile_gate, tile_statistics
+from lib.models.prior import gate_channel_index, gated_output, pop_gate, tile_gate, tile_statistics
 
 INITIAL_SPREAD = 1.0 / 16.0  # normalised units: the classical prior's initial gain of 16 logits per unit
 WIDEST_START = 4.0           # the mix's first logit on the widest-context channel: weight e^4 / (e^4 + n - 1)
@@ -100,12 +100,7 @@ class HeightHead(nn.Module):
         out = (t - height) / spread
         if self.gate is None:
             return out
-        gate = self.gate(tile_statistics(x)).view(-1, 1, 1, 1)
-        classical = classical_logits(x, self.gate_channel, t)
-        if self.training:
-            self.recorded_gate = gate, classical, out.detach()
-            return out
-        return gate_mixture(gate, classical, out)
+        return gated_output(self, self.gate(tile_statistics(x)).view(-1, 1, 1, 1), x, t, out)
 
     def pop_gate(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return pop_gate(self)

@@ -142,11 +142,7 @@ class ClassicalPrior(nn.Module):
             return out
         t = thresholds.to(x.dtype).view(-1, 1)
         gate = self.gate(torch.cat([tile_statistics(x), t], 1)).view(-1, 1, 1, 1)
-        classical = classical_logits(x, self.gate_channel, t.view(-1, 1, 1, 1))
-        if self.training:
-            self.recorded_gate = gate, classical, out.detach()
-            return out
-        return gate_mixture(gate, classical, out)
+        return gated_output(self, gate, x, t.view(-1, 1, 1, 1), out)
 
     def pop_gate(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return pop_gate(self)
@@ -174,15 +170,17 @@ def tile_statistics(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1).detach()
 
 
-def classical_logits(x: torch.Tensor, channel: int, thresholds: torch.Tensor) -> torch.Tensor:
-    """The classical method's sharp decision h <= T on one channel: (B, K, H, W) for thresholds (B or 1, K, 1, 1)."""
-    return CLASSICAL_GAIN * (thresholds - x[:, channel:channel + 1])
-
-
-def gate_mixture(gate: torch.Tensor, classical: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
-    """Logits of sigmoid(gate) x the classical probability + the rest x the model's (eval forwards)."""
+def gated_output(prior, gate: torch.Tensor, x: torch.Tensor, thresholds: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A gated prior's output: in training the model's logits `out` (B, K, H, W), with the gate's logit
+    (B, 1, 1, 1), the classical logits and `out` recorded for gate_loss; in eval the logits of the mixture
+    sigmoid(gate) x the classical probability + the rest x the model's. The classical method is the sharp
+    rule h <= T on the prior's gate_channel, at thresholds (B or 1, K, 1, 1)."""
+    classical = CLASSICAL_GAIN * (thresholds - x[:, prior.gate_channel:prior.gate_channel + 1])
+    if prior.training:
+        prior.recorded_gate = gate, classical, out.detach()
+        return out
     weight = torch.sigmoid(gate)
-    mixture = weight * torch.sigmoid(classical) + (1 - weight) * torch.sigmoid(model)
+    mixture = weight * torch.sigmoid(classical) + (1 - weight) * torch.sigmoid(out)
     return torch.logit(mixture.clamp(1e-6, 1 - 1e-6))
 
 
