@@ -100,20 +100,23 @@ def fill_holes(z: torch.Tensor, known: torch.Tensor, relax_iterations: int = 4) 
 def cone_erosion(z: torch.Tensor, slope: torch.Tensor | float, radius_px: int, pixel_size_m: float) -> torch.Tensor:
     """min over cells q within radius_px of z(q) + slope x distance(p, q): a grey erosion by a cone, the
     test of Vosselman's slope-based filter. Built from radius_px 3 x 3 steps (distances along chamfer paths:
-    1 and sqrt 2 pixels), so it costs 9 shifts per pixel of radius. NaN cells never lower anything; cells
-    no finite cell reaches are NaN."""
+    1 and sqrt 2 pixels). Neighbours one rise apart share their minimum before it is added (min(a, b) + c
+    rounds as min(a + c, b + c) does), and the left-right minimum serves three rows: 8 passes per pixel of
+    radius, not 16. NaN cells never lower anything; cells no finite cell reaches are NaN."""
     big = torch.finfo(z.dtype).max
-    out = torch.where(torch.isfinite(z), z, torch.full_like(z, big))
     h, w = z.shape[-2:]
-    rise = {d: torch.as_tensor(slope * d, dtype=z.dtype, device=z.device).expand_as(z)  # computed once
-            for d in (pixel_size_m, pixel_size_m * 2 ** 0.5)}
-    steps = [(dy, dx, rise[pixel_size_m * 2 ** 0.5 if dy and dx else pixel_size_m])
-             for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
-    padded, candidate = out.new_empty((*out.shape[:-2], h + 2, w + 2)), torch.empty_like(out)
-    for _ in range(radius_px):  # in place: 9 shifts per pixel of radius is the filter's whole cost
-        padded.fill_(big)
-        padded[..., 1:-1, 1:-1] = out
-        for dy, dx, up in steps:
-            torch.add(padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w], up, out=candidate)
-            torch.minimum(out, candidate, out=out)
+    padded = torch.full((*z.shape[:-2], h + 2, w + 2), big, dtype=z.dtype, device=z.device)
+    out = padded[..., 1:-1, 1:-1]                  # updated in place; the border stays big
+    out.copy_(torch.where(torch.isfinite(z), z, torch.full_like(z, big)))
+    edge, corner = (torch.as_tensor(slope * d, dtype=z.dtype, device=z.device).expand_as(z)
+                    for d in (pixel_size_m, pixel_size_m * 2 ** 0.5))
+    across = z.new_empty((*z.shape[:-2], h + 2, w))  # min of the left and right neighbours, every padded row
+    edges, corners = torch.empty_like(z), torch.empty_like(z)
+    for _ in range(radius_px):  # both minima read the previous step before out changes
+        torch.minimum(padded[..., :, :-2], padded[..., :, 2:], out=across)
+        torch.minimum(padded[..., :-2, 1:-1], padded[..., 2:, 1:-1], out=edges)
+        torch.minimum(edges, across[..., 1:-1, :], out=edges)
+        torch.minimum(across[..., :-2, :], across[..., 2:, :], out=corners)
+        torch.minimum(out, edges.add_(edge), out=out)
+        torch.minimum(out, corners.add_(corner), out=out)
     return torch.where(out < big, out, torch.full_like(out, float("nan")))
