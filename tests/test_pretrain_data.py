@@ -144,3 +144,19 @@ def test_a_closed_fraction_turns_drawn_sites_into_closed_stands_and_leaves_the_o
     closed = synthetic_site(0, 96, 1.0, seed=3, closed_fraction=1.0)
     gap_share = float((closed.chm <= 2.0).mean())
     assert gap_share < 0.1, f"a closed stand with 0.5-5 % gaps has {gap_share:.2f} of its area at or below 2 m"
+
+
+def test_a_coarse_fraction_brings_drawn_sites_from_a_coarser_sensor_and_leaves_the_others_unchanged():
+    from lib.data.site_sources import synthetic_site
+    plain = [synthetic_site(i, 64, 1.0, seed=3) for i in range(6)]
+    mixed = [synthetic_site(i, 64, 1.0, seed=3, coarse_fraction=0.5) for i in range(6)]
+    changed = [not np.array_equal(a.dsm, b.dsm, equal_nan=True) for a, b in zip(plain, mixed)]
+    assert any(changed) and not all(changed)                       # some sites drawn, others byte-identical
+    assert all(("sensor_pixel_m" in b.provenance) == c for b, c in zip(mixed, changed))
+    site = synthetic_site(0, 97, 1.0, seed=3, coarse_fraction=1.0, coarse_factor=3)
+    assert site.dsm.shape == site.chm.shape == (97, 97) and site.info.pixel_size == (1.0, 1.0)
+    assert site.provenance["sensor_pixel_m"] == 3.0
+    blocks = site.chm[:96, :96].reshape(32, 3, 32, 3)              # labels: the sensor's 3 m cells
+    assert np.array_equal(blocks, np.broadcast_to(blocks[:, :1, :, :1], blocks.shape), equal_nan=True)
+    dsm_blocks = site.dsm[:96, :96].reshape(32, 3, 32, 3)          # heights: interpolated, not blocky
+    assert np.nanmax(np.abs(dsm_blocks - dsm_blocks[:, 1:2, :, 1:2])) > 0.1

@@ -44,6 +44,13 @@ class DataConfig:
     synthetic_size_px: int = opt(1024, "side of each synthetic site in pixels", min=64, max=16384)
     synthetic_closed_fraction: float = opt(0.0, "share of synthetic sites made one closed stand with 0.5-5 % "
                                            "gaps (its own draw; the other sites are unchanged)", min=0.0, max=1.0)
+    synthetic_coarse_fraction: float = opt(0.0, "share of synthetic sites seen by a sensor of synthetic_coarse_factor "
+                                           "x larger pixels (e.g. 2 m LiDAR or photogrammetry), brought to "
+                                           "pixel_size_m as predict.py brings such a scene: DSM bilinear, labels "
+                                           "by nearest (its own draw; the other sites are unchanged)",
+                                           min=0.0, max=1.0)
+    synthetic_coarse_factor: int = opt(2, "pixel size of the coarse sensor, in multiples of pixel_size_m", min=2,
+                                       max=8)
     sites: list[dict] = opt([], "real sites: [{name, dsm, chm | dtm}] paths to GeoTIFFs")
     raster_folder: str = opt("", "folder of <site>_DSM.tif with <site>_CHM.tif or <site>_DTM.tif")
     class_folder: str = opt("", "classification: folder of class subfolders of tiles")

@@ -37,12 +37,12 @@ def safe_site_name(name: str) -> str:
     return clean
 
 
-def synthetic_sources(count: int, size_px: int, pixel_size_m: float, seed: int,
-                      closed_fraction: float = 0.0) -> list[SiteSource]:
+def synthetic_sources(count: int, size_px: int, pixel_size_m: float, seed: int, closed_fraction: float = 0.0,
+                      coarse_fraction: float = 0.0, coarse_factor: int = 2) -> list[SiteSource]:
     """`count` varied synthetic sites, each reproducible from (seed, index)."""
     def loader(index: int) -> Callable[[], SiteData]:
         def load() -> SiteData:
-            site = synthetic_site(index, size_px, pixel_size_m, seed, closed_fraction)
+            site = synthetic_site(index, size_px, pixel_size_m, seed, closed_fraction, coarse_fraction, coarse_factor)
             site.provenance.pop("dtm")
             return site
         return load
@@ -82,21 +82,43 @@ def _hybrid_loader(path: str, stem: str, index: int, pixel_size_m: float, seed: 
     return load
 
 
-def synthetic_site(index: int, size_px: int, pixel_size_m: float, seed: int, closed_fraction: float = 0.0) -> SiteData:
+def synthetic_site(index: int, size_px: int, pixel_size_m: float, seed: int, closed_fraction: float = 0.0,
+                   coarse_fraction: float = 0.0, coarse_factor: int = 2) -> SiteData:
     """One varied synthetic site, reproducible from (seed, index), on a local metric grid; with probability
-    closed_fraction (its own draw: the other sites are unchanged) one closed stand with 0.5-5 % gaps."""
+    closed_fraction one closed stand with 0.5-5 % gaps, and with probability coarse_fraction seen by a sensor
+    of coarse_factor x larger pixels (coarse_site). Each is its own draw: the other sites are unchanged."""
     from lib.geoio.georef import GeoInfo
     from lib.data.synthetic import closed_canopy, generate_site, random_site_params
     site_seed = seed * 100_003 + index
-    params = random_site_params(np.random.default_rng(site_seed), size_px, pixel_size_m)
+    coarse = np.random.default_rng([site_seed, 2]).random() < coarse_fraction
+    sensor_px = pixel_size_m * coarse_factor if coarse else pixel_size_m
+    sensor_size = -(-size_px // coarse_factor) if coarse else size_px
+    params = random_site_params(np.random.default_rng(site_seed), sensor_size, sensor_px)
     closed = np.random.default_rng([site_seed, 1])
     if closed.random() < closed_fraction:
         params = closed_canopy(params, closed)
     site = generate_site(site_seed, params)
-    info = GeoInfo(height=size_px, width=size_px, pixel_size=(pixel_size_m, pixel_size_m),
-                   origin=(0.0, float(size_px * pixel_size_m)))
-    return SiteData(f"syn{index:03d}", site.dsm, site.chm, info,
+    info = GeoInfo(height=sensor_size, width=sensor_size, pixel_size=(sensor_px, sensor_px),
+                   origin=(0.0, float(sensor_size * sensor_px)))
+    data = SiteData(f"syn{index:03d}", site.dsm, site.chm, info,
                     {"source": "synthetic", "seed": site_seed, "forest": params.forest, "dtm": site.dtm})
+    return coarse_site(data, pixel_size_m, size_px) if coarse else data
+
+
+def coarse_site(site: SiteData, pixel_size_m: float, size_px: int) -> SiteData:
+    """A synthetic site (its DTM in provenance) from a coarser sensor, brought to pixel_size_m (size_px square)
+    as predict.py brings a coarser scene to the model's grid: the DSM and DTM bilinearly; the CHM by nearest
+    neighbour, so the labels are the sensor's own cells (what a map is scored against once resampled back)."""
+    from dataclasses import replace
+    from lib.geoio.resample import resample, resampled_grid
+    grid = resampled_grid(site.info, pixel_size_m)
+    fine = replace(grid, height=size_px, width=size_px)   # the sensor grid covers at least size_px
+
+    def fine_grid(array, method):
+        return resample(array, site.info, grid, method)[:size_px, :size_px]
+    provenance = {**site.provenance, "dtm": fine_grid(site.provenance["dtm"], "bilinear"),
+                  "sensor_pixel_m": float(site.info.pixel_size[0])}
+    return SiteData(site.name, fine_grid(site.dsm, "bilinear"), fine_grid(site.chm, "nearest"), fine, provenance)
 
 
 def write_synthetic_scene(folder: str | Path, index: int, size_px: int, pixel_size_m: float, seed: int) -> dict:
@@ -178,8 +200,9 @@ def sources_from_config(data_cfg, seed: int) -> list[SiteSource]:
     if data_cfg.raster_folder:
         sources += folder_sources(data_cfg.raster_folder)
     if not sources:
-        sources = synthetic_sources(data_cfg.synthetic_sites, data_cfg.synthetic_size_px,
-                                    data_cfg.pixel_size_m, seed, data_cfg.synthetic_closed_fraction)
+        sources = synthetic_sources(data_cfg.synthetic_sites, data_cfg.synthetic_size_px, data_cfg.pixel_size_m,
+                                    seed, data_cfg.synthetic_closed_fraction, data_cfg.synthetic_coarse_fraction,
+                                    data_cfg.synthetic_coarse_factor)
     sources += hybrid_sources(data_cfg.hybrid_chms, data_cfg.hybrid_per_chm, data_cfg.pixel_size_m, seed)
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
