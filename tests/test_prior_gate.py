@@ -60,10 +60,31 @@ def test_the_gate_target_is_whichever_errs_less_on_the_labelled_pixels_of_each_t
     assert gate.grad[0].item() < 0 < gate.grad[1].item()    # open the gate on tile 0, close it on tile 1
 
 
-def test_prior_gate_builds_rebuilds_trains_and_needs_the_prior(tiny_dataset, tmp_path):
+def test_the_mixture_objective_is_the_labels_bce_of_the_mixture_made_in_prediction():
+    target = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+    target[:, :, :2] = 1
+    right = torch.where(target.bool(), 5.0, -5.0)
+    classical, model = right.clone(), right.clone()
+    classical[1] *= -1                                       # tile 1: the classical method is wrong
+    model[0, :, 0] *= -1                                     # tile 0: the model is wrong on one row
+    classical[0, :, 3] *= -1                                 # ... and the classical method on a row nobody labelled
+    target[0, :, 3] = IGNORE
+    gate = torch.zeros(2, 1, 1, 1, requires_grad=True)
+    loss = gate_loss(gate, classical, model, target, "mixture")
+    loss.backward()
+    assert gate.grad[0].item() < 0 < gate.grad[1].item()
+    mixture = 0.5 * torch.sigmoid(classical) + 0.5 * torch.sigmoid(model)  # gate 0: half each
+    labelled = target != IGNORE
+    expected = torch.nn.functional.binary_cross_entropy(mixture[labelled], target[labelled].float())
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("objective", ["tile", "mixture"])
+def test_prior_gate_builds_rebuilds_trains_and_needs_the_prior(tiny_dataset, tmp_path, objective):
     from lib.train.runner import build_trainer
     cfg = tiny_config(tmp_path, data={"root": str(tiny_dataset / "data"), "input_features": FEATURES},
-                      model={"classical_prior": True, "prior_gate": True}, train={"epochs": 1, "max_steps": 3},
+                      model={"classical_prior": True, "prior_gate": True, "prior_gate_target": objective},
+                      train={"epochs": 1, "max_steps": 3},
                       log={"tensorboard": False, "images_every_epochs": 0})
     trainer = build_trainer(cfg, torch.device("cpu"), callbacks=[])
     gate = trainer.raw_model.prior.gate

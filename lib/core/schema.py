@@ -129,12 +129,14 @@ class ModelConfig:
                            "decision boundary); false keeps the boundary at relative height = T, so only the "
                            "knobs (which scale the rule's confidence) and the correction move decisions")
     prior_gate: bool = opt(False, "with classical_prior: a per-tile gate between the model and the classical "
-                           "method itself (the sharp rule h <= T on prior_gate_channel), learnt from a per-tile target "
-                           "(is the classical decision right more often than the model's on this tile) from "
+                           "method itself (the sharp rule h <= T on prior_gate_channel), learnt (prior_gate_target) from "
                            "tile statistics of the inputs; predictions mix the two probabilities by its weight")
     prior_gate_channel: int = opt(-1, "with prior_gate: the relative-height channel whose sharp rule (h <= T) the "
                                   "gate hands tiles to, as a position among the relative-height input features "
                                   "(0 the first; -1 the last)")
+    prior_gate_target: str = opt("tile", "with prior_gate: what trains the gate; tile: a per-tile target (is the "
+                                 "classical decision right more often than the model's); mixture: the labels' BCE "
+                                 "of the mixture it makes in prediction", choices=("tile", "mixture"))
     height_head: bool = opt(False, "with classical_prior: the network gives a canopy height (the classical "
                             "relative height plus its correction) and a spread, and p(gap at T) = "
                             "sigmoid((T - height) / spread): every threshold from one forward pass, nested by "

@@ -193,11 +193,23 @@ def pop_gate(prior) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return recorded
 
 
-def gate_loss(gate: torch.Tensor, classical: torch.Tensor, model: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE of the gate's logits (B, 1, 1, 1) against its per-tile target: 1 where the classical decision
-    (logits > 0) errs on fewer labelled pixels of target (B, 1, H, W; IGNORE not counted) than the model's."""
+def gate_loss(gate: torch.Tensor, classical: torch.Tensor, model: torch.Tensor, target: torch.Tensor,
+              objective: str = "tile") -> torch.Tensor:
+    """The gate's loss from its logits (B, 1, 1, 1) and the labels target (B, 1, H, W; IGNORE not counted).
+
+    "tile": BCE against a per-tile target, 1 where the classical decision (logits > 0) errs on fewer
+    labelled pixels than the model's. "mixture": BCE of the mixture the gate makes in eval (gated_output)
+    against the labels, so a tile where the two are close costs little either way and the weight goes
+    to one side only where that side is clearly better; the model's logits are detached (the task's loss
+    trains it).
+    """
     valid = (target != IGNORE).float()
-    truth = target.float()
+    truth = target.float() * valid
+    if objective == "mixture":
+        weight = torch.sigmoid(gate.float())
+        mixture = weight * torch.sigmoid(classical.float()) + (1 - weight) * torch.sigmoid(model.float())
+        pixels = nn.functional.binary_cross_entropy(mixture.clamp(1e-6, 1 - 1e-6), truth, reduction="none")
+        return (pixels * valid).sum() / valid.sum().clamp(min=1)
 
     def error_rate(logits):
         return (((logits > 0).float() != truth).float() * valid).sum((1, 2, 3)) / valid.sum((1, 2, 3)).clamp(min=1)

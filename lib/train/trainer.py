@@ -193,7 +193,7 @@ class Trainer:
             if self.rule_weight:
                 loss = loss + self.rule_weight * self.criterion(self.task.output(rule.float()), target, t_idx)
         if self.gated:
-            loss = loss + gate_loss(*self.raw_model.prior.pop_gate(), target)
+            loss = loss + gate_loss(*self.raw_model.prior.pop_gate(), target, self.cfg.model.prior_gate_target)
         return loss, x.shape[0]
 
     def train_step(self, batch: dict) -> dict:
