@@ -69,7 +69,10 @@ class InferenceModel(torch.nn.Module):
 
         Equal to forward on the DSM repeated K times (the normalisation is per window), without K sorts. A
         regression model runs once per window, its CHM compared with every threshold; a model that has its own
-        forward_thresholds (one forward for every threshold) is called once too.
+        forward_thresholds (one forward for every threshold) is called once too. A threshold-conditioned model
+        runs the B*K (window, threshold) pairs B at a time: as many samples per forward as the caller's window
+        batch, not K times more (on 2 CPU cores 32 samples at once cost 1.5x the time per sample of 8; see
+        docs/benchmarks.md).
         """
         b, k = dsm.shape[0], thresholds_m.numel()
         if self.regression:
@@ -79,7 +82,8 @@ class InferenceModel(torch.nn.Module):
         if getattr(self.model, "threshold_free", False):  # a height head: (B, C, H, W), (K,) -> (B, K, H, W) logits
             return torch.sigmoid(self.model.forward_thresholds(x, t).float())
         x = x.repeat_interleave(k, dim=0)                                     # (B*K, C, H, W), row = b*K + k
-        return torch.sigmoid(self.model(x, t.repeat(b)).float()).view(b, k, *dsm.shape[-2:])
+        logits = torch.cat([self.model(part, part_t) for part, part_t in zip(x.split(b), t.repeat(b).split(b))])
+        return torch.sigmoid(logits.float()).view(b, k, *dsm.shape[-2:])
 
     def compile(self, *args, **kwargs) -> None:
         """torch.compile the normaliser and the model in place, so forward and forward_thresholds both use them."""
