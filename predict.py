@@ -41,7 +41,7 @@ def parse_args(argv):
                              "trained with continuous thresholds)")
     parser.add_argument("--window", type=int, help="window side in pixels (predict.window_px)")
     parser.add_argument("--overlap", type=float, help="fraction of a window shared with each neighbour")
-    parser.add_argument("--batch-size", type=int, help="windows per forward pass (each at every threshold)")
+    parser.add_argument("--batch-size", type=int, help="windows per forward pass (a threshold-conditioned model runs them once per threshold)")
     parser.add_argument("--tta", action="store_true", default=None, help="average the 8 D4 transforms")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     parser.add_argument("--write-prob", action="store_true", default=None, help="also write prob_<T>m.tif")

@@ -319,7 +319,8 @@ class EvalConfig:
 class PredictConfig:
     window_px: int = opt(256, "window side in pixels", min=16, max=8192)
     overlap: float = opt(0.25, "fraction of the window shared with its neighbours", min=0.0, max=0.9)
-    batch_size: int = opt(8, "windows per forward pass (each runs at every threshold)", min=1)
+    batch_size: int = opt(8, "windows per forward pass (a threshold-conditioned model runs them once per "
+                                     "threshold)", min=1)
     tta: bool = opt(False, "average the D4 transforms at test time")
     prob_threshold: float = opt(0.5, "probability above which a pixel is mapped as gap", min=0.0, max=1.0)
     write_prob: bool = opt(False, "also write prob_<T>m.tif (float32 probabilities, NaN nodata)")
