@@ -95,7 +95,7 @@ def test_blending_hides_window_edges(tmp_path):
     assert profile.max() < 0.01 and profile.max() < 0.1 * naive.mean(axis=(0, 1)).max()
 
 
-def test_all_thresholds_of_a_window_in_one_forward(tmp_path):
+def test_every_window_at_every_threshold_in_forwards_no_larger_than_the_window_batch(tmp_path):
     write_dsm(tmp_path / "dsm.tif", random_dsm(70, 90))
     calls = []
 
@@ -107,9 +107,9 @@ def test_all_thresholds_of_a_window_in_one_forward(tmp_path):
     scene(Recorder(), tmp_path / "dsm.tif", 32, 0.25, thresholds=(2.0, 5.0, 10.0), batch=4)
     plan = plan_scene(70, 90, 32, 0.25, 4)
     windows = len(plan.rows) * len(plan.cols)
-    assert len(calls) == -(-windows // 4)
-    for n, t in calls:
-        assert t == [2.0, 5.0, 10.0] * (n // 3) and n % 3 == 0
+    assert [t for _, ts in calls for t in ts] == [2.0, 5.0, 10.0] * windows   # each pair once, window-major
+    assert max(n for n, _ in calls) <= 4                                    # not batch x thresholds at once
+    assert len(calls) == 3 * -(-windows // 4)                               # one forward per threshold and batch
 
 
 def test_tta_average_is_d4_equivariant():
@@ -319,5 +319,5 @@ def test_padded_batches_have_one_shape_and_change_nothing(tmp_path):
             shapes.append(tuple(dsm.shape))
             return super().forward(dsm, thresholds_m)
     padded = scene(Recording(), tmp_path / "dsm.tif", 32, 0.25, batch=4, pad_batches=True)
-    assert len(set(shapes)) == 1 and shapes[0][0] == 4 * 2      # 4 windows x 2 thresholds, every call
+    assert len(set(shapes)) == 1 and shapes[0][0] == 4          # the window batch's size, every call
     np.testing.assert_allclose(padded, scene(PointOracle(), tmp_path / "dsm.tif", 32, 0.25, batch=4), atol=1e-6)

@@ -32,6 +32,17 @@ log = logging.getLogger(__name__)
 EXPORTED = (".ts", ".pt2")  # TorchScript, torch.export ExportedProgram: both need their model card
 
 
+def each_threshold(net, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """net(x, t) of a model taking one threshold per sample, for every window of x (B, C, H, W) at each of
+    the K thresholds -> (B, K, H, W). The B*K (window, threshold) pairs run B at a time, as many samples per
+    forward as the caller's window batch and not K times more: on 2 CPU cores 32 samples at once cost 1.5x
+    the time per sample of 8 (docs/benchmarks.md)."""
+    b, k = x.shape[0], thresholds.numel()
+    pairs = x.repeat_interleave(k, dim=0)                                   # (B*K, C, H, W), row = b*K + k
+    out = torch.cat([net(part, part_t) for part, part_t in zip(pairs.split(b), thresholds.repeat(b).split(b))])
+    return out.view(b, k, *x.shape[-2:])
+
+
 class InferenceModel(torch.nn.Module):
     """normalise -> model -> gap logits -> sigmoid. forward(dsm (B,1,H,W) metres with NaN, thresholds (B,) metres)
     -> (B,1,H,W) gap probabilities.
@@ -69,21 +80,17 @@ class InferenceModel(torch.nn.Module):
 
         Equal to forward on the DSM repeated K times (the normalisation is per window), without K sorts. A
         regression model runs once per window, its CHM compared with every threshold; a model that has its own
-        forward_thresholds (one forward for every threshold) is called once too. A threshold-conditioned model
-        runs the B*K (window, threshold) pairs B at a time: as many samples per forward as the caller's window
-        batch, not K times more (on 2 CPU cores 32 samples at once cost 1.5x the time per sample of 8; see
-        docs/benchmarks.md).
+        forward_thresholds (one forward for every threshold) is called once too; a threshold-conditioned one
+        runs once per threshold (each_threshold).
         """
-        b, k = dsm.shape[0], thresholds_m.numel()
         if self.regression:
+            k = thresholds_m.numel()
             return torch.sigmoid(thresholds_m.view(1, k, 1, 1) - self._heights(self.normalizer(dsm)))
         x = self.normalizer(dsm)                                              # (B, C, H, W)
         t = self.normalizer.normalise_threshold(thresholds_m)                # (K,)
         if getattr(self.model, "threshold_free", False):  # a height head: (B, C, H, W), (K,) -> (B, K, H, W) logits
             return torch.sigmoid(self.model.forward_thresholds(x, t).float())
-        x = x.repeat_interleave(k, dim=0)                                     # (B*K, C, H, W), row = b*K + k
-        logits = torch.cat([self.model(part, part_t) for part, part_t in zip(x.split(b), t.repeat(b).split(b))])
-        return torch.sigmoid(logits.float()).view(b, k, *dsm.shape[-2:])
+        return torch.sigmoid(each_threshold(self.model, x, t).float())
 
     def compile(self, *args, **kwargs) -> None:
         """torch.compile the normaliser and the model in place, so forward and forward_thresholds both use them."""

@@ -28,6 +28,7 @@ from lib.geoio.geotiff_read import read_info, read_raster
 from lib.geoio.geotiff_write import RasterWriter
 from lib.data.scene_ground import write_scene_ground
 from lib.data.tiling import tile_origins
+from lib.infer.loading import each_threshold
 
 BLEND_FLOOR = 1e-3  # weight at a window's outer edge: > 0, so scene borders (one window only) stay defined
 
@@ -99,19 +100,12 @@ def d4_average(fn, x: torch.Tensor) -> torch.Tensor:
     return total / 8
 
 
-def _repeated(net, dsm: torch.Tensor, thresholds_m: torch.Tensor) -> torch.Tensor:
-    """(B,K,H,W) from a net taking one threshold per sample (exported models): each window repeated K times."""
-    b, k = dsm.shape[0], thresholds_m.numel()
-    x = dsm.repeat_interleave(k, dim=0)  # (B*K, 1, H, W), window-major: row = b*K + k
-    return net(x, thresholds_m.repeat(b)).view(b, k, *dsm.shape[-2:])
-
-
 def predict_thresholds(net, dsm: torch.Tensor, thresholds_m: torch.Tensor, tta: bool = False) -> torch.Tensor:
     """dsm (B,1,H,W) metres -> probabilities (B,K,H,W) at the K thresholds, in ONE forward pass (or 8 with tta).
 
     Uses net.forward_thresholds when it has one (lib.infer.loading: each window normalised once, not K times).
     """
-    multi = getattr(net, "forward_thresholds", None) or functools.partial(_repeated, net)
+    multi = getattr(net, "forward_thresholds", None) or functools.partial(each_threshold, net)
 
     def fn(x):
         return multi(x, thresholds_m)
