@@ -46,7 +46,9 @@ def test_eval_forwards_mix_the_two_probabilities_by_the_gate():
         assert torch.equal(prior(x, t, network) > 0, model > 0)
 
 
-def test_the_gate_target_is_whichever_errs_less_on_the_labelled_pixels_of_each_tile():
+def _two_tiles():
+    """Labels (2, 1, 4, 4) and classical and model logits: on tile 0 the classical method errs less (the
+    model is wrong on a labelled row, the classical method on an unlabelled one), on tile 1 it is wrong."""
     target = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
     target[:, :, :2] = 1
     right = torch.where(target.bool(), 5.0, -5.0)            # logits that match the target everywhere
@@ -55,20 +57,18 @@ def test_the_gate_target_is_whichever_errs_less_on_the_labelled_pixels_of_each_t
     model[0, :, 0] *= -1                                     # tile 0: the model is wrong on one row
     classical[0, :, 3] *= -1                                 # ... and the classical method on a row nobody labelled
     target[0, :, 3] = IGNORE
+    return target, classical, model
+
+
+def test_the_gate_target_is_whichever_errs_less_on_the_labelled_pixels_of_each_tile():
+    target, classical, model = _two_tiles()
     gate = torch.zeros(2, 1, 1, 1, requires_grad=True)
     gate_loss(gate, classical, model, target).backward()
     assert gate.grad[0].item() < 0 < gate.grad[1].item()    # open the gate on tile 0, close it on tile 1
 
 
 def test_the_mixture_objective_is_the_labels_bce_of_the_mixture_made_in_prediction():
-    target = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
-    target[:, :, :2] = 1
-    right = torch.where(target.bool(), 5.0, -5.0)
-    classical, model = right.clone(), right.clone()
-    classical[1] *= -1                                       # tile 1: the classical method is wrong
-    model[0, :, 0] *= -1                                     # tile 0: the model is wrong on one row
-    classical[0, :, 3] *= -1                                 # ... and the classical method on a row nobody labelled
-    target[0, :, 3] = IGNORE
+    target, classical, model = _two_tiles()
     gate = torch.zeros(2, 1, 1, 1, requires_grad=True)
     loss = gate_loss(gate, classical, model, target, "mixture")
     loss.backward()

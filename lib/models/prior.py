@@ -179,9 +179,13 @@ def gated_output(prior, gate: torch.Tensor, x: torch.Tensor, thresholds: torch.T
     if prior.training:
         prior.recorded_gate = gate, classical, out.detach()
         return out
+    return torch.logit(gate_mixture(gate, classical, out).clamp(1e-6, 1 - 1e-6))
+
+
+def gate_mixture(gate: torch.Tensor, classical: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """The gap probability a gate makes: sigmoid(gate) x the classical method's + the rest x the model's."""
     weight = torch.sigmoid(gate)
-    mixture = weight * torch.sigmoid(classical) + (1 - weight) * torch.sigmoid(out)
-    return torch.logit(mixture.clamp(1e-6, 1 - 1e-6))
+    return weight * torch.sigmoid(classical) + (1 - weight) * torch.sigmoid(model)
 
 
 def pop_gate(prior) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -206,8 +210,7 @@ def gate_loss(gate: torch.Tensor, classical: torch.Tensor, model: torch.Tensor, 
     valid = (target != IGNORE).float()
     truth = target.float() * valid
     if objective == "mixture":
-        weight = torch.sigmoid(gate.float())
-        mixture = weight * torch.sigmoid(classical.float()) + (1 - weight) * torch.sigmoid(model.float())
+        mixture = gate_mixture(gate.float(), classical.float(), model.float())
         pixels = nn.functional.binary_cross_entropy(mixture.clamp(1e-6, 1 - 1e-6), truth, reduction="none")
         return (pixels * valid).sum() / valid.sum().clamp(min=1)
 
